@@ -1,0 +1,300 @@
+"""The engine deployment: one vLLM ``AsyncLLM`` per replica, served through vLLM's
+own OpenAI layer.
+
+We do not re-implement what vLLM already does. The replica builds its
+arguments with vLLM's own server argument parser and its serving objects with
+vLLM's own ``init_app_state``, so chat templates, tool-call parsers, sampling
+parameters and protocol models behave exactly as in ``vllm serve``.
+
+Wire protocol towards the router (a Ray Serve streaming call):
+``generate(endpoint, body, request_id)`` yields an ``int`` HTTP status first,
+then ``str`` items: for a stream, the SSE events exactly as vLLM produced them
+(the router passes the bytes through untouched); otherwise one JSON body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from serve_app.config import ModelConfig, SiteConfig
+from serve_app.errors import error_body
+
+logger = logging.getLogger("spillway.engine")
+
+ENDPOINT_CHAT = "chat"
+ENDPOINT_COMPLETIONS = "completions"
+
+
+@dataclass
+class LiveLoad:
+    """The replica's latest scheduler view, refreshed by vLLM every engine step."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    updated_at: float = field(default_factory=time.monotonic)
+
+
+def _load_logger_factory(load: LiveLoad):
+    """A vLLM stat-logger factory that copies scheduler stats into ``load``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _LiveLoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is None:
+                return
+            load.running = scheduler_stats.num_running_reqs
+            load.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            load.kv_cache_usage = scheduler_stats.kv_cache_usage
+            load.updated_at = time.monotonic()
+
+        def log_engine_initialized(self):
+            pass
+
+    return _LiveLoadLogger
+
+
+def vllm_cli_args(model: ModelConfig, model_path: str) -> list[str]:
+    """Translate the typed engine config into ``vllm serve`` command-line arguments."""
+    engine = model.engine
+    args = [
+        "--model", model_path,
+        "--served-model-name", model.id,
+        "--max-model-len", str(engine.max_model_len),
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--dtype", engine.dtype,
+        "--tensor-parallel-size", str(engine.tensor_parallel_size),
+        "--pipeline-parallel-size", str(engine.pipeline_parallel_size),
+        "--seed", str(engine.seed),
+    ]
+    if engine.enable_expert_parallel:
+        args.append("--enable-expert-parallel")
+    if engine.quantization:
+        args += ["--quantization", engine.quantization]
+    if engine.enforce_eager:
+        args.append("--enforce-eager")
+    if engine.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    if engine.tool_parser:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", engine.tool_parser]
+    if engine.chat_template:
+        args += ["--chat-template", engine.chat_template]
+    return args
+
+
+def build_vllm_args(model: ModelConfig, model_path: str) -> argparse.Namespace:
+    """Parse our arguments with vLLM's own server parser, then apply ``extra_args``.
+
+    Unknown ``extra_args`` keys fail here, when the replica starts (and in
+    ``validate_engine_args`` when the app is built), never on a request.
+    """
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="spillway-engine"))
+    namespace = parser.parse_args(vllm_cli_args(model, model_path))
+    known = vars(namespace)
+    for key, value in model.engine.extra_args.items():
+        attr = key.replace("-", "_")
+        if attr not in known:
+            raise ValueError(f"model {model.id!r}: engine.extra_args has unknown vLLM argument {key!r}")
+        setattr(namespace, attr, value)
+    return namespace
+
+
+def validate_engine_args(model: ModelConfig) -> None:
+    """Check ``extra_args`` against vLLM's parser without starting anything."""
+    build_vllm_args(model, "placeholder-model")
+
+
+class EngineServer:
+    """vLLM's engine and OpenAI serving objects, without Ray (usable and testable alone)."""
+
+    def __init__(self, model: ModelConfig, site: SiteConfig, model_path: str):
+        self.model = model
+        self.site = site
+        self.model_path = model_path
+        self.load = LiveLoad()
+        self._engine = None
+        self._chat = None
+        self._completion = None
+        self._in_flight = 0
+        self._started_at: float | None = None
+
+    async def start(self) -> None:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = build_vllm_args(self.model, self.model_path)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        self._engine = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[_load_logger_factory(self.load)],
+            enable_log_requests=False,
+            disable_log_stats=False,
+        )
+        state = State()
+        supported_tasks = await self._engine.get_supported_tasks()
+        await init_app_state(self._engine, state, args, supported_tasks)
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+        self._started_at = time.monotonic()
+        logger.info("engine for %s ready on site %s (%s)", self.model.id, self.site.name, self.model_path)
+
+    def stats(self) -> dict[str, Any]:
+        """Live load for routing: sequences running and waiting, KV-cache use, site, slots."""
+        return {
+            "model": self.model.id,
+            "site": self.site.name,
+            "running": self.load.running,
+            "waiting": self.load.waiting,
+            "in_flight": self._in_flight,
+            "kv_cache_usage": self.load.kv_cache_usage,
+            "max_num_seqs": self.model.engine.max_num_seqs,
+            "stats_age_s": round(time.monotonic() - self.load.updated_at, 3),
+        }
+
+    async def check_health(self) -> None:
+        if self._engine is None:
+            raise RuntimeError("engine not started")
+        await self._engine.check_health()
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    async def generate(self, endpoint: str, body: dict, request_id: str) -> AsyncIterator[int | str]:
+        """Run one OpenAI request. Yields the status, then the body or the SSE events."""
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        if endpoint == ENDPOINT_CHAT:
+            request_cls, create = ChatCompletionRequest, self._chat.create_chat_completion
+        elif endpoint == ENDPOINT_COMPLETIONS:
+            request_cls, create = CompletionRequest, self._completion.create_completion
+        else:
+            yield 404
+            yield _json(error_body(f"unknown endpoint {endpoint!r}", "invalid_request_error", 404))
+            return
+        try:
+            request = request_cls.model_validate({**body, "request_id": request_id})
+        except ValidationError as exc:
+            yield 400
+            yield _json(error_body(_validation_message(exc), "invalid_request_error", 400, param=_validation_param(exc)))
+            return
+        self._in_flight += 1
+        try:
+            try:
+                result = await create(request, None)
+            except Exception as exc:  # noqa: BLE001 - vLLM raises some request errors instead of returning them
+                result = create_error_response(exc)
+            if isinstance(result, ErrorResponse):
+                yield result.error.code
+                yield _json(error_body(result.error.message, result.error.type, result.error.code, param=result.error.param))
+            elif hasattr(result, "__anext__"):
+                yield 200
+                async for event in result:
+                    yield event
+            else:
+                yield 200
+                yield result.model_dump_json(exclude_unset=False)
+        finally:
+            self._in_flight -= 1
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _validation_param(exc) -> str | None:
+    errors = exc.errors()
+    if errors and errors[0].get("loc"):
+        return ".".join(str(p) for p in errors[0]["loc"] if p != "body")
+    return None
+
+
+def _validation_message(exc) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+class EngineReplica:
+    """Ray Serve deployment body for one (model, site). The app builder wraps it with
+    ``serve.deployment`` and sets its placement (site resource on every bundle)."""
+
+    async def __init__(self, model: dict, site: dict, model_cache_dir: str | None = None):
+        from deployments.sources import resolve_model_source
+
+        model_config = ModelConfig.model_validate(model)
+        # Resolved here, on the node that runs the replica: builtin models are prepared
+        # where they are loaded, and hub ids are downloaded by vLLM on that node.
+        model_path = resolve_model_source(model_config.source, model_cache_dir)
+        self._server = EngineServer(model_config, SiteConfig.model_validate(site), model_path)
+        await self._server.start()
+
+    async def generate(self, endpoint: str, body: dict, request_id: str):
+        async for item in self._server.generate(endpoint, body, request_id):
+            yield item
+
+    async def stats(self) -> dict[str, Any]:
+        return self._server.stats()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        # Ray Serve polls this and hands the dict to request routers.
+        return self._server.stats()
+
+    async def check_health(self) -> None:
+        await self._server.check_health()
+
+    def __del__(self):
+        # Serve has already drained in-flight requests (graceful_shutdown_timeout_s).
+        try:
+            self._server.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown; nothing left to report to
+            pass
+
+
+def engine_env(model: ModelConfig) -> dict[str, str]:
+    """Environment for engine replicas: safe CPU defaults, then the model's own ``env``."""
+    env = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.update(model.env)
+    return env
+
+
+__all__ = [
+    "ENDPOINT_CHAT",
+    "ENDPOINT_COMPLETIONS",
+    "EngineReplica",
+    "EngineServer",
+    "LiveLoad",
+    "build_vllm_args",
+    "engine_env",
+    "validate_engine_args",
+    "vllm_cli_args",
+]

@@ -1,0 +1,108 @@
+"""Build the Ray Serve application from a Spillway config.
+
+``build_app(config)`` returns the application: one engine deployment per
+(model, site) with at least one replica, each pinned to its site by the site's
+custom resource on *every* placement-group bundle, behind one Router
+deployment (the ingress), which runs on a trusted (on-prem) site because it
+sees every prompt.
+
+``app_builder(args)`` is the entry point for ``serve deploy`` / ``serve run``:
+``import_path: serve_app.app:app_builder`` with ``args: {config: <path>}``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.engine import EngineReplica, engine_env, validate_engine_args
+from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SpillwayConfig, load_config
+from serve_app.ingress import Router
+
+# A sliver of the site resource: enough to pin a bundle to the site's nodes without
+# limiting how many replicas fit there (nodes declare e.g. site:onprem=1000).
+SITE_RESOURCE_PER_BUNDLE = 0.001
+ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
+ENGINE_HEALTH_CHECK_TIMEOUT_S = 30.0
+
+
+def deployment_name(model_id: str, site: str) -> str:
+    """Serve deployment names allow no '/', and hub ids have one."""
+    return f"engine-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model_id)}-{site}"
+
+
+def placement_bundles(model: ModelConfig, site: SiteConfig) -> list[dict[str, float]]:
+    """Placement-group bundles for one engine replica.
+
+    The first bundle holds the replica actor (its CPUs); with GPUs, each
+    tensor/pipeline-parallel worker gets its own bundle. Every bundle carries
+    the site resource, so no worker can land on another site.
+    """
+    first: dict[str, float] = {"CPU": model.resources.num_cpus, site.resource: SITE_RESOURCE_PER_BUNDLE}
+    if model.resources.memory_gib:
+        first["memory"] = model.resources.memory_gib * 1024**3
+    bundles = [first]
+    if model.resources.num_gpus > 0:
+        worker = {"GPU": model.resources.num_gpus, site.resource: SITE_RESOURCE_PER_BUNDLE}
+        bundles += [dict(worker) for _ in range(model.engine.workers_per_replica)]
+    return bundles
+
+
+def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConfig, replicas: int) -> Application:
+    bundles = placement_bundles(model, site)
+    actor_options: dict[str, Any] = {
+        "num_cpus": model.resources.num_cpus,
+        "resources": {site.resource: SITE_RESOURCE_PER_BUNDLE},
+        "runtime_env": {"env_vars": engine_env(model)},
+    }
+    if model.resources.memory_gib:
+        actor_options["memory"] = model.resources.memory_gib * 1024**3
+    deployment = serve.deployment(EngineReplica).options(
+        name=deployment_name(model.id, site.name),
+        num_replicas=replicas,
+        ray_actor_options=actor_options,
+        placement_group_bundles=bundles,
+        placement_group_strategy="STRICT_PACK" if len(bundles) > 1 else "PACK",
+        # The engine's slots: Serve never sends a replica more than it can run at once;
+        # the rest waits in the router.
+        max_ongoing_requests=model.engine.max_num_seqs,
+        health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
+        graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=1.0,
+    )
+    return deployment.bind(model.model_dump(mode="json"), site.model_dump(mode="json"), config.model_cache_dir)
+
+
+def build_app(config: SpillwayConfig) -> Application:
+    """The Serve application for ``config``: engines per (model, site) behind the Router."""
+    engines: dict[str, dict[str, Application]] = {}
+    for model in config.models:
+        validate_engine_args(model)
+        for site_name, replicas in model.replicas.items():
+            if replicas == 0:
+                continue
+            engines.setdefault(model.id, {})[site_name] = engine_deployment(
+                config, model, config.site(site_name), replicas
+            )
+    router_site = config.router_site
+    router = serve.deployment(Router).options(
+        name="router",
+        num_replicas=config.router.replicas,
+        max_ongoing_requests=config.router.max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": config.router.num_cpus,
+            "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},
+        },
+    )
+    return router.bind(config.model_dump(mode="json"), engines)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """``serve deploy`` entry point. ``args.config`` is a path to a Spillway YAML."""
+    config_path = Path(args.get("config") or DEFAULT_CONFIG_PATH)
+    return build_app(load_config(config_path))

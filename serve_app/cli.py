@@ -1,0 +1,168 @@
+"""``spillway`` command line: models, local cluster, deploy, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+from serve_app.errors import ConfigError
+
+
+def _log(message: str) -> None:
+    print(f"[spillway] {message}", flush=True)
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from deployments.model_prep import BUILTIN_MODELS, prepare_model, weights_digest
+
+    cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    for name in args.only or sorted(BUILTIN_MODELS):
+        _log(f"preparing model '{name}' ...")
+        path = prepare_model(name, cache_dir, force=args.force)
+        _log(f"  {path} (weights sha256 {weights_digest(path)[:16]})")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _log(f"config OK: {len(config.sites)} sites, {len(config.models)} models")
+    if args.engine_args:
+        from deployments.engine import validate_engine_args
+
+        for model in config.models:
+            validate_engine_args(model)
+        _log("engine arguments OK (checked against vLLM's parser)")
+    return 0
+
+
+def _prepare_builtin_models(config) -> None:
+    from deployments.model_prep import prepare_model
+    from deployments.sources import BUILTIN_PREFIX
+
+    for model in config.models:
+        if model.source.startswith(BUILTIN_PREFIX):
+            name = model.source[len(BUILTIN_PREFIX):]
+            _log(f"model '{model.id}': builtin '{name}' at {prepare_model(name, config.model_cache_dir)}")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from serve_app.deploy import deploy
+    from serve_app.local_cluster import LocalCluster
+
+    config = load_config(args.config)
+    if not args.local:
+        if not args.address:
+            _log("give --local to start a cluster on this machine, or --address of a running Ray cluster")
+            return 2
+        deploy(config, args.address, log=_log)
+    else:
+        cluster = LocalCluster(config)
+        _prepare_builtin_models(config)
+        cluster.start(log=_log)
+        deploy(config, cluster.address, log=_log)
+    _print_usage(config)
+    return 0
+
+
+def _print_usage(config) -> None:
+    base = f"http://{config.http.host}:{config.http.port}"
+    model = config.models[0].id
+    print(
+        f"""
+Spillway is serving on {base}/v1  (models: {', '.join(m.id for m in config.models)})
+
+  curl {base}/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}' -i
+
+  python -c "import openai; c = openai.OpenAI(base_url='{base}/v1', api_key='none'); \\
+[print(x.choices[0].delta.content or '', end='') for x in c.chat.completions.create( \\
+model='{model}', messages=[{{'role': 'user', 'content': 'Hello'}}], max_tokens=32, stream=True) if x.choices]"
+
+  spillway status    # sites, deployments, replicas
+  spillway down      # stop the local cluster
+""",
+        flush=True,
+    )
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from serve_app.local_cluster import LocalCluster
+
+    LocalCluster(load_config(args.config)).stop(log=_log)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from serve_app.deploy import status
+    from serve_app.local_cluster import LocalCluster
+
+    config = load_config(args.config)
+    address = args.address or LocalCluster(config).address
+    report = status(config, address)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"application {config.name}: {report['application']}")
+    for site, nodes in report["sites"].items():
+        print(f"site {site:10s} nodes={len(nodes)} " + " ".join(f"{n['node_id']}({n['cpus']:g} cpu)" for n in nodes))
+    router = report["router"] or {}
+    print(f"router     {router.get('status', 'NOT_DEPLOYED'):12s} replicas={router.get('replicas', {})}")
+    for engine in report["engines"]:
+        state = engine["state"]
+        print(f"engine     {engine['model']:20s} site={engine['site']:8s} wanted={engine['wanted']} "
+              f"{state['status']:12s} replicas={state['replicas']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spillway", description="Spillway: hybrid on-prem/cloud LLM serving on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="Spillway YAML config")
+        return p
+
+    models = sub.add_parser("models", help="manage the built-in generated models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    prepare = models_sub.add_parser("prepare", help="write the built-in models (deterministic, seeded)")
+    prepare.add_argument("--cache-dir", help="target folder (default ~/.cache/spillway/models)")
+    prepare.add_argument("--only", action="append", help="prepare only this model (dense, moe); repeatable")
+    prepare.add_argument("--force", action="store_true", help="rewrite even if an identical model is there")
+    prepare.set_defaults(func=cmd_models_prepare)
+
+    config = sub.add_parser("config", help="check a config file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config (strict: unknown keys fail)")
+    check.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG_PATH))
+    check.add_argument("--engine-args", action="store_true", help="also check engine args against vLLM")
+    check.set_defaults(func=cmd_config_check)
+
+    up = with_config(sub.add_parser("up", help="start (or deploy onto) a cluster and serve the config"))
+    up.add_argument("--local", action="store_true", help="start a two-site Ray cluster on this machine")
+    up.add_argument("--address", help="address of a running Ray cluster (instead of --local)")
+    up.set_defaults(func=cmd_up)
+
+    down = with_config(sub.add_parser("down", help="stop the local cluster"))
+    down.set_defaults(func=cmd_down)
+
+    stat = with_config(sub.add_parser("status", help="sites, deployments and replicas"))
+    stat.add_argument("--address", help="Ray address (default: the local cluster's)")
+    stat.add_argument("--json", action="store_true")
+    stat.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"spillway: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
