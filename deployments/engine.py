@@ -118,8 +118,9 @@ def validate_engine_args(model: ModelConfig) -> None:
 class EngineServer:
     """vLLM's engine and OpenAI serving objects, without Ray (usable and testable alone)."""
 
-    def __init__(self, model: ModelConfig, site: SiteConfig, model_path: str):
+    def __init__(self, model: ModelConfig, site: SiteConfig, model_path: str, node_id: str | None = None):
         self.model = model
+        self.node_id = node_id
         self.site = site
         self.model_path = model_path
         self.load = LiveLoad()
@@ -165,6 +166,7 @@ class EngineServer:
             "kv_cache_usage": self.load.kv_cache_usage,
             "max_num_seqs": self.model.engine.max_num_seqs,
             "stats_age_s": round(time.monotonic() - self.load.updated_at, 3),
+            "node_id": self.node_id,
         }
 
     async def check_health(self) -> None:
@@ -251,7 +253,10 @@ class EngineReplica:
         # Resolved here, on the node that runs the replica: builtin models are prepared
         # where they are loaded, and hub ids are downloaded by vLLM on that node.
         model_path = resolve_model_source(model_config.source, model_cache_dir)
-        self._server = EngineServer(model_config, SiteConfig.model_validate(site), model_path)
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        self._server = EngineServer(model_config, SiteConfig.model_validate(site), model_path, node_id)
         await self._server.start()
 
     async def generate(self, endpoint: str, body: dict, request_id: str):

@@ -28,6 +28,7 @@ from serve_app.ingress import Router
 SITE_RESOURCE_PER_BUNDLE = 0.001
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 30.0
+PROJECT_ROOT = DEFAULT_CONFIG_PATH.parent.parent
 
 
 def deployment_name(model_id: str, site: str) -> str:
@@ -105,4 +106,6 @@ def build_app(config: SpillwayConfig) -> Application:
 def app_builder(args: dict[str, Any]) -> Application:
     """``serve deploy`` entry point. ``args.config`` is a path to a Spillway YAML."""
     config_path = Path(args.get("config") or DEFAULT_CONFIG_PATH)
+    if not config_path.is_absolute() and not config_path.exists():
+        config_path = PROJECT_ROOT / config_path
     return build_app(load_config(config_path))

@@ -1,0 +1,69 @@
+"""Shared fixtures. The end-to-end fixtures start a real two-node (two-site) Ray cluster on this
+machine with real vLLM engines, through the same code as `spillway up --local`, on ports of
+their own so they never touch a cluster a developer is running."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+
+E2E_RAY_PORT = int(os.environ.get("SPILLWAY_TEST_RAY_PORT", "6390"))
+E2E_HTTP_PORT = int(os.environ.get("SPILLWAY_TEST_HTTP_PORT", "18000"))
+E2E_MAX_BODY_BYTES = 262_144
+
+
+def e2e_raw_config() -> dict:
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["name"] = "spillway-test"
+    raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT}
+    raw["local_cluster"]["ray_port"] = E2E_RAY_PORT
+    raw["local_cluster"]["dashboard_port"] = E2E_RAY_PORT + 1900
+    raw["router"]["max_body_bytes"] = E2E_MAX_BODY_BYTES
+    # Fail fast when an engine is gone, so the 503 test does not wait two minutes.
+    raw["router"]["first_response_timeout_s"] = 15
+    return raw
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(tmp_path_factory):
+    """A running Spillway on a real local two-site Ray cluster. Yields (config, config_path, base_url)."""
+    from serve_app.deploy import deploy
+    from serve_app.local_cluster import LocalCluster
+
+    root = tmp_path_factory.mktemp("spillway-e2e")
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(e2e_raw_config()))
+    config = load_config(config_path)
+    cluster = LocalCluster(config, state_file=root / "cluster.json")
+    cluster.start(log=print)
+    try:
+        deploy(config, cluster.address, log=print)
+        yield config, config_path, f"http://127.0.0.1:{E2E_HTTP_PORT}"
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.stop(log=print)
+
+
+@pytest.fixture(scope="session")
+def base_url(e2e_cluster):
+    return e2e_cluster[2]
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def aclient(base_url):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)

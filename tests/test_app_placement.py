@@ -1,0 +1,70 @@
+"""Site placement of engine deployments and the router, without a cluster."""
+
+import pytest
+import yaml
+
+from serve_app.app import SITE_RESOURCE_PER_BUNDLE, build_app, deployment_name, placement_bundles
+from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+from serve_app.router.placement import SitePreferencePlacement
+
+
+@pytest.fixture
+def raw():
+    return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+
+
+def test_every_bundle_carries_the_site_resource_cpu(raw):
+    config = load_config(raw)
+    bundles = placement_bundles(config.model("spillway-dense"), config.site("cloud"))
+    assert bundles == [{"CPU": 1.0, "site:cloud": SITE_RESOURCE_PER_BUNDLE}]
+
+
+def test_every_bundle_carries_the_site_resource_gpu_tensor_parallel(raw):
+    raw["models"][1]["engine"].update(tensor_parallel_size=2, pipeline_parallel_size=2)
+    raw["models"][1]["resources"] = {"num_cpus": 2, "num_gpus": 1, "memory_gib": 8}
+    config = load_config(raw)
+    bundles = placement_bundles(config.model("spillway-moe"), config.site("onprem"))
+    assert len(bundles) == 1 + 4
+    assert all(b["site:onprem"] == SITE_RESOURCE_PER_BUNDLE for b in bundles)
+    assert all("site:cloud" not in b for b in bundles)
+    assert bundles[0]["CPU"] == 2 and bundles[0]["memory"] == 8 * 1024**3
+    assert all(b["GPU"] == 1 for b in bundles[1:])
+
+
+def test_deployment_names_are_safe_for_hub_ids():
+    assert deployment_name("meta-llama/Llama-3.1-8B", "onprem") == "engine-meta-llama_Llama-3.1-8B-onprem"
+
+
+def test_app_has_one_engine_per_model_site_and_router_on_onprem(raw):
+    app = build_app(load_config(raw))
+    router = app._bound_deployment
+    assert router.name == "router"
+    assert router.ray_actor_options["resources"] == {"site:onprem": SITE_RESOURCE_PER_BUNDLE}
+    engines = router.init_args[1]
+    assert {m: sorted(s) for m, s in engines.items()} == {"spillway-dense": ["cloud", "onprem"], "spillway-moe": ["onprem"]}
+    cloud = engines["spillway-dense"]["cloud"]._bound_deployment
+    assert cloud.name == "engine-spillway-dense-cloud"
+    assert cloud.ray_actor_options["resources"] == {"site:cloud": SITE_RESOURCE_PER_BUNDLE}
+    assert cloud.ray_actor_options["runtime_env"]["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert cloud._deployment_config.max_ongoing_requests == 32
+
+
+def test_site_preference_orders_onprem_first(raw):
+    config = load_config(raw)
+    placement = SitePreferencePlacement(config, {"spillway-dense": {"cloud": "h-cloud", "onprem": "h-onprem"}})
+    assert [t.site.name for t in placement.candidates("spillway-dense")] == ["onprem", "cloud"]
+    assert [t.handle for t in placement.candidates("spillway-dense")] == ["h-onprem", "h-cloud"]
+    assert placement.candidates("nope") == []
+
+
+def test_serve_deploy_yaml_is_valid_and_builds_the_same_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import PROJECT_ROOT, app_builder
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((PROJECT_ROOT / "cluster_configs/serve/local.yaml").read_text()))
+    app_cfg = schema.applications[0]
+    assert app_cfg.import_path == "serve_app.app:app_builder"
+    app = app_builder(app_cfg.args)
+    engines = app._bound_deployment.init_args[1]
+    assert sorted(engines) == ["spillway-dense", "spillway-moe"]

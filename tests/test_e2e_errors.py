@@ -1,0 +1,101 @@
+"""End to end: bad input gets an OpenAI-format error with the right status, never a stack trace."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import E2E_MAX_BODY_BYTES
+
+pytestmark = pytest.mark.e2e
+
+DENSE = "spillway-dense"
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def _assert_openai_error(resp: httpx.Response, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert {"type", "code", "param"} <= set(body["error"])
+    assert "Traceback" not in resp.text and 'File "' not in resp.text
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        yield http
+
+
+def test_invalid_json_is_400(http):
+    resp = http.post("/v1/chat/completions", content=b'{"model": "spillway-dense", "messages": [', headers={"content-type": "application/json"})
+    assert "not valid JSON" in _assert_openai_error(resp, 400)["message"]
+
+
+def test_non_object_json_is_400(http):
+    resp = http.post("/v1/chat/completions", json=[1, 2, 3])
+    _assert_openai_error(resp, 400)
+
+
+def test_missing_model_is_400(http):
+    resp = http.post("/v1/chat/completions", json={"messages": HELLO})
+    assert _assert_openai_error(resp, 400)["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": DENSE, "messages": "hello"}, "messages"),
+        ({"model": DENSE, "messages": HELLO, "max_tokens": "many"}, "max_tokens"),
+        ({"model": DENSE, "messages": HELLO, "temperature": -3}, None),
+        ({"model": DENSE, "messages": [{"role": "wizard", "content": "x"}]}, None),
+    ],
+)
+def test_schema_errors_are_400_not_422(http, body, param):
+    error = _assert_openai_error(http.post("/v1/chat/completions", json=body), 400)
+    if param:
+        assert param in (error["param"] or "") or param in error["message"]
+
+
+def test_completions_schema_error_is_400(http):
+    _assert_openai_error(http.post("/v1/completions", json={"model": DENSE, "prompt": {"x": 1}}), 400)
+
+
+def test_unknown_model_is_404_through_the_sdk(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-17", messages=HELLO)
+    assert info.value.status_code == 404
+    assert info.value.body["code"] == "model_not_found"
+    assert "gpt-17" in info.value.body["message"]
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=DENSE, messages=[{"role": "user", "content": "x" * 3000}], max_tokens=4)
+    assert "context length" in info.value.body["message"]
+
+
+def test_body_over_the_limit_is_413(http, client):
+    big = "y" * (E2E_MAX_BODY_BYTES + 10)
+    resp = http.post("/v1/chat/completions", json={"model": DENSE, "messages": [{"role": "user", "content": big}]})
+    assert "limit" in _assert_openai_error(resp, 413)["message"]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=DENSE, messages=[{"role": "user", "content": big}])
+    assert info.value.status_code == 413
+
+
+def test_unknown_route_is_404_in_openai_format(http):
+    _assert_openai_error(http.get("/v1/nothing-here"), 404)
+
+
+def test_bad_streaming_request_fails_before_the_stream_starts(http):
+    resp = http.post("/v1/chat/completions", json={"model": DENSE, "messages": "x", "stream": True})
+    _assert_openai_error(resp, 400)
+
+
+def test_cluster_still_serves_after_bad_input(client):
+    assert client.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=2).choices

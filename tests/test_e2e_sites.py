@@ -1,0 +1,100 @@
+"""End to end: engines sit on the nodes of their site; losing an engine before the first token
+fails over to another site, or gives a clean 503 when no site is left; the CLI reports it all.
+
+Runs last among the end-to-end tests (file order): it kills engine replicas and waits for
+Serve to bring them back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+DENSE, MOE = "spillway-dense", "spillway-moe"
+HELLO = [{"role": "user", "content": "hi"}]
+RECOVERY_TIMEOUT_S = 300
+
+
+def _health(base_url):
+    return httpx.get(f"{base_url}/health", timeout=30)
+
+
+def test_every_engine_runs_on_a_node_of_its_site(base_url, e2e_cluster):
+    import ray
+
+    config = e2e_cluster[0]
+    node_site = {}
+    for node in ray.nodes():
+        for site in config.sites:
+            if node["Alive"] and site.resource in node["Resources"]:
+                node_site[node["NodeID"]] = site.name
+    assert sorted(node_site.values()) == ["cloud", "onprem"]
+    report = _health(base_url).json()["models"]
+    placed = {(model, site): node_site[stats["node_id"]] for model, sites in report.items() for site, stats in sites.items()}
+    assert placed == {(DENSE, "onprem"): "onprem", (DENSE, "cloud"): "cloud", (MOE, "onprem"): "onprem"}
+
+
+def test_status_cli_shows_sites_deployments_and_replicas(e2e_cluster):
+    config_path = e2e_cluster[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "status", "--config", str(config_path), "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    report = json.loads(out.stdout)
+    assert report["application"] == "RUNNING"
+    assert {site: len(nodes) for site, nodes in report["sites"].items()} == {"onprem": 1, "cloud": 1}
+    assert report["router"]["replicas"] == {"RUNNING": 1}
+    engines = {(e["model"], e["site"]): e["state"] for e in report["engines"]}
+    assert set(engines) == {(DENSE, "onprem"), (DENSE, "cloud"), (MOE, "onprem")}
+    assert all(state["status"] == "HEALTHY" and state["replicas"] == {"RUNNING": 1} for state in engines.values())
+
+
+def _kill_replicas(app_name: str, deployment: str) -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    killed = 0
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.name and actor.name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#"):
+            ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
+            killed += 1
+    return killed
+
+
+def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_url, client, e2e_cluster):
+    config = e2e_cluster[0]
+    assert _kill_replicas(config.name, "engine-spillway-dense-onprem") == 1
+    assert _kill_replicas(config.name, "engine-spillway-moe-onprem") == 1
+
+    # Dense also runs in the cloud: the request moves there, the client sees a normal answer.
+    raw = client.chat.completions.with_raw_response.create(model=DENSE, messages=HELLO, max_tokens=4, stream=True)
+    assert raw.headers["x-spillway-site"] == "cloud"
+    assert [c for c in raw.parse() if c.choices][-1].choices[0].finish_reason in {"stop", "length"}
+
+    # MoE runs only on-prem: a clean 503 with Retry-After, not a hang and not a 500.
+    started = time.monotonic()
+    resp = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MOE, "messages": HELLO, "max_tokens": 4}, timeout=120)
+    assert resp.status_code == 503, resp.text
+    assert int(resp.headers["retry-after"]) >= 1
+    assert resp.json()["error"]["code"] == "engine_unavailable"
+    assert time.monotonic() - started < 60
+
+    # /health says so meanwhile (or the replacement is already up).
+    assert _health(base_url).status_code in {200, 503}
+
+    # Serve replaces the dead replicas; the cluster heals without anyone's help.
+    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+    while time.monotonic() < deadline and _health(base_url).status_code != 200:
+        time.sleep(3)
+    assert _health(base_url).status_code == 200
+    raw = client.chat.completions.with_raw_response.create(model=MOE, messages=HELLO, max_tokens=4)
+    assert raw.headers["x-spillway-site"] == "onprem"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=HELLO)
