@@ -52,7 +52,8 @@ def test_missing_model_is_400(http):
         ({"model": DENSE, "messages": "hello"}, "messages"),
         ({"model": DENSE, "messages": HELLO, "max_tokens": "many"}, "max_tokens"),
         ({"model": DENSE, "messages": HELLO, "temperature": -3}, None),
-        ({"model": DENSE, "messages": [{"role": "wizard", "content": "x"}]}, None),
+        ({"model": DENSE, "messages": HELLO, "stream": "sometimes"}, "stream"),
+        ({"model": DENSE, "messages": HELLO, "n": 0}, None),
     ],
 )
 def test_schema_errors_are_400_not_422(http, body, param):

@@ -98,3 +98,44 @@ def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_u
     assert raw.headers["x-spillway-site"] == "onprem"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="missing", messages=HELLO)
+
+
+def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
+    """Graceful shutdown: an engine removed by a new deployment finishes the streams it holds."""
+    import threading
+
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.config import load_config
+    from serve_app.deploy import wait_healthy
+
+    config = e2e_cluster[0]
+    result = {}
+
+    def long_stream():
+        with httpx.Client(timeout=300) as http:
+            body = {"model": DENSE, "messages": HELLO, "max_tokens": 600, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
+                result["site"] = resp.headers["x-spillway-site"]
+                events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        result["done"] = events[-1] == "[DONE]"
+        result["usage"] = json.loads(events[-2])["usage"]["completion_tokens"]
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _health(base_url).json()["models"][DENSE]["onprem"].get("in_flight", 0) == 0:
+        time.sleep(0.2)
+
+    # Move dense off on-prem while the stream runs there: that engine deployment is deleted.
+    raw = config.model_dump(mode="json")
+    raw["models"][0]["replicas"] = {"cloud": 1}
+    serve.run(build_app(load_config(raw)), name=config.name, route_prefix="/", blocking=False)
+    thread.join(timeout=300)
+    assert result == {"site": "onprem", "done": True, "usage": 600}
+
+    # Put the original deployment back for anything that runs after this test.
+    serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
+    wait_healthy(config)
