@@ -46,8 +46,14 @@ HEALTH_PROBE_TIMEOUT_S = 5.0
 api = FastAPI(title="Spillway", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def _error_response(exc: SpillwayError) -> JSONResponse:
-    headers = {}
+def _router_headers(request: Request) -> dict[str, str]:
+    """Answers the router gives itself (errors, /v1/models, /health) were served at the router's site."""
+    site = getattr(request.app.state, "router_site", None)
+    return {HEADER_SITE: site} if site else {}
+
+
+def _error_response(exc: SpillwayError, request: Request) -> JSONResponse:
+    headers = _router_headers(request)
     if exc.retry_after_s is not None:
         headers["retry-after"] = str(max(1, int(round(exc.retry_after_s))))
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
@@ -55,25 +61,31 @@ def _error_response(exc: SpillwayError) -> JSONResponse:
 
 @api.exception_handler(SpillwayError)
 async def _spillway_error(request: Request, exc: SpillwayError):
-    return _error_response(exc)
+    return _error_response(exc, request)
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
     message = "route not found" if exc.status_code == 404 else str(exc.detail)
-    return JSONResponse(error_body(message, "invalid_request_error", exc.status_code), status_code=exc.status_code)
+    return JSONResponse(
+        error_body(message, "invalid_request_error", exc.status_code), status_code=exc.status_code,
+        headers=_router_headers(request),
+    )
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
-    return JSONResponse(error_body(f"invalid request: {exc.errors()}", "invalid_request_error", 400), status_code=400)
+    return JSONResponse(
+        error_body(f"invalid request: {exc.errors()}", "invalid_request_error", 400), status_code=400,
+        headers=_router_headers(request),
+    )
 
 
 @api.exception_handler(Exception)
 async def _unexpected_error(request: Request, exc: Exception):
     logger.exception("unexpected error on %s", request.url.path)
     body = error_body("internal error in the Spillway router; see its logs", "internal_error", 500)
-    return JSONResponse(body, status_code=500)
+    return JSONResponse(body, status_code=500, headers=_router_headers(request))
 
 
 def _is_dispatch_failure(exc: BaseException) -> bool:
@@ -91,6 +103,8 @@ class Router:
         self._config = SpillwayConfig.model_validate(config)
         self._placement = SitePreferencePlacement(self._config, engines)
         self._created = int(time.time())
+        self._site_headers = {HEADER_SITE: self._config.router_site.name}
+        api.state.router_site = self._config.router_site.name
 
     # ---- endpoints -------------------------------------------------------------------
 
@@ -98,7 +112,10 @@ class Router:
     async def health(self) -> Response:
         report = await self._engine_report()
         healthy = all(any(site["healthy"] for site in sites.values()) for sites in report.values())
-        return JSONResponse({"status": "ok" if healthy else "degraded", "models": report}, status_code=200 if healthy else 503)
+        return JSONResponse(
+            {"status": "ok" if healthy else "degraded", "models": report},
+            status_code=200 if healthy else 503, headers=self._site_headers,
+        )
 
     @api.get("/v1/models")
     async def list_models(self) -> Response:
@@ -113,13 +130,16 @@ class Router:
             }
             for model in self._config.models
         ]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": data}, headers=self._site_headers)
 
     @api.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str) -> Response:
         for model in self._config.models:
             if model.id == model_id:
-                return JSONResponse({"id": model.id, "object": "model", "created": self._created, "owned_by": "spillway"})
+                return JSONResponse(
+                    {"id": model.id, "object": "model", "created": self._created, "owned_by": "spillway"},
+                    headers=self._site_headers,
+                )
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
 
     @api.post("/v1/chat/completions")

@@ -32,7 +32,9 @@ WEATHER_TOOL = {
 
 
 def test_models_list(client):
-    ids = {m.id for m in client.models.list().data}
+    raw = client.models.with_raw_response.list()
+    assert raw.headers["x-spillway-site"] == "onprem" and raw.headers["x-request-id"]
+    ids = {m.id for m in raw.parse().data}
     assert ids == {DENSE, MOE}
     assert client.models.retrieve(MOE).id == MOE
 

@@ -22,6 +22,8 @@ def _assert_openai_error(resp: httpx.Response, status: int) -> dict:
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     assert {"type", "code", "param"} <= set(body["error"])
     assert "Traceback" not in resp.text and 'File "' not in resp.text
+    assert resp.headers["x-request-id"]
+    assert resp.headers["x-spillway-site"] == "onprem"  # answered by the router, which runs on-prem
     return body["error"]
 
 
