@@ -10,16 +10,21 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.errors import ConfigError
+from serve_app.policy.classify import DEFAULT_DETECTORS as DEFAULT_PII_DETECTORS
+from serve_app.policy.pipeline import DEFAULT_FILTERS, DEFAULT_SCORERS
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DataClassName = Literal["public", "internal", "confidential", "restricted"]
 
 
 class SiteKind(str, Enum):
@@ -40,6 +45,18 @@ class SiteConfig(Strict):
         ge=0,
         description="Lower is preferred when a request could run on several sites (on-prem first by default).",
     )
+    trusted_up_to: DataClassName | None = Field(
+        default=None,
+        description="Most sensitive data class this site may process. Default: restricted for onprem, "
+        "internal for cloud and external sites (so confidential data never leaves on-prem).",
+    )
+    cost_per_1k_tokens: float = Field(default=0.0, ge=0, description="Price of 1,000 tokens served here (cost model).")
+
+    @property
+    def trust(self) -> str:
+        if self.trusted_up_to is not None:
+            return self.trusted_up_to
+        return "restricted" if self.kind == SiteKind.onprem else "internal"
 
     @field_validator("name")
     @classmethod
@@ -88,6 +105,12 @@ class ReplicaResources(Strict):
     memory_gib: float | None = Field(default=None, gt=0, description="Ray memory reservation per replica.")
 
 
+class QueueConfig(Strict):
+    max_len: int = Field(default=256, ge=0, description="Requests that may wait for a slot; past it, 429.")
+    max_wait_ms: float = Field(default=30_000, gt=0, description="Longest wait for a slot; past it, 503.")
+    priority_aging_ms: float = Field(default=2_000, gt=0, description="Waiting this long earns one priority level.")
+
+
 class ModelConfig(Strict):
     id: str = Field(description="The model name clients send in `model` and see in /v1/models.")
     source: str = Field(
@@ -106,6 +129,13 @@ class ModelConfig(Strict):
     graceful_shutdown_timeout_s: float = Field(
         default=60.0, gt=0, description="How long a stopping replica lets in-flight streams finish."
     )
+    spill_after_ms: float = Field(
+        default=2_000,
+        gt=0,
+        description="TTFT budget: a request may spill to a less preferred site when its predicted wait for "
+        "a slot on the preferred site exceeds this.",
+    )
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="Admission queue bounds.")
 
     @field_validator("replicas")
     @classmethod
@@ -128,6 +158,26 @@ class RouterConfig(Strict):
     )
     max_body_bytes: int = Field(default=1_048_576, gt=0, description="Largest request body accepted (413 past it).")
     max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica holds at once.")
+    pii_detectors: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PII_DETECTORS),
+        description="PII detectors (by registered name) that raise a request's data class.",
+    )
+    default_data_class: DataClassName = Field(
+        default="public", description="Data class of a request without an x-data-classification header."
+    )
+    filters: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FILTERS), description="Placement filters, in order (by name)."
+    )
+    scorers: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_SCORERS), description="Placement scorers (by name) and their weights."
+    )
+    spill_close_ratio: float = Field(
+        default=0.5, gt=0, le=1, description="Spill stops when the predicted wait falls below spill_after_ms x this ..."
+    )
+    spill_min_hold_ms: float = Field(default=5_000, ge=0, description="... and stays below it this long.")
+    max_dispatch_attempts: int = Field(
+        default=3, ge=1, description="Engines tried for one request before the first token (failover)."
+    )
     first_response_timeout_s: float = Field(
         default=120.0,
         gt=0,
@@ -186,6 +236,7 @@ class SpillwayConfig(Strict):
                 raise ValueError(f"model {model.id!r} has no replica on any site")
         if self.router.site is not None and self.router.site not in site_names:
             raise ValueError(f"router.site {self.router.site!r} is not a configured site")
+        _check_policy_names(self.router)
         if self.local_cluster is not None:
             for node in self.local_cluster.nodes:
                 if node.site not in site_names:
@@ -210,6 +261,18 @@ class SpillwayConfig(Strict):
             return self.site(self.router.site)
         ordered = sorted(self.sites, key=lambda s: (s.kind != SiteKind.onprem, s.preference))
         return ordered[0]
+
+
+def _check_policy_names(router: "RouterConfig") -> None:
+    """Unknown policy names fail at load, not at the first request."""
+    from serve_app.policy.classify import Classifier
+    from serve_app.policy.pipeline import PlacementPipeline
+
+    try:
+        Classifier.from_names(router.pii_detectors)
+        PlacementPipeline.from_names(router.filters, router.scorers)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
 
 
 def load_config(source: str | Path | dict) -> SpillwayConfig:

@@ -32,7 +32,10 @@ from serve_app.errors import (
     SpillwayError,
     error_body,
 )
-from serve_app.router.placement import SitePreferencePlacement, SiteTarget
+from serve_app.policy.classify import HEADER_DATA_CLASS, Classifier, DataClass, request_texts
+from serve_app.policy.pipeline import RequestView
+from serve_app.router.placement import EngineTarget, build_schedulers, build_targets
+from serve_app.router.scheduler import ModelScheduler
 
 logger = logging.getLogger("spillway.router")
 
@@ -40,6 +43,13 @@ HEADER_REQUEST_ID = "x-request-id"
 HEADER_SITE = "x-spillway-site"
 HEADER_MODEL = "x-spillway-model"
 SSE_MEDIA_TYPE = "text/event-stream"
+HEADER_DATA_CLASS_OUT = "x-spillway-data-class"
+HEADER_SPILL_REASON = "x-spillway-spill-reason"
+HEADER_QUEUE_MS = "x-spillway-queue-ms"
+HEADER_PRIORITY = "x-spillway-priority"
+HEADER_SESSION = "x-session-id"
+PRIORITY_RANGE = (-10, 10)
+RETRY_PRIORITY_BOOST = 1_000
 RETRY_AFTER_UNAVAILABLE_S = 5
 HEALTH_PROBE_TIMEOUT_S = 5.0
 
@@ -95,13 +105,64 @@ def _is_dispatch_failure(exc: BaseException) -> bool:
     return isinstance(exc, (ray.exceptions.RayError, asyncio.TimeoutError, ConnectionError))
 
 
+def _parse_priority(value: str | None) -> int:
+    if value is None or value == "":
+        return 0
+    try:
+        priority = int(value)
+    except ValueError:
+        priority = None
+    low, high = PRIORITY_RANGE
+    if priority is None or not low <= priority <= high:
+        raise InvalidRequest(f"{HEADER_PRIORITY} must be an integer from {low} to {high}", param=HEADER_PRIORITY)
+    return priority
+
+
+class _Relay:
+    """Streams engine events to the client untouched and frees the slot exactly once, however the
+    stream ends: finished, engine failure (an explicit error event, never a silent truncation),
+    client disconnect (the engine request is cancelled), or never started at all."""
+
+    def __init__(self, results, request_id: str, release):
+        self._results = results
+        self._request_id = request_id
+        self._release = release
+        self._iterator = self._run()
+
+    def __aiter__(self):
+        return self._iterator
+
+    async def _run(self) -> AsyncIterator[str]:
+        finished = False
+        try:
+            async for event in self._results:
+                yield event
+            finished = True
+        except Exception as exc:  # noqa: BLE001 - the client must see an error, never a silent truncation
+            logger.warning("request %s: engine failed mid-stream: %r", self._request_id, exc)
+            body = error_body("the engine failed while streaming; the response is incomplete", "engine_error", 502)
+            yield f"data: {json.dumps(body)}\n\n"
+            finished = True
+        finally:
+            if not finished:
+                self._results.cancel()
+            self._release()
+
+    def __del__(self):
+        # A response that was never sent (client gone before the first byte) must not leak its slot.
+        self._release()
+
+
 @serve.ingress(api)
 class Router:
     """Front door for every model. Holds no global state: any replica can serve any request."""
 
     def __init__(self, config: dict, engines: dict[str, dict[str, Any]]):
         self._config = SpillwayConfig.model_validate(config)
-        self._placement = SitePreferencePlacement(self._config, engines)
+        self._targets = build_targets(self._config, engines)
+        self._schedulers = build_schedulers(self._config, self._targets)
+        self._classifier = Classifier.from_names(self._config.router.pii_detectors)
+        self._default_class = DataClass[self._config.router.default_data_class]
         self._created = int(time.time())
         self._site_headers = {HEADER_SITE: self._config.router_site.name}
         api.state.router_site = self._config.router_site.name
@@ -158,17 +219,67 @@ class Router:
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
             raise InvalidRequest("'model' is required and must be a string", param="model")
-        targets = self._placement.candidates(model_id)
-        if not targets:
+        scheduler = self._schedulers.get(model_id)
+        if scheduler is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        stream = bool(body.get("stream"))
-        target, status, results = await self._dispatch(targets, endpoint, body, request_id)
+        declared = DataClass.parse(request.headers.get(HEADER_DATA_CLASS), default=self._default_class)
+        classification = self._classifier.classify(declared, request_texts(body))
+        affinity = body.get("user") if isinstance(body.get("user"), str) else request.headers.get(HEADER_SESSION)
+        view = RequestView(request_id, model_id, classification.data_class, affinity_key=affinity)
+        priority = _parse_priority(request.headers.get(HEADER_PRIORITY))
+
+        slot, status, results = await self._dispatch(scheduler, view, priority, endpoint, body)
         # x-request-id itself is set on every response by Serve's proxy (from the client's header if sent).
-        headers = {HEADER_SITE: target.site.name, HEADER_MODEL: model_id}
-        if status != 200 or not stream:
-            payload = await results.__anext__()
+        headers = {
+            HEADER_SITE: slot.group.site,
+            HEADER_MODEL: model_id,
+            HEADER_DATA_CLASS_OUT: classification.data_class.name,
+            HEADER_SPILL_REASON: slot.spill_reason,
+            HEADER_QUEUE_MS: f"{slot.queue_ms:.1f}",
+        }
+        if status != 200 or not body.get("stream"):
+            try:
+                payload = await results.__anext__()
+            finally:
+                scheduler.release(slot)
             return Response(payload, status_code=status, media_type="application/json", headers=headers)
-        return StreamingResponse(self._relay(results, request_id), media_type=SSE_MEDIA_TYPE, headers=headers)
+        return StreamingResponse(
+            _Relay(results, request_id, lambda: scheduler.release(slot)), media_type=SSE_MEDIA_TYPE, headers=headers
+        )
+
+    async def _dispatch(self, scheduler: ModelScheduler, view: RequestView, priority: int, endpoint: str, body: dict):
+        """Get a slot, send the request, wait for the engine's status. Before the first token
+        nothing has reached the client, so a failed engine is retried on another eligible one
+        (residency still applies: a confidential request only ever retries on-prem)."""
+        timeout_s = self._config.router.first_response_timeout_s
+        failed: set[str] = set()
+        failures: list[str] = []
+        for _ in range(self._config.router.max_dispatch_attempts):
+            if failed and not scheduler.has_candidate(view, frozenset(failed)):
+                break
+            # A retry jumps the queue: it was admitted before anyone now waiting.
+            slot = await scheduler.acquire(view, priority + (RETRY_PRIORITY_BOOST if failed else 0), frozenset(failed))
+            target = self._targets[view.model][slot.group.group_id]
+            results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id)
+            try:
+                status = await asyncio.wait_for(results.__anext__(), timeout=timeout_s)
+                return slot, status, results
+            except asyncio.CancelledError:
+                results.cancel()
+                scheduler.release(slot)
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified just below
+                results.cancel()
+                scheduler.release(slot, failed=True)
+                if not _is_dispatch_failure(exc):
+                    raise
+                logger.warning("request %s: %s failed before responding: %r", view.request_id, slot.group.group_id, exc)
+                failed.add(slot.group.group_id)
+                failures.append(f"{slot.group.site}: {type(exc).__name__}")
+        raise EngineUnavailable(
+            f"no engine could take the request for model '{view.model}' ({'; '.join(failures)}); retry later",
+            retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
+        )
 
     async def _read_body(self, request: Request) -> dict:
         limit = self._config.router.max_body_bytes
@@ -186,50 +297,8 @@ class Router:
             raise InvalidRequest("request body must be a JSON object")
         return body
 
-    async def _dispatch(
-        self, targets: list[SiteTarget], endpoint: str, body: dict, request_id: str
-    ) -> tuple[SiteTarget, int, Any]:
-        """Send to the first target that answers; returns it, the status and the result stream.
-
-        Failover here is safe: nothing has been sent to the client yet.
-        """
-        timeout_s = self._config.router.first_response_timeout_s
-        failures = []
-        for target in targets:
-            results = target.handle.options(stream=True).generate.remote(endpoint, body, request_id)
-            try:
-                status = await asyncio.wait_for(results.__anext__(), timeout=timeout_s)
-                return target, status, results
-            except Exception as exc:  # noqa: BLE001 - classified just below
-                results.cancel()
-                if not _is_dispatch_failure(exc):
-                    raise
-                logger.warning("request %s: site %s failed before responding: %r", request_id, target.site.name, exc)
-                failures.append(f"{target.site.name}: {type(exc).__name__}")
-        raise EngineUnavailable(
-            f"no engine could take the request for model '{body.get('model')}' ({'; '.join(failures)}); retry later",
-            retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
-        )
-
-    async def _relay(self, results, request_id: str) -> AsyncIterator[str]:
-        """Pass engine events through; a failure mid-stream becomes an explicit error event."""
-        finished = False
-        try:
-            async for event in results:
-                yield event
-            finished = True
-        except Exception as exc:  # noqa: BLE001 - the client must see an error, never a silent truncation
-            logger.warning("request %s: engine failed mid-stream: %r", request_id, exc)
-            body = error_body("the engine failed while streaming; the response is incomplete", "engine_error", 502)
-            yield f"data: {json.dumps(body)}\n\n"
-            finished = True
-        finally:
-            if not finished:
-                # The client went away: stop the engine's work for this request.
-                results.cancel()
-
     async def _engine_report(self) -> dict[str, dict[str, Any]]:
-        async def probe(target: SiteTarget) -> dict[str, Any]:
+        async def probe(target: EngineTarget) -> dict[str, Any]:
             try:
                 stats = await asyncio.wait_for(target.handle.stats.remote(), timeout=HEALTH_PROBE_TIMEOUT_S)
                 return {"healthy": True, **stats}
@@ -237,9 +306,9 @@ class Router:
                 return {"healthy": False, "error": type(exc).__name__}
 
         report: dict[str, dict[str, Any]] = {}
-        for model_id in self._placement.models():
-            targets = self._placement.candidates(model_id)
+        for model_id, by_group in self._targets.items():
+            targets = list(by_group.values())
             results = await asyncio.gather(*(probe(t) for t in targets))
-            report[model_id] = {t.site.name: r for t, r in zip(targets, results)}
+            report[model_id] = {t.group.site: r for t, r in zip(targets, results)}
         return report
 

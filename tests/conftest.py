@@ -14,6 +14,7 @@ from serve_app.config import DEFAULT_CONFIG_PATH, load_config
 E2E_RAY_PORT = int(os.environ.get("SPILLWAY_TEST_RAY_PORT", "6390"))
 E2E_HTTP_PORT = int(os.environ.get("SPILLWAY_TEST_HTTP_PORT", "18000"))
 E2E_MAX_BODY_BYTES = 262_144
+E2E_DENSE_SLOTS = 8
 
 
 def e2e_raw_config() -> dict:
@@ -25,6 +26,9 @@ def e2e_raw_config() -> dict:
     raw["router"]["max_body_bytes"] = E2E_MAX_BODY_BYTES
     # Fail fast when an engine is gone, so the 503 test does not wait two minutes.
     raw["router"]["first_response_timeout_s"] = 15
+    # Few on-prem slots and a tight TTFT budget for dense, so tests can saturate on-prem cheaply.
+    raw["models"][0]["engine"]["max_num_seqs"] = E2E_DENSE_SLOTS
+    raw["models"][0]["spill_after_ms"] = 300
     return raw
 
 

@@ -5,7 +5,7 @@ import yaml
 
 from serve_app.app import SITE_RESOURCE_PER_BUNDLE, build_app, deployment_name, placement_bundles
 from serve_app.config import DEFAULT_CONFIG_PATH, load_config
-from serve_app.router.placement import SitePreferencePlacement
+from serve_app.router.placement import build_targets
 
 
 @pytest.fixture
@@ -49,12 +49,16 @@ def test_app_has_one_engine_per_model_site_and_router_on_onprem(raw):
     assert cloud._deployment_config.max_ongoing_requests == 32
 
 
-def test_site_preference_orders_onprem_first(raw):
+def test_engine_groups_rank_onprem_first_with_site_trust_and_slots(raw):
+    raw["models"][0]["replicas"] = {"cloud": 3, "onprem": 2}
     config = load_config(raw)
-    placement = SitePreferencePlacement(config, {"spillway-dense": {"cloud": "h-cloud", "onprem": "h-onprem"}})
-    assert [t.site.name for t in placement.candidates("spillway-dense")] == ["onprem", "cloud"]
-    assert [t.handle for t in placement.candidates("spillway-dense")] == ["h-onprem", "h-cloud"]
-    assert placement.candidates("nope") == []
+    targets = build_targets(config, {"spillway-dense": {"cloud": "h-cloud", "onprem": "h-onprem"}})
+    groups = [t.group for t in targets["spillway-dense"].values()]
+    assert [(g.site, g.site_rank, g.slots, g.trusted_up_to.name) for g in groups] == [
+        ("onprem", 0, 64, "restricted"),
+        ("cloud", 1, 96, "internal"),
+    ]
+    assert targets["spillway-dense"]["spillway-dense@cloud"].handle == "h-cloud"
 
 
 def test_serve_deploy_yaml_is_valid_and_builds_the_same_app():

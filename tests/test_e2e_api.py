@@ -206,5 +206,5 @@ def test_health_reports_every_engine_with_live_load(base_url):
     for model, sites in report["models"].items():
         for site, stats in sites.items():
             assert stats["healthy"] and stats["site"] == site and stats["model"] == model
-            assert stats["max_num_seqs"] == 32
+            assert stats["max_num_seqs"] == (8 if model == DENSE else 32)
             assert {"running", "waiting", "kv_cache_usage"} <= set(stats)

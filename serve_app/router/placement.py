@@ -1,43 +1,72 @@
-"""Where a request runs: the place where routing policies plug in.
-
-For now the placement is the simple one: try the model's sites in preference
-order (on-prem first), and move to the next site only when the previous one
-could not take the request at all (no healthy replica). The router issue turns
-this into the filter -> score -> pick pipeline; callers only see
-``candidates()`` returning an ordered list of ``SiteTarget``.
-"""
+"""From config and engine handles to the router's engine groups and per-model schedulers."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from serve_app.config import SiteConfig, SiteKind, SpillwayConfig
+from serve_app.policy.admission import AdmissionParams
+from serve_app.policy.classify import DataClass
+from serve_app.policy.pipeline import PlacementPipeline, SpillParams
+from serve_app.router.scheduler import EngineGroup, ModelScheduler
 
 
 @dataclass(frozen=True)
-class SiteTarget:
+class EngineTarget:
     """One engine deployment a request may be sent to."""
 
-    model_id: str
-    site: SiteConfig
+    group: EngineGroup
     handle: Any  # ray.serve.handle.DeploymentHandle (Any keeps this module free of Ray)
 
 
-class SitePreferencePlacement:
-    """Orders a model's engine deployments by site preference: on-prem kinds first,
-    then ``preference``, then name (for a stable order)."""
+def site_order_key(site: SiteConfig) -> tuple:
+    """On-prem kinds first, then ``preference``, then name (a stable order)."""
+    return (site.kind != SiteKind.onprem, site.preference, site.name)
 
-    def __init__(self, config: SpillwayConfig, handles: dict[str, dict[str, Any]]):
-        self._targets: dict[str, list[SiteTarget]] = {}
-        for model_id, by_site in handles.items():
-            targets = [SiteTarget(model_id, config.site(site_name), handle) for site_name, handle in by_site.items()]
-            targets.sort(key=lambda t: (t.site.kind != SiteKind.onprem, t.site.preference, t.site.name))
-            self._targets[model_id] = targets
 
-    def models(self) -> list[str]:
-        return list(self._targets)
+def build_targets(config: SpillwayConfig, handles: dict[str, dict[str, Any]]) -> dict[str, dict[str, EngineTarget]]:
+    """``{model: {group_id: target}}``; a group's rank is its site's place in the model's site order."""
+    targets: dict[str, dict[str, EngineTarget]] = {}
+    for model_id, by_site in handles.items():
+        model = config.model(model_id)
+        sites = sorted((config.site(name) for name in by_site), key=site_order_key)
+        targets[model_id] = {}
+        for rank, site in enumerate(sites):
+            group = EngineGroup(
+                group_id=f"{model_id}@{site.name}",
+                model=model_id,
+                site=site.name,
+                site_rank=rank,
+                trusted_up_to=DataClass[site.trust],
+                slots=model.replicas[site.name] * model.engine.max_num_seqs,
+                cost_per_1k_tokens=site.cost_per_1k_tokens,
+            )
+            targets[model_id][group.group_id] = EngineTarget(group, by_site[site.name])
+    return targets
 
-    def candidates(self, model_id: str) -> list[SiteTarget]:
-        """Targets to try in order; empty when the model is not served."""
-        return self._targets.get(model_id, [])
+
+def build_schedulers(
+    config: SpillwayConfig, targets: dict[str, dict[str, EngineTarget]], clock: Callable[[], float] = time.monotonic
+) -> dict[str, ModelScheduler]:
+    schedulers = {}
+    for model_id, by_group in targets.items():
+        model = config.model(model_id)
+        schedulers[model_id] = ModelScheduler(
+            model=model_id,
+            groups=[t.group for t in by_group.values()],
+            pipeline=PlacementPipeline.from_names(config.router.filters, config.router.scorers),
+            admission=AdmissionParams(
+                max_queue_len=model.queue.max_len,
+                max_queue_wait_ms=model.queue.max_wait_ms,
+                priority_aging_ms=model.queue.priority_aging_ms,
+            ),
+            spill=SpillParams(
+                spill_after_ms=model.spill_after_ms,
+                close_ratio=config.router.spill_close_ratio,
+                min_hold_ms=config.router.spill_min_hold_ms,
+            ),
+            clock=clock,
+        )
+    return schedulers

@@ -1,0 +1,70 @@
+"""End to end: the router's admission and spill-over on the real cluster. On-prem first at low load;
+when on-prem dense (8 slots in the test config) is saturated, public requests spill to the cloud
+site while confidential ones (by header and by detected PII) stay on-prem."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.conftest import E2E_DENSE_SLOTS
+
+pytestmark = pytest.mark.e2e
+
+DENSE = "spillway-dense"
+
+
+def test_low_load_is_all_on_prem(client):
+    for i in range(6):
+        raw = client.chat.completions.with_raw_response.create(
+            model=DENSE, messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=4
+        )
+        assert raw.headers["x-spillway-site"] == "onprem"
+        assert raw.headers["x-spillway-spill-reason"] == "none"
+        assert raw.headers["x-spillway-data-class"] == "public"
+        assert float(raw.headers["x-spillway-queue-ms"]) >= 0
+
+
+def test_saturation_spills_public_and_keeps_confidential_on_prem(base_url):
+    async def one(http, kind, i):
+        headers = {}
+        content = f"request {i}"
+        if kind == "header":
+            headers["x-data-classification"] = "confidential"
+        elif kind == "pii":
+            content = f"my IBAN is DE89 3704 0044 0532 0130 00, request {i}"
+        body = {"model": DENSE, "messages": [{"role": "user", "content": content}], "max_tokens": 96,
+                "ignore_eos": True, "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status_code == 200, await resp.aread()
+            events = [line async for line in resp.aiter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            return kind, resp.headers["x-spillway-site"], resp.headers["x-spillway-data-class"], resp.headers["x-spillway-spill-reason"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+            kinds = ["public"] * (3 * E2E_DENSE_SLOTS) + ["header"] * 6 + ["pii"] * 6
+            return await asyncio.gather(*(one(http, kind, i) for i, kind in enumerate(kinds)))
+
+    results = asyncio.run(main())
+    public_sites = [site for kind, site, _, _ in results if kind == "public"]
+    sensitive = [(site, data_class) for kind, site, data_class, _ in results if kind != "public"]
+    # Residency: zero violations, by header and by detected PII.
+    assert sensitive and all(site == "onprem" and data_class == "confidential" for site, data_class in sensitive)
+    # Spill-over: on-prem could not hold the burst, public traffic used the cloud site too.
+    assert public_sites.count("cloud") > 0 and public_sites.count("onprem") > 0
+    assert all(reason == "onprem_wait_over_budget" for kind, site, _, reason in results if site == "cloud")
+
+
+def test_bad_classification_and_priority_headers_are_400(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        body = {"model": DENSE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        bad_class = http.post("/v1/chat/completions", json=body, headers={"x-data-classification": "top-secret"})
+        assert bad_class.status_code == 400 and "x-data-classification" in bad_class.json()["error"]["message"]
+        bad_prio = http.post("/v1/chat/completions", json=body, headers={"x-spillway-priority": "urgent"})
+        assert bad_prio.status_code == 400 and bad_prio.json()["error"]["param"] == "x-spillway-priority"
+        ok = http.post("/v1/chat/completions", json=body, headers={"x-spillway-priority": "5", "x-data-classification": "restricted"})
+        assert ok.status_code == 200 and ok.headers["x-spillway-site"] == "onprem"
+        assert ok.headers["x-spillway-data-class"] == "restricted"
