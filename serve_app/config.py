@@ -148,6 +148,22 @@ class ModelConfig(Strict):
         return value
 
 
+class SplitConfig(Strict):
+    variants: dict[str, float] = Field(
+        description="Model ids and their weights, e.g. {model-a: 90, model-b: 10}. A request with a `user` field "
+        "or an x-session-id header always gets the same variant."
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("a split needs at least one variant")
+        if any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("split weights must be >= 0 and sum to more than 0")
+        return value
+
+
 class RouterConfig(Strict):
     replicas: int = Field(default=1, ge=1, description="Router (ingress) replicas.")
     num_cpus: float = Field(default=0.5, ge=0, description="Logical CPUs per router replica.")
@@ -175,6 +191,9 @@ class RouterConfig(Strict):
         default=0.5, gt=0, le=1, description="Spill stops when the predicted wait falls below spill_after_ms x this ..."
     )
     spill_min_hold_ms: float = Field(default=5_000, ge=0, description="... and stays below it this long.")
+    splits: dict[str, SplitConfig] = Field(
+        default_factory=dict, description="Model aliases split across model variants by weight (A/B, canary)."
+    )
     max_dispatch_attempts: int = Field(
         default=3, ge=1, description="Engines tried for one request before the first token (failover)."
     )
@@ -237,6 +256,12 @@ class SpillwayConfig(Strict):
         if self.router.site is not None and self.router.site not in site_names:
             raise ValueError(f"router.site {self.router.site!r} is not a configured site")
         _check_policy_names(self.router)
+        for alias, split in self.router.splits.items():
+            if alias in model_ids:
+                raise ValueError(f"split alias {alias!r} is also a model id")
+            unknown = set(split.variants) - set(model_ids)
+            if unknown:
+                raise ValueError(f"split {alias!r} names unknown model(s) {sorted(unknown)}")
         if self.local_cluster is not None:
             for node in self.local_cluster.nodes:
                 if node.site not in site_names:

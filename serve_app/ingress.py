@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -34,6 +36,7 @@ from serve_app.errors import (
 )
 from serve_app.policy.classify import HEADER_DATA_CLASS, Classifier, DataClass, request_texts
 from serve_app.policy.pipeline import RequestView
+from serve_app.policy.splits import TrafficSplit, Variant
 from serve_app.router.placement import EngineTarget, build_schedulers, build_targets
 from serve_app.router.scheduler import ModelScheduler
 
@@ -48,6 +51,7 @@ HEADER_SPILL_REASON = "x-spillway-spill-reason"
 HEADER_QUEUE_MS = "x-spillway-queue-ms"
 HEADER_PRIORITY = "x-spillway-priority"
 HEADER_SESSION = "x-session-id"
+HEADER_VARIANT = "x-spillway-variant"
 PRIORITY_RANGE = (-10, 10)
 RETRY_PRIORITY_BOOST = 1_000
 RETRY_AFTER_UNAVAILABLE_S = 5
@@ -105,6 +109,22 @@ def _is_dispatch_failure(exc: BaseException) -> bool:
     return isinstance(exc, (ray.exceptions.RayError, asyncio.TimeoutError, ConnectionError))
 
 
+def _completion_tokens(payload: str | None) -> int:
+    """Output tokens from a JSON body or an SSE usage event; 0 when there is no usage."""
+    if not payload or '"usage"' not in payload:
+        return 0
+    text = payload[6:] if payload.startswith("data: ") else payload
+    try:
+        usage = json.loads(text).get("usage") or {}
+    except ValueError:
+        return 0
+    return int(usage.get("completion_tokens") or 0)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return round(value, 1) if math.isfinite(value) else None
+
+
 def _parse_priority(value: str | None) -> int:
     if value is None or value == "":
         return 0
@@ -123,34 +143,46 @@ class _Relay:
     stream ends: finished, engine failure (an explicit error event, never a silent truncation),
     client disconnect (the engine request is cancelled), or never started at all."""
 
-    def __init__(self, results, request_id: str, release):
+    def __init__(self, results, request_id: str, on_finish):
         self._results = results
         self._request_id = request_id
-        self._release = release
+        self._on_finish = on_finish
+        self._done = False
         self._iterator = self._run()
 
     def __aiter__(self):
         return self._iterator
 
     async def _run(self) -> AsyncIterator[str]:
-        finished = False
+        finished = failed = False
+        first_at = None
+        previous = last = None
         try:
             async for event in self._results:
+                if first_at is None:
+                    first_at = time.monotonic()
+                previous, last = last, event
                 yield event
             finished = True
         except Exception as exc:  # noqa: BLE001 - the client must see an error, never a silent truncation
             logger.warning("request %s: engine failed mid-stream: %r", self._request_id, exc)
             body = error_body("the engine failed while streaming; the response is incomplete", "engine_error", 502)
             yield f"data: {json.dumps(body)}\n\n"
-            finished = True
+            finished = failed = True
         finally:
             if not finished:
                 self._results.cancel()
-            self._release()
+            # The usage chunk, when asked for, is the last event before [DONE].
+            self._finish(first_at, previous, failed or not finished)
+
+    def _finish(self, first_at, last_event, failed) -> None:
+        if not self._done:
+            self._done = True
+            self._on_finish(first_at, last_event, failed)
 
     def __del__(self):
         # A response that was never sent (client gone before the first byte) must not leak its slot.
-        self._release()
+        self._finish(None, None, True)
 
 
 @serve.ingress(api)
@@ -162,6 +194,10 @@ class Router:
         self._targets = build_targets(self._config, engines)
         self._schedulers = build_schedulers(self._config, self._targets)
         self._classifier = Classifier.from_names(self._config.router.pii_detectors)
+        self._splits = {
+            alias: TrafficSplit(alias, [Variant(model, weight) for model, weight in split.variants.items()])
+            for alias, split in self._config.router.splits.items()
+        }
         self._default_class = DataClass[self._config.router.default_data_class]
         self._created = int(time.time())
         self._site_headers = {HEADER_SITE: self._config.router_site.name}
@@ -191,11 +227,47 @@ class Router:
             }
             for model in self._config.models
         ]
+        data += [
+            {"id": alias, "object": "model", "created": self._created, "owned_by": "spillway",
+             "variants": {v.model: v.weight for v in split.variants}}
+            for alias, split in self._splits.items()
+        ]
         return JSONResponse({"object": "list", "data": data}, headers=self._site_headers)
+
+    @api.get("/v1/spillway/scheduler")
+    async def scheduler_state(self) -> Response:
+        """This router replica's view: queue length, slots in use per engine group, spill gate."""
+        report = {}
+        for model_id, scheduler in self._schedulers.items():
+            report[model_id] = {
+                "queued": len(scheduler.queue),
+                "spill_gate_open": scheduler.gate.is_open,
+                "mean_service_ms": round(scheduler.mean_service_ms, 1),
+                "predicted_preferred_wait_ms": _finite_or_none(scheduler.predicted_preferred_wait_ms()),
+                "spilled": dict(scheduler.spilled),
+                "groups": {
+                    v.replica_id: {"site": v.site, "slots": v.slots, "in_flight": v.in_flight, "healthy": v.healthy}
+                    for v in scheduler.views()
+                },
+            }
+        return JSONResponse(report, headers=self._site_headers)
+
+    @api.get("/v1/spillway/splits")
+    async def split_stats(self) -> Response:
+        """Per-variant counters of this router replica (requests, errors, mean TTFT, output tokens)."""
+        report = {
+            alias: {
+                model: {"requests": st.requests, "errors": st.errors, "mean_ttft_ms": st.mean_ttft_ms,
+                        "output_tokens": st.output_tokens}
+                for model, st in split.stats.items()
+            }
+            for alias, split in self._splits.items()
+        }
+        return JSONResponse(report, headers=self._site_headers)
 
     @api.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str) -> Response:
-        for model in self._config.models:
+        for model in [*self._config.models, *(SimpleNamespace(id=alias) for alias in self._splits)]:
             if model.id == model_id:
                 return JSONResponse(
                     {"id": model.id, "object": "model", "created": self._created, "owned_by": "spillway"},
@@ -219,16 +291,26 @@ class Router:
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
             raise InvalidRequest("'model' is required and must be a string", param="model")
+        affinity = body.get("user") if isinstance(body.get("user"), str) else request.headers.get(HEADER_SESSION)
+        split = self._splits.get(model_id)
+        if split is not None:
+            model_id = split.choose(affinity)
+            body["model"] = model_id
         scheduler = self._schedulers.get(model_id)
         if scheduler is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
         declared = DataClass.parse(request.headers.get(HEADER_DATA_CLASS), default=self._default_class)
         classification = self._classifier.classify(declared, request_texts(body))
-        affinity = body.get("user") if isinstance(body.get("user"), str) else request.headers.get(HEADER_SESSION)
         view = RequestView(request_id, model_id, classification.data_class, affinity_key=affinity)
         priority = _parse_priority(request.headers.get(HEADER_PRIORITY))
 
-        slot, status, results = await self._dispatch(scheduler, view, priority, endpoint, body)
+        started = time.monotonic()
+        try:
+            slot, status, results = await self._dispatch(scheduler, view, priority, endpoint, body)
+        except SpillwayError:
+            if split is not None:
+                split.record(model_id, error=True)
+            raise
         # x-request-id itself is set on every response by Serve's proxy (from the client's header if sent).
         headers = {
             HEADER_SITE: slot.group.site,
@@ -237,15 +319,25 @@ class Router:
             HEADER_SPILL_REASON: slot.spill_reason,
             HEADER_QUEUE_MS: f"{slot.queue_ms:.1f}",
         }
+        if split is not None:
+            headers[HEADER_VARIANT] = model_id
         if status != 200 or not body.get("stream"):
             try:
                 payload = await results.__anext__()
             finally:
                 scheduler.release(slot)
+            if split is not None:
+                split.record(model_id, error=status != 200, ttft_ms=(time.monotonic() - started) * 1000,
+                             output_tokens=_completion_tokens(payload) if status == 200 else 0)
             return Response(payload, status_code=status, media_type="application/json", headers=headers)
-        return StreamingResponse(
-            _Relay(results, request_id, lambda: scheduler.release(slot)), media_type=SSE_MEDIA_TYPE, headers=headers
-        )
+
+        def finish(first_event_at: float | None, last_event: str | None, failed: bool) -> None:
+            scheduler.release(slot)
+            if split is not None:
+                ttft = None if first_event_at is None else (first_event_at - started) * 1000
+                split.record(model_id, error=failed, ttft_ms=ttft, output_tokens=_completion_tokens(last_event))
+
+        return StreamingResponse(_Relay(results, request_id, finish), media_type=SSE_MEDIA_TYPE, headers=headers)
 
     async def _dispatch(self, scheduler: ModelScheduler, view: RequestView, priority: int, endpoint: str, body: dict):
         """Get a slot, send the request, wait for the engine's status. Before the first token
@@ -259,17 +351,20 @@ class Router:
                 break
             # A retry jumps the queue: it was admitted before anyone now waiting.
             slot = await scheduler.acquire(view, priority + (RETRY_PRIORITY_BOOST if failed else 0), frozenset(failed))
-            target = self._targets[view.model][slot.group.group_id]
-            results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id)
+            results = None
             try:
+                target = self._targets[view.model][slot.group.group_id]
+                results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id)
                 status = await asyncio.wait_for(results.__anext__(), timeout=timeout_s)
                 return slot, status, results
             except asyncio.CancelledError:
-                results.cancel()
+                if results is not None:
+                    results.cancel()
                 scheduler.release(slot)
                 raise
             except Exception as exc:  # noqa: BLE001 - classified just below
-                results.cancel()
+                if results is not None:
+                    results.cancel()
                 scheduler.release(slot, failed=True)
                 if not _is_dispatch_failure(exc):
                     raise

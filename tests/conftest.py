@@ -15,6 +15,7 @@ E2E_RAY_PORT = int(os.environ.get("SPILLWAY_TEST_RAY_PORT", "6390"))
 E2E_HTTP_PORT = int(os.environ.get("SPILLWAY_TEST_HTTP_PORT", "18000"))
 E2E_MAX_BODY_BYTES = 262_144
 E2E_DENSE_SLOTS = 8
+E2E_SPLIT_ALIAS = "spillway-chat"
 
 
 def e2e_raw_config() -> dict:
@@ -29,6 +30,7 @@ def e2e_raw_config() -> dict:
     # Few on-prem slots and a tight TTFT budget for dense, so tests can saturate on-prem cheaply.
     raw["models"][0]["engine"]["max_num_seqs"] = E2E_DENSE_SLOTS
     raw["models"][0]["spill_after_ms"] = 300
+    raw["router"]["splits"] = {E2E_SPLIT_ALIAS: {"variants": {"spillway-dense": 70, "spillway-moe": 30}}}
     return raw
 
 

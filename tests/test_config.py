@@ -42,6 +42,13 @@ def test_default_config_loads_two_sites_dense_and_moe():
         (lambda c: c["local_cluster"]["nodes"].append({"site": "mars", "num_cpus": 1}), "mars"),
         (lambda c: c["models"][0]["engine"].update(max_model_len=0), "greater than 0"),
         (lambda c: c["http"].update(port=70000), "less than 65536"),
+        (lambda c: c["router"].update(splits={"spillway-dense": {"variants": {"spillway-moe": 1}}}), "also a model id"),
+        (lambda c: c["router"].update(splits={"chat": {"variants": {"gpt-9": 1}}}), "unknown model"),
+        (lambda c: c["router"].update(splits={"chat": {"variants": {"spillway-moe": 0}}}), "sum to more than 0"),
+        (lambda c: c["router"].update(filters=["residency", "geo"]), "Unknown filter policy 'geo'"),
+        (lambda c: c["router"].update(scorers={"astrology": 1.0}), "Unknown scorer policy"),
+        (lambda c: c["router"].update(pii_detectors=["ssn"]), "Unknown pii_detector policy"),
+        (lambda c: c["sites"][1].update(trusted_up_to="secret"), "trusted_up_to"),
     ],
 )
 def test_invalid_configs_fail_at_load_with_the_offending_key(raw, mutate, message):

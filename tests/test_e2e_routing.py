@@ -68,3 +68,25 @@ def test_bad_classification_and_priority_headers_are_400(base_url):
         ok = http.post("/v1/chat/completions", json=body, headers={"x-spillway-priority": "5", "x-data-classification": "restricted"})
         assert ok.status_code == 200 and ok.headers["x-spillway-site"] == "onprem"
         assert ok.headers["x-spillway-data-class"] == "restricted"
+
+
+def test_split_alias_follows_weights_and_sticks_per_user(client, base_url):
+    counts = {"spillway-dense": 0, "spillway-moe": 0}
+    for i in range(120):
+        raw = client.chat.completions.with_raw_response.create(
+            model="spillway-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1, user=f"user-{i}"
+        )
+        variant = raw.headers["x-spillway-variant"]
+        assert raw.parse().model == variant
+        counts[variant] += 1
+    share_dense = counts["spillway-dense"] / 120
+    assert 0.55 <= share_dense <= 0.85, counts  # 70 % configured
+    for user in ("user-3", "user-77"):
+        seen = {client.chat.completions.with_raw_response.create(
+            model="spillway-chat", messages=[{"role": "user", "content": "again"}], max_tokens=1, user=user
+        ).headers["x-spillway-variant"] for _ in range(4)}
+        assert len(seen) == 1
+    stats = httpx.get(f"{base_url}/v1/spillway/splits", timeout=30).json()["spillway-chat"]
+    assert stats["spillway-dense"]["requests"] + stats["spillway-moe"]["requests"] == 128
+    assert stats["spillway-dense"]["errors"] == 0 and stats["spillway-dense"]["mean_ttft_ms"] > 0
+    assert stats["spillway-dense"]["output_tokens"] == stats["spillway-dense"]["requests"]

@@ -166,3 +166,17 @@ def test_cancelled_waiter_leaves_no_trace():
         assert sched.in_flight["m@onprem"] == 0 and len(sched.queue) == 0
 
     asyncio.run(main())
+
+
+def test_waiter_is_dispatched_when_a_failed_group_cools_down_without_other_traffic():
+    async def main():
+        sched = ModelScheduler(
+            "m", [EngineGroup("m@onprem", "m", "onprem", 0, DataClass.restricted, 2)], PlacementPipeline.from_names(),
+            AdmissionParams(max_queue_wait_ms=5_000), SpillParams(), unhealthy_cooldown_s=0.05,
+        )
+        slot = await sched.acquire(req(0))
+        sched.release(slot, failed=True)
+        retry = await asyncio.wait_for(sched.acquire(req(1)), timeout=2)  # real clock: waits out the cooldown
+        assert retry.group.site == "onprem"
+
+    asyncio.run(main())

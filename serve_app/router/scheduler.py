@@ -138,6 +138,12 @@ class ModelScheduler:
         now = self._clock()
         if failed:
             self._unhealthy_until[slot.group.group_id] = now + self._cooldown_s
+            # Requests waiting for this group must be looked at again when its cooldown ends,
+            # even if nothing else arrives or finishes meanwhile.
+            try:
+                asyncio.get_running_loop().call_later(self._cooldown_s, self.pump)
+            except RuntimeError:  # no loop (synchronous unit use): the next acquire/release pumps
+                pass
         else:
             elapsed_ms = (now - slot.acquired_at) * 1000
             self.mean_service_ms += SERVICE_TIME_EWMA_ALPHA * (elapsed_ms - self.mean_service_ms)
