@@ -194,6 +194,12 @@ class RouterConfig(Strict):
     splits: dict[str, SplitConfig] = Field(
         default_factory=dict, description="Model aliases split across model variants by weight (A/B, canary)."
     )
+    benchmark_modes: bool = Field(
+        default=False,
+        description="Accept x-spillway-routing: pow2 (Ray Serve-style power of two over all sites, no admission, "
+        "no residency) or onprem-only, so the routing benchmark compares policies on the same engines. "
+        "Never enable in production: pow2 ignores residency.",
+    )
     max_dispatch_attempts: int = Field(
         default=3, ge=1, description="Engines tried for one request before the first token (failover)."
     )

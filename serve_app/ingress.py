@@ -13,8 +13,10 @@ import asyncio
 import json
 import logging
 import math
+import random
 import time
 import uuid
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
@@ -52,6 +54,9 @@ HEADER_QUEUE_MS = "x-spillway-queue-ms"
 HEADER_PRIORITY = "x-spillway-priority"
 HEADER_SESSION = "x-session-id"
 HEADER_VARIANT = "x-spillway-variant"
+HEADER_ROUTING_MODE = "x-spillway-routing"
+ROUTING_POW2 = "pow2"
+ROUTING_ONPREM_ONLY = "onprem-only"
 PRIORITY_RANGE = (-10, 10)
 RETRY_PRIORITY_BOOST = 1_000
 RETRY_AFTER_UNAVAILABLE_S = 5
@@ -194,6 +199,7 @@ class Router:
         self._targets = build_targets(self._config, engines)
         self._schedulers = build_schedulers(self._config, self._targets)
         self._classifier = Classifier.from_names(self._config.router.pii_detectors)
+        self._pow2_in_flight: Counter[str] = Counter()
         self._splits = {
             alias: TrafficSplit(alias, [Variant(model, weight) for model, weight in split.variants.items()])
             for alias, split in self._config.router.splits.items()
@@ -304,9 +310,14 @@ class Router:
         view = RequestView(request_id, model_id, classification.data_class, affinity_key=affinity)
         priority = _parse_priority(request.headers.get(HEADER_PRIORITY))
 
+        mode = request.headers.get(HEADER_ROUTING_MODE) if self._config.router.benchmark_modes else None
+        if mode == ROUTING_POW2:
+            return await self._serve_pow2(scheduler, view, classification, endpoint, body)
+        never = frozenset(g for g, t in self._targets[model_id].items() if t.group.site_rank > 0) \
+            if mode == ROUTING_ONPREM_ONLY else frozenset()
         started = time.monotonic()
         try:
-            slot, status, results = await self._dispatch(scheduler, view, priority, endpoint, body)
+            slot, status, results = await self._dispatch(scheduler, view, priority, endpoint, body, never)
         except SpillwayError:
             if split is not None:
                 split.record(model_id, error=True)
@@ -339,18 +350,22 @@ class Router:
 
         return StreamingResponse(_Relay(results, request_id, finish), media_type=SSE_MEDIA_TYPE, headers=headers)
 
-    async def _dispatch(self, scheduler: ModelScheduler, view: RequestView, priority: int, endpoint: str, body: dict):
+    async def _dispatch(
+        self, scheduler: ModelScheduler, view: RequestView, priority: int, endpoint: str, body: dict,
+        never: frozenset[str] = frozenset(),
+    ):
         """Get a slot, send the request, wait for the engine's status. Before the first token
         nothing has reached the client, so a failed engine is retried on another eligible one
         (residency still applies: a confidential request only ever retries on-prem)."""
         timeout_s = self._config.router.first_response_timeout_s
-        failed: set[str] = set()
+        failed: set[str] = set(never)
         failures: list[str] = []
         for _ in range(self._config.router.max_dispatch_attempts):
             if failed and not scheduler.has_candidate(view, frozenset(failed)):
                 break
             # A retry jumps the queue: it was admitted before anyone now waiting.
-            slot = await scheduler.acquire(view, priority + (RETRY_PRIORITY_BOOST if failed else 0), frozenset(failed))
+            retry = len(failed) > len(never)
+            slot = await scheduler.acquire(view, priority + (RETRY_PRIORITY_BOOST if retry else 0), frozenset(failed))
             results = None
             try:
                 target = self._targets[view.model][slot.group.group_id]
@@ -375,6 +390,38 @@ class Router:
             f"no engine could take the request for model '{view.model}' ({'; '.join(failures)}); retry later",
             retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
         )
+
+    async def _serve_pow2(self, scheduler: ModelScheduler, view: RequestView, classification, endpoint: str, body: dict):
+        """Benchmark baseline: Ray Serve's default idea (power of two choices on queue length) across
+        every site, with no admission queue and no residency. Requests wait in Serve's handle queue."""
+        groups = list(self._targets[view.model].values())
+        pair = random.sample(groups, min(2, len(groups)))
+        target = min(pair, key=lambda t: self._pow2_in_flight[t.group.group_id])
+        self._pow2_in_flight[target.group.group_id] += 1
+        released = False
+
+        def release(*_):
+            nonlocal released
+            if not released:
+                released = True
+                self._pow2_in_flight[target.group.group_id] -= 1
+
+        results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id)
+        try:
+            status = await results.__anext__()
+        except BaseException:
+            release()
+            results.cancel()
+            raise
+        headers = {HEADER_SITE: target.group.site, HEADER_MODEL: view.model,
+                   HEADER_DATA_CLASS_OUT: classification.data_class.name, HEADER_SPILL_REASON: ROUTING_POW2}
+        if status != 200 or not body.get("stream"):
+            try:
+                payload = await results.__anext__()
+            finally:
+                release()
+            return Response(payload, status_code=status, media_type="application/json", headers=headers)
+        return StreamingResponse(_Relay(results, view.request_id, release), media_type=SSE_MEDIA_TYPE, headers=headers)
 
     async def _read_body(self, request: Request) -> dict:
         limit = self._config.router.max_body_bytes

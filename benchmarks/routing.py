@@ -1,0 +1,222 @@
+"""Routing benchmark: Spillway's router vs power-of-two across both sites vs on-prem only.
+
+Same engines, same load, one run. The three policies run in alternation against one cluster
+(the router's benchmark modes, enabled only in benchmarks/routing.yaml), each through a steady
+phase (below on-prem capacity) and a burst phase (several times on-prem capacity). A share of
+the requests is confidential (header), so residency violations are counted.
+
+    .venv/bin/python benchmarks/routing.py                 # starts its own two-site cluster
+    .venv/bin/python benchmarks/routing.py --url http://127.0.0.1:18100   # against a running one
+
+Prints a table (p50/p99 TTFT, output tokens/s, on-prem share, residency violations, cost) and
+writes a PNG of TTFT and on-prem share over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+MODES = {"spillway": None, "pow2": "pow2", "onprem-only": "onprem-only"}
+
+
+@dataclass
+class Sample:
+    mode: str
+    phase: str
+    started: float
+    ttft_s: float | None
+    tokens: int
+    site: str | None
+    data_class: str | None
+    confidential: bool
+    status: int
+
+
+async def one_request(http: httpx.AsyncClient, model: str, mode_header: str | None, confidential: bool,
+                      max_tokens: int, t0: float, mode: str, phase: str) -> Sample:
+    headers = {}
+    if mode_header:
+        headers["x-spillway-routing"] = mode_header
+    if confidential:
+        headers["x-data-classification"] = "confidential"
+    body = {"model": model, "messages": [{"role": "user", "content": f"benchmark {random.random()}"}],
+            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    started = time.monotonic()
+    ttft = None
+    tokens = 0
+    try:
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
+            site, data_class = resp.headers.get("x-spillway-site"), resp.headers.get("x-spillway-data-class")
+            if resp.status_code != 200:
+                await resp.aread()
+                return Sample(mode, phase, started - t0, None, 0, site, data_class, confidential, resp.status_code)
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if ttft is None and event.get("choices") and event["choices"][0]["delta"].get("content"):
+                    ttft = time.monotonic() - started
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        return Sample(mode, phase, started - t0, ttft, tokens, site, data_class, confidential, 200)
+    except httpx.HTTPError:
+        return Sample(mode, phase, started - t0, None, 0, None, None, confidential, 599)
+
+
+async def run_phase(base_url: str, model: str, mode: str, phase: str, users: int, duration_s: float,
+                    max_tokens: int, confidential_share: float, t0: float) -> tuple[list[Sample], float]:
+    samples: list[Sample] = []
+    deadline = time.monotonic() + duration_s
+    rng = random.Random(hash((mode, phase)) & 0xFFFF)
+
+    async def user():
+        while time.monotonic() < deadline:
+            samples.append(await one_request(http, model, MODES[mode], rng.random() < confidential_share,
+                                             max_tokens, t0, mode, phase))
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+        started = time.monotonic()
+        await asyncio.gather(*(user() for _ in range(users)))
+        return samples, time.monotonic() - started
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(samples: list[Sample], elapsed_s: float, prices: dict[str, float]) -> dict:
+    ok = [s for s in samples if s.status == 200]
+    ttfts = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None]
+    tokens = sum(s.tokens for s in ok)
+    onprem = sum(1 for s in ok if s.site == "onprem")
+    return {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "ttft_p50_ms": percentile(ttfts, 50),
+        "ttft_p99_ms": percentile(ttfts, 99),
+        "tokens_per_s": tokens / elapsed_s if elapsed_s else 0.0,
+        "onprem_share": onprem / len(ok) if ok else 0.0,
+        "violations": sum(1 for s in ok if s.confidential and s.site != "onprem"),
+        "cost": sum(s.tokens / 1000 * prices.get(s.site or "", 0.0) for s in ok),
+    }
+
+
+def print_table(rows: list[tuple[str, str, dict]]) -> None:
+    header = f"{'policy':12s} {'phase':7s} {'reqs':>5s} {'err':>4s} {'TTFT p50':>9s} {'TTFT p99':>9s} " \
+             f"{'tok/s':>7s} {'on-prem':>8s} {'violations':>10s} {'cost':>8s}"
+    print(header)
+    print("-" * len(header))
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    for mode, phase, r in rows:
+        print(f"{mode:12s} {phase:7s} {r['requests']:5d} {r['errors']:4d} {fmt(r['ttft_p50_ms']):>9s} "
+              f"{fmt(r['ttft_p99_ms']):>9s} {r['tokens_per_s']:7.0f} {r['onprem_share']:8.0%} "
+              f"{r['violations']:10d} {r['cost']:8.4f}")
+
+
+def plot(samples: list[Sample], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ttft, ax_share) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    colors = {"spillway": "tab:green", "pow2": "tab:orange", "onprem-only": "tab:blue"}
+    for mode, color in colors.items():
+        ok = sorted((s for s in samples if s.mode == mode and s.ttft_s is not None), key=lambda s: s.started)
+        if not ok:
+            continue
+        ax_ttft.scatter([s.started for s in ok], [s.ttft_s * 1000 for s in ok], s=6, color=color, label=mode)
+        window = 20
+        xs, ys = [], []
+        for i in range(len(ok)):
+            chunk = ok[max(0, i - window + 1): i + 1]
+            xs.append(ok[i].started)
+            ys.append(sum(s.site == "onprem" for s in chunk) / len(chunk))
+        ax_share.plot(xs, ys, color=color, label=mode)
+    ax_ttft.set_ylabel("TTFT (ms)")
+    ax_ttft.set_yscale("log")
+    ax_ttft.legend()
+    ax_share.set_ylabel("on-prem share (last 20)")
+    ax_share.set_xlabel("seconds since start (policies run in turn: steady, then burst)")
+    ax_share.set_ylim(-0.05, 1.05)
+    fig.suptitle("Spillway routing benchmark")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def benchmark(args, base_url: str, prices: dict[str, float]) -> None:
+    t0 = time.monotonic()
+    rows, all_samples = [], []
+    phases = [("steady", args.steady_users), ("burst", args.burst_users)]
+    for round_index in range(args.rounds):
+        for mode in MODES:
+            for phase, users in phases:
+                samples, elapsed = await run_phase(base_url, args.model, mode, phase, users, args.duration_s,
+                                                   args.max_tokens, args.confidential_share, t0)
+                all_samples += samples
+                if round_index == args.rounds - 1 or args.rounds == 1:
+                    rows.append((mode, phase, summarize(samples, elapsed, prices)))
+                await asyncio.sleep(args.pause_s)  # let queues drain and the spill gate settle
+    print()
+    print(f"model {args.model}; {args.steady_users} users steady, {args.burst_users} users burst; "
+          f"{args.duration_s:.0f}s per phase; {args.max_tokens} output tokens; "
+          f"{args.confidential_share:.0%} confidential; prices per 1k tokens {prices}")
+    print_table(rows)
+    png = Path(args.png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(all_samples, png)
+    print(f"\nplot: {png}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running Spillway with router.benchmark_modes: true")
+    parser.add_argument("--config", default=str(HERE / "routing.yaml"))
+    parser.add_argument("--model", default="spillway-dense")
+    parser.add_argument("--steady-users", type=int, default=2, help="below on-prem capacity (4 slots)")
+    parser.add_argument("--burst-users", type=int, default=16, help="several times on-prem capacity")
+    parser.add_argument("--duration-s", type=float, default=30)
+    parser.add_argument("--pause-s", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--confidential-share", type=float, default=0.25)
+    parser.add_argument("--png", default=str(HERE / "results" / "routing.png"))
+    args = parser.parse_args()
+
+    from serve_app.config import load_config
+
+    config = load_config(args.config)
+    prices = {site.name: site.cost_per_1k_tokens for site in config.sites}
+    if args.url:
+        asyncio.run(benchmark(args, args.url, prices))
+        return
+    from serve_app.deploy import deploy
+    from serve_app.local_cluster import LocalCluster
+
+    cluster = LocalCluster(config, state_file=HERE / "results" / "cluster.json")
+    cluster.start()
+    try:
+        deploy(config, cluster.address)
+        asyncio.run(benchmark(args, f"http://{config.http.host}:{config.http.port}", prices))
+    finally:
+        import ray
+
+        ray.shutdown()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
