@@ -42,6 +42,18 @@ class Sample:
     status: int
 
 
+async def sse_events(resp: httpx.Response):
+    """SSE data payloads as bytes. Split on the blank line between events, not on text line
+    breaks: generated text may hold U+2028 and friends, which text line splitters cut at."""
+    buffer = b""
+    async for chunk in resp.aiter_bytes():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            if event.startswith(b"data: "):
+                yield event[6:]
+
+
 async def one_request(http: httpx.AsyncClient, model: str, mode_header: str | None, confidential: bool,
                       max_tokens: int, t0: float, mode: str, phase: str) -> Sample:
     headers = {}
@@ -60,10 +72,10 @@ async def one_request(http: httpx.AsyncClient, model: str, mode_header: str | No
             if resp.status_code != 200:
                 await resp.aread()
                 return Sample(mode, phase, started - t0, None, 0, site, data_class, confidential, resp.status_code)
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for data in sse_events(resp):
+                if data == b"[DONE]":
                     continue
-                event = json.loads(line[6:])
+                event = json.loads(data)
                 if ttft is None and event.get("choices") and event["choices"][0]["delta"].get("content"):
                     ttft = time.monotonic() - started
                 if event.get("usage"):

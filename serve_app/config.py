@@ -194,6 +194,12 @@ class RouterConfig(Strict):
     splits: dict[str, SplitConfig] = Field(
         default_factory=dict, description="Model aliases split across model variants by weight (A/B, canary)."
     )
+    load_poll_interval_ms: float = Field(
+        default=250,
+        gt=0,
+        description="With several router replicas, how often each polls the engines' in-flight counts to see "
+        "the others' load.",
+    )
     benchmark_modes: bool = Field(
         default=False,
         description="Accept x-spillway-routing: pow2 (Ray Serve-style power of two over all sites, no admission, "
@@ -226,6 +232,9 @@ class LocalClusterConfig(Strict):
     nodes: list[LocalNodeConfig] = Field(description="Ray nodes started on this machine, the first is the head.")
     dashboard_port: int = Field(default=8265, gt=0, lt=65536)
     ray_port: int = Field(default=6379, gt=0, lt=65536)
+    metrics_export_port: int = Field(
+        default=8090, gt=0, lt=65500, description="Prometheus port of the first node; node i uses this + i."
+    )
 
 
 class SpillwayConfig(Strict):

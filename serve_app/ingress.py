@@ -40,6 +40,7 @@ from serve_app.policy.classify import HEADER_DATA_CLASS, Classifier, DataClass, 
 from serve_app.policy.pipeline import RequestView
 from serve_app.policy.splits import TrafficSplit, Variant
 from serve_app.router.placement import EngineTarget, build_schedulers, build_targets
+from serve_app.router.metrics import RouterMetrics
 from serve_app.router.scheduler import ModelScheduler
 
 logger = logging.getLogger("spillway.router")
@@ -200,6 +201,9 @@ class Router:
         self._schedulers = build_schedulers(self._config, self._targets)
         self._classifier = Classifier.from_names(self._config.router.pii_detectors)
         self._pow2_in_flight: Counter[str] = Counter()
+        self._metrics = RouterMetrics()
+        self._load_poller: asyncio.Task | None = None
+        self._replica_tag = uuid.uuid4().hex[:8]
         self._splits = {
             alias: TrafficSplit(alias, [Variant(model, weight) for model, weight in split.variants.items()])
             for alias, split in self._config.router.splits.items()
@@ -252,11 +256,12 @@ class Router:
                 "predicted_preferred_wait_ms": _finite_or_none(scheduler.predicted_preferred_wait_ms()),
                 "spilled": dict(scheduler.spilled),
                 "groups": {
-                    v.replica_id: {"site": v.site, "slots": v.slots, "in_flight": v.in_flight, "healthy": v.healthy}
+                    v.replica_id: {"site": v.site, "slots": v.slots, "in_flight": v.in_flight,
+                                   "others_in_flight": scheduler.others_in_flight[v.replica_id], "healthy": v.healthy}
                     for v in scheduler.views()
                 },
             }
-        return JSONResponse(report, headers=self._site_headers)
+        return JSONResponse({"router_replica": self._replica_tag, "models": report}, headers=self._site_headers)
 
     @api.get("/v1/spillway/splits")
     async def split_stats(self) -> Response:
@@ -269,7 +274,7 @@ class Router:
             }
             for alias, split in self._splits.items()
         }
-        return JSONResponse(report, headers=self._site_headers)
+        return JSONResponse({"router_replica": self._replica_tag, "splits": report}, headers=self._site_headers)
 
     @api.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str) -> Response:
@@ -291,7 +296,30 @@ class Router:
 
     # ---- request path ----------------------------------------------------------------
 
+    def _ensure_load_poller(self) -> None:
+        if self._load_poller is None or self._load_poller.done():
+            self._load_poller = asyncio.get_running_loop().create_task(self._poll_engine_load())
+
+    async def _poll_engine_load(self) -> None:
+        """Share the load picture between router replicas through the engines' own counts."""
+        interval_s = self._config.router.load_poll_interval_ms / 1000
+
+        async def poll(model_id: str, target: EngineTarget) -> None:
+            try:
+                stats = await asyncio.wait_for(target.handle.stats.remote(), timeout=max(1.0, 4 * interval_s))
+            except Exception:  # noqa: BLE001 - an engine that does not answer keeps its last figure
+                return
+            replicas = self._config.model(model_id).replicas[target.group.site]
+            # One replica answers; scale its count to the group (replicas share load evenly under Serve).
+            self._schedulers[model_id].observe_engine_load(target.group.group_id, int(stats["in_flight"]) * replicas)
+
+        while True:
+            await asyncio.gather(*(poll(m, t) for m, by_group in self._targets.items() for t in by_group.values()))
+            await asyncio.sleep(interval_s)
+
     async def _serve(self, request: Request, endpoint: str) -> Response:
+        if self._config.router.replicas > 1:
+            self._ensure_load_poller()
         request_id = request.headers.get(HEADER_REQUEST_ID) or uuid.uuid4().hex
         body = await self._read_body(request)
         model_id = body.get("model")
@@ -318,10 +346,13 @@ class Router:
         started = time.monotonic()
         try:
             slot, status, results = await self._dispatch(scheduler, view, priority, endpoint, body, never)
-        except SpillwayError:
+        except SpillwayError as exc:
+            self._metrics.finished(model_id, "none", exc.code or str(exc.status))
             if split is not None:
                 split.record(model_id, error=True)
             raise
+        self._metrics.admitted(model_id, slot.group.site, slot.queue_ms, slot.spill_reason, len(scheduler.queue),
+                               scheduler.in_flight[slot.group.group_id])
         # x-request-id itself is set on every response by Serve's proxy (from the client's header if sent).
         headers = {
             HEADER_SITE: slot.group.site,
@@ -337,6 +368,7 @@ class Router:
                 payload = await results.__anext__()
             finally:
                 scheduler.release(slot)
+            self._metrics.finished(model_id, slot.group.site, "ok" if status == 200 else f"http_{status}")
             if split is not None:
                 split.record(model_id, error=status != 200, ttft_ms=(time.monotonic() - started) * 1000,
                              output_tokens=_completion_tokens(payload) if status == 200 else 0)
@@ -344,6 +376,7 @@ class Router:
 
         def finish(first_event_at: float | None, last_event: str | None, failed: bool) -> None:
             scheduler.release(slot)
+            self._metrics.finished(model_id, slot.group.site, "stream_failed" if failed else "ok")
             if split is not None:
                 ttft = None if first_event_at is None else (first_event_at - started) * 1000
                 split.record(model_id, error=failed, ttft_ms=ttft, output_tokens=_completion_tokens(last_event))

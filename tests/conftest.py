@@ -15,6 +15,7 @@ E2E_RAY_PORT = int(os.environ.get("SPILLWAY_TEST_RAY_PORT", "6390"))
 E2E_HTTP_PORT = int(os.environ.get("SPILLWAY_TEST_HTTP_PORT", "18000"))
 E2E_MAX_BODY_BYTES = 262_144
 E2E_DENSE_SLOTS = 8
+E2E_METRICS_PORT = 18180
 E2E_SPLIT_ALIAS = "spillway-chat"
 
 
@@ -24,7 +25,9 @@ def e2e_raw_config() -> dict:
     raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT}
     raw["local_cluster"]["ray_port"] = E2E_RAY_PORT
     raw["local_cluster"]["dashboard_port"] = E2E_RAY_PORT + 1900
+    raw["local_cluster"]["metrics_export_port"] = E2E_METRICS_PORT
     raw["router"]["max_body_bytes"] = E2E_MAX_BODY_BYTES
+    raw["router"]["replicas"] = 2  # scale-out: every end-to-end test goes through two router replicas
     # Fail fast when an engine is gone, so the 503 test does not wait two minutes.
     raw["router"]["first_response_timeout_s"] = 15
     # Few on-prem slots and a tight TTFT budget for dense, so tests can saturate on-prem cheaply.

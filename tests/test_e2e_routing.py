@@ -58,6 +58,28 @@ def test_saturation_spills_public_and_keeps_confidential_on_prem(base_url):
     assert all(reason == "onprem_wait_over_budget" for kind, site, _, reason in results if site == "cloud")
 
 
+def test_prometheus_metrics_show_requests_and_spills(base_url):
+    """Scrapes the head node's Ray metrics endpoint (the router runs there) after the burst above."""
+    import time
+
+    from tests.conftest import E2E_METRICS_PORT
+
+    wanted = ["ray_spillway_requests_total", "ray_spillway_spill_total", "ray_spillway_queue_wait_ms_bucket"]
+    deadline = time.monotonic() + 90
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{E2E_METRICS_PORT}/metrics", timeout=30).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(3)
+    lines = [line for line in text.splitlines() if line.startswith("ray_spillway_")]
+    assert any('reason="onprem_wait_over_budget"' in line and DENSE in line for line in lines), lines[:20]
+    ok_cloud = [line for line in lines if line.startswith("ray_spillway_requests_total") and 'site="cloud"' in line
+                and 'outcome="ok"' in line]
+    assert ok_cloud and float(ok_cloud[0].rsplit(" ", 1)[1]) > 0
+    assert not any("IBAN" in line or "DE89" in line for line in lines)  # no prompt text in metrics
+
+
 def test_bad_classification_and_priority_headers_are_400(base_url):
     with httpx.Client(base_url=base_url, timeout=60) as http:
         body = {"model": DENSE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
@@ -86,7 +108,17 @@ def test_split_alias_follows_weights_and_sticks_per_user(client, base_url):
             model="spillway-chat", messages=[{"role": "user", "content": "again"}], max_tokens=1, user=user
         ).headers["x-spillway-variant"] for _ in range(4)}
         assert len(seen) == 1
-    stats = httpx.get(f"{base_url}/v1/spillway/splits", timeout=30).json()["spillway-chat"]
-    assert stats["spillway-dense"]["requests"] + stats["spillway-moe"]["requests"] == 128
-    assert stats["spillway-dense"]["errors"] == 0 and stats["spillway-dense"]["mean_ttft_ms"] > 0
-    assert stats["spillway-dense"]["output_tokens"] == stats["spillway-dense"]["requests"]
+    # Counters are per router replica (the test cluster runs two): collect each replica's report once.
+    per_replica = {}
+    for _ in range(40):
+        report = httpx.get(f"{base_url}/v1/spillway/splits", timeout=30).json()
+        per_replica[report["router_replica"]] = report["splits"]["spillway-chat"]
+        if len(per_replica) == 2:
+            break
+    assert len(per_replica) == 2
+    total = {v: sum(r[v]["requests"] for r in per_replica.values()) for v in ("spillway-dense", "spillway-moe")}
+    assert sum(total.values()) == 128
+    for report in per_replica.values():
+        dense = report["spillway-dense"]
+        assert dense["errors"] == 0 and dense["output_tokens"] == dense["requests"]
+        assert dense["requests"] == 0 or dense["mean_ttft_ms"] > 0

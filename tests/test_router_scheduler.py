@@ -180,3 +180,24 @@ def test_waiter_is_dispatched_when_a_failed_group_cools_down_without_other_traff
         assert retry.group.site == "onprem"
 
     asyncio.run(main())
+
+
+def test_other_routers_load_counts_against_free_slots():
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem_slots=4, cloud_slots=4)
+        sched.mean_service_ms = 4_000  # a queue of one predicts 2 s > the 1 s budget
+        mine = await sched.acquire(req(0))
+        sched.observe_engine_load("m@onprem", 4)  # the engine holds 4: ours plus 3 from another router
+        assert sched.others_in_flight["m@onprem"] == 3
+        assert sched.views()[0].free_slots == 0
+        spilled = await sched.acquire(req(1))
+        assert spilled.group.site == "cloud"  # on-prem is full fleet-wide, not just for this router
+        waiting = asyncio.create_task(sched.acquire(req(2, DataClass.confidential)))
+        await settle()
+        assert not waiting.done()
+        sched.observe_engine_load("m@onprem", 2)  # the other router's requests finished
+        await settle()
+        assert waiting.done() and waiting.result().group.site == "onprem"
+        sched.release(mine)
+
+    asyncio.run(main())

@@ -93,6 +93,8 @@ class ModelScheduler:
         self._clock = clock
         self._cooldown_s = unhealthy_cooldown_s
         self.in_flight: Counter[str] = Counter()
+        # Requests other router replicas have on each group, from the engines' own counts.
+        self.others_in_flight: Counter[str] = Counter()
         self._unhealthy_until: dict[str, float] = {}
         self.mean_service_ms = INITIAL_SERVICE_MS
         self.spilled = Counter()
@@ -149,6 +151,17 @@ class ModelScheduler:
             self.mean_service_ms += SERVICE_TIME_EWMA_ALPHA * (elapsed_ms - self.mean_service_ms)
         self.pump()
 
+    def observe_engine_load(self, group_id: str, engine_in_flight: int) -> None:
+        """Fold in the engines' own in-flight count for a group (polled by the router). What is
+        not ours belongs to other router replicas; it counts against the free slots until the
+        next observation. Between polls a router may admit into slots another router just
+        took: those requests wait in Serve's queue for that engine (Serve never sends an engine
+        more than max_num_seqs), so engines are never overfilled."""
+        previous = self.others_in_flight[group_id]
+        self.others_in_flight[group_id] = max(0, engine_in_flight - self.in_flight[group_id])
+        if self.others_in_flight[group_id] < previous:
+            self.pump()
+
     def has_candidate(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> bool:
         """Whether any group not excluded may ever run this request (residency), busy or not."""
         return any(
@@ -165,7 +178,7 @@ class ModelScheduler:
                 site_rank=g.site_rank,
                 trusted_up_to=g.trusted_up_to,
                 slots=g.slots,
-                in_flight=self.in_flight[g.group_id],
+                in_flight=self.in_flight[g.group_id] + self.others_in_flight[g.group_id],
                 healthy=self._unhealthy_until.get(g.group_id, 0.0) <= now,
                 cost_per_1k_tokens=g.cost_per_1k_tokens,
             )
