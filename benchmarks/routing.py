@@ -6,7 +6,7 @@ phase (below on-prem capacity) and a burst phase (several times on-prem capacity
 the requests is confidential (header), so residency violations are counted.
 
     .venv/bin/python benchmarks/routing.py                 # starts its own two-site cluster
-    .venv/bin/python benchmarks/routing.py --url http://127.0.0.1:18100   # against a running one
+    .venv/bin/python benchmarks/routing.py --url http://127.0.0.1:8800   # against a running one
 
 Prints a table (p50/p99 TTFT, output tokens/s, on-prem share, residency violations, cost) and
 writes a PNG of TTFT and on-prem share over time.
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=30)
     parser.add_argument("--pause-s", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--confidential-share", type=float, default=0.25)
     parser.add_argument("--png", default=str(HERE / "results" / "routing.png"))
     args = parser.parse_args()

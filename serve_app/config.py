@@ -228,6 +228,9 @@ class LocalNodeConfig(Strict):
     memory_gib: float | None = Field(default=None, gt=0, description="Memory the node declares to Ray.")
 
 
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default --min/max-worker-port
+
+
 class LocalClusterConfig(Strict):
     nodes: list[LocalNodeConfig] = Field(description="Ray nodes started on this machine, the first is the head.")
     dashboard_port: int = Field(default=8265, gt=0, lt=65536)
@@ -278,6 +281,14 @@ class SpillwayConfig(Strict):
             if unknown:
                 raise ValueError(f"split {alias!r} names unknown model(s) {sorted(unknown)}")
         if self.local_cluster is not None:
+            cluster = self.local_cluster
+            fixed = {"http.port": self.http.port, "local_cluster.ray_port": cluster.ray_port,
+                     "local_cluster.dashboard_port": cluster.dashboard_port}
+            fixed.update({f"local_cluster.metrics_export_port (node {i})": cluster.metrics_export_port + i
+                          for i in range(len(cluster.nodes))})
+            for name, port in fixed.items():
+                if port in RAY_WORKER_PORTS:
+                    raise ValueError(f"{name} {port} is inside Ray's worker port range 10002-19999; pick another")
             for node in self.local_cluster.nodes:
                 if node.site not in site_names:
                     raise ValueError(f"local_cluster node names unknown site {node.site!r}")

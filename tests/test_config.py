@@ -49,6 +49,8 @@ def test_default_config_loads_two_sites_dense_and_moe():
         (lambda c: c["router"].update(scorers={"astrology": 1.0}), "Unknown scorer policy"),
         (lambda c: c["router"].update(pii_detectors=["ssn"]), "Unknown pii_detector policy"),
         (lambda c: c["sites"][1].update(trusted_up_to="secret"), "trusted_up_to"),
+        (lambda c: c["local_cluster"].update(metrics_export_port=18180), "worker port range"),
+        (lambda c: c["http"].update(port=18000), "worker port range"),
     ],
 )
 def test_invalid_configs_fail_at_load_with_the_offending_key(raw, mutate, message):

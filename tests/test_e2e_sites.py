@@ -50,7 +50,7 @@ def test_status_cli_shows_sites_deployments_and_replicas(e2e_cluster):
     report = json.loads(out.stdout)
     assert report["application"] == "RUNNING"
     assert {site: len(nodes) for site, nodes in report["sites"].items()} == {"onprem": 1, "cloud": 1}
-    assert report["router"]["replicas"] == {"RUNNING": 1}
+    assert report["router"]["replicas"] == {"RUNNING": 2}  # the test config runs two routers
     engines = {(e["model"], e["site"]): e["state"] for e in report["engines"]}
     assert set(engines) == {(DENSE, "onprem"), (DENSE, "cloud"), (MOE, "onprem")}
     assert all(state["status"] == "HEALTHY" and state["replicas"] == {"RUNNING": 1} for state in engines.values())

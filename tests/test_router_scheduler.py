@@ -201,3 +201,41 @@ def test_other_routers_load_counts_against_free_slots():
         sched.release(mine)
 
     asyncio.run(main())
+
+
+def test_under_spill_a_freed_onprem_slot_goes_to_the_request_that_cannot_spill():
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem_slots=1, cloud_slots=1, spill_after_ms=1_000)
+        sched.mean_service_ms = 5_000
+        onprem = await sched.acquire(req(0))
+        cloud = await sched.acquire(req(1))  # gate opened: spilled
+        assert (onprem.group.site, cloud.group.site) == ("onprem", "cloud")
+        public = asyncio.create_task(sched.acquire(req(2)))  # older
+        await settle()
+        confidential = asyncio.create_task(sched.acquire(req(3, DataClass.confidential)))
+        await settle()
+        sched.release(onprem)
+        await settle()
+        assert confidential.done() and confidential.result().group.site == "onprem"
+        assert not public.done()  # it can use the cloud, and gets the next cloud slot
+        sched.release(cloud)
+        await settle()
+        assert public.done() and public.result().group.site == "cloud"
+
+    asyncio.run(main())
+
+
+def test_without_spill_pressure_order_is_plain_priority_then_fifo():
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem_slots=1, cloud_slots=1, spill_after_ms=10**9)
+        held = await sched.acquire(req(0))
+        public = asyncio.create_task(sched.acquire(req(1)))
+        await settle()
+        confidential = asyncio.create_task(sched.acquire(req(2, DataClass.confidential)))
+        await settle()
+        sched.release(held)
+        await settle()
+        assert public.done() and not confidential.done()
+        confidential.cancel()
+
+    asyncio.run(main())

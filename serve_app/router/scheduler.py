@@ -162,6 +162,13 @@ class ModelScheduler:
         if self.others_in_flight[group_id] < previous:
             self.pump()
 
+    def _has_alternative(self, ticket: QueuedRequest, views: list[ReplicaView]) -> bool:
+        request, exclude, _ = ticket.payload
+        return any(
+            v.site_rank > 0 and v.healthy and request.data_class <= v.trusted_up_to and v.replica_id not in exclude
+            for v in views
+        )
+
     def has_candidate(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> bool:
         """Whether any group not excluded may ever run this request (residency), busy or not."""
         return any(
@@ -214,7 +221,13 @@ class ModelScheduler:
                 decisions[id(ticket)] = (decision, request, exclude)
                 return True
 
-            ticket = self.queue.pop_best(can_run)
+            ticket = None
+            if spill_open:
+                # Under pressure, a freed preferred-site slot goes first to a request that may run
+                # nowhere else (residency); requests that may spill have the other sites.
+                ticket = self.queue.pop_best(lambda t: not self._has_alternative(t, views) and can_run(t))
+            if ticket is None:
+                ticket = self.queue.pop_best(can_run)
             if ticket is None:
                 return
             future = ticket.payload[2]
