@@ -281,14 +281,16 @@ class EngineReplica:
             pass
 
 
-def engine_env(model: ModelConfig) -> dict[str, str]:
-    """Environment for engine replicas: safe CPU defaults, then the model's own ``env``."""
+def engine_env(model: ModelConfig, site: SiteConfig | None = None) -> dict[str, str]:
+    """Environment for engine replicas: safe CPU defaults, the model's ``env``, then the site's ``engine_env``."""
     env = {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         "TOKENIZERS_PARALLELISM": "false",
     }
     env.update(model.env)
+    if site is not None:
+        env.update(site.engine_env)
     return env
 
 

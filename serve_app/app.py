@@ -58,7 +58,7 @@ def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConf
     actor_options: dict[str, Any] = {
         "num_cpus": model.resources.num_cpus,
         "resources": {site.resource: SITE_RESOURCE_PER_BUNDLE},
-        "runtime_env": {"env_vars": engine_env(model)},
+        "runtime_env": {"env_vars": engine_env(model, site)},
     }
     if model.resources.memory_gib:
         actor_options["memory"] = model.resources.memory_gib * 1024**3

@@ -51,6 +51,10 @@ class SiteConfig(Strict):
         "internal for cloud and external sites (so confidential data never leaves on-prem).",
     )
     cost_per_1k_tokens: float = Field(default=0.0, ge=0, description="Price of 1,000 tokens served here (cost model).")
+    engine_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment for every engine replica on this site, over the model's env (e.g. CPU binding).",
+    )
 
     @property
     def trust(self) -> str:

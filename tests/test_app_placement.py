@@ -49,6 +49,16 @@ def test_app_has_one_engine_per_model_site_and_router_on_onprem(raw):
     assert cloud._deployment_config.max_ongoing_requests == 32
 
 
+def test_site_engine_env_overrides_the_model_env(raw):
+    raw["sites"][1]["engine_env"] = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
+    app = build_app(load_config(raw))
+    engines = app._bound_deployment.init_args[1]
+    env = lambda site: engines["spillway-dense"][site]._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]  # noqa: E731
+    assert env("cloud")["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert env("onprem")["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert env("cloud")["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
 def test_engine_groups_rank_onprem_first_with_site_trust_and_slots(raw):
     raw["models"][0]["replicas"] = {"cloud": 3, "onprem": 2}
     config = load_config(raw)
