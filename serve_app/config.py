@@ -201,8 +201,8 @@ class RouterConfig(Strict):
     load_poll_interval_ms: float = Field(
         default=250,
         gt=0,
-        description="With several router replicas, how often each polls the engines' in-flight counts to see "
-        "the others' load.",
+        description="How often each router replica polls the engines' live load (in-flight requests, which "
+        "includes other routers' share, and KV-cache use).",
     )
     benchmark_modes: bool = Field(
         default=False,

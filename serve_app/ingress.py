@@ -301,7 +301,8 @@ class Router:
             self._load_poller = asyncio.get_running_loop().create_task(self._poll_engine_load())
 
     async def _poll_engine_load(self) -> None:
-        """Share the load picture between router replicas through the engines' own counts."""
+        """Live engine load: KV-cache use (a full cache takes no new request) and, with several
+        router replicas, the others' in-flight requests."""
         interval_s = self._config.router.load_poll_interval_ms / 1000
 
         async def poll(model_id: str, target: EngineTarget) -> None:
@@ -311,15 +312,16 @@ class Router:
                 return
             replicas = self._config.model(model_id).replicas[target.group.site]
             # One replica answers; scale its count to the group (replicas share load evenly under Serve).
-            self._schedulers[model_id].observe_engine_load(target.group.group_id, int(stats["in_flight"]) * replicas)
+            self._schedulers[model_id].observe_engine_load(
+                target.group.group_id, int(stats["in_flight"]) * replicas, float(stats["kv_cache_usage"])
+            )
 
         while True:
             await asyncio.gather(*(poll(m, t) for m, by_group in self._targets.items() for t in by_group.values()))
             await asyncio.sleep(interval_s)
 
     async def _serve(self, request: Request, endpoint: str) -> Response:
-        if self._config.router.replicas > 1:
-            self._ensure_load_poller()
+        self._ensure_load_poller()
         request_id = request.headers.get(HEADER_REQUEST_ID) or uuid.uuid4().hex
         body = await self._read_body(request)
         model_id = body.get("model")

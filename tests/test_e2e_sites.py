@@ -68,10 +68,39 @@ def _kill_replicas(app_name: str, deployment: str) -> int:
     return killed
 
 
+def _stream_events(base_url, body, started: "threading.Event", out: list) -> None:
+    """SSE data payloads, split on the blank line between events (generated text may hold U+2028)."""
+    with httpx.Client(timeout=300) as http:
+        with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
+            buffer = b""
+            for chunk in resp.iter_bytes():
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    out.append(event.decode("utf-8", "replace"))
+                    started.set()
+
+
 def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_url, client, e2e_cluster):
+    import threading
+
     config = e2e_cluster[0]
+    # A MoE stream is running when its engine dies: after the first token there is no failover,
+    # and the client must get an explicit error event, never a silent truncation.
+    events: list[str] = []
+    started = threading.Event()
+    body = {"model": MOE, "messages": HELLO, "max_tokens": 1800, "ignore_eos": True, "stream": True}
+    streamer = threading.Thread(target=_stream_events, args=(base_url, body, started, events))
+    streamer.start()
+    assert started.wait(60)
+
     assert _kill_replicas(config.name, "engine-spillway-dense-onprem") == 1
     assert _kill_replicas(config.name, "engine-spillway-moe-onprem") == 1
+    streamer.join(timeout=120)
+    assert not streamer.is_alive()
+    assert events[-1] != "data: [DONE]"
+    error = json.loads(events[-1][len("data: "):])["error"]
+    assert error["type"] == "engine_error" and "incomplete" in error["message"]
 
     # Dense also runs in the cloud: the request moves there, the client sees a normal answer.
     raw = client.chat.completions.with_raw_response.create(model=DENSE, messages=HELLO, max_tokens=4, stream=True)

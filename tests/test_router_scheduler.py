@@ -239,3 +239,17 @@ def test_without_spill_pressure_order_is_plain_priority_then_fifo():
         confidential.cancel()
 
     asyncio.run(main())
+
+
+def test_kv_cache_full_group_takes_nothing_until_it_drains():
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem_slots=4, cloud_slots=0, spill_after_ms=10**9)
+        sched.observe_engine_load("m@onprem", 0, kv_cache_usage=0.99)
+        waiting = asyncio.create_task(sched.acquire(req(0)))
+        await settle()
+        assert not waiting.done()  # free slots, but no KV-cache headroom
+        sched.observe_engine_load("m@onprem", 0, kv_cache_usage=0.40)
+        await settle()
+        assert waiting.done() and waiting.result().group.site == "onprem"
+
+    asyncio.run(main())

@@ -95,6 +95,7 @@ class ModelScheduler:
         self.in_flight: Counter[str] = Counter()
         # Requests other router replicas have on each group, from the engines' own counts.
         self.others_in_flight: Counter[str] = Counter()
+        self.kv_cache_usage: dict[str, float] = {}
         self._unhealthy_until: dict[str, float] = {}
         self.mean_service_ms = INITIAL_SERVICE_MS
         self.spilled = Counter()
@@ -151,15 +152,16 @@ class ModelScheduler:
             self.mean_service_ms += SERVICE_TIME_EWMA_ALPHA * (elapsed_ms - self.mean_service_ms)
         self.pump()
 
-    def observe_engine_load(self, group_id: str, engine_in_flight: int) -> None:
+    def observe_engine_load(self, group_id: str, engine_in_flight: int, kv_cache_usage: float = 0.0) -> None:
         """Fold in the engines' own in-flight count for a group (polled by the router). What is
         not ours belongs to other router replicas; it counts against the free slots until the
         next observation. Between polls a router may admit into slots another router just
         took: those requests wait in Serve's queue for that engine (Serve never sends an engine
         more than max_num_seqs), so engines are never overfilled."""
-        previous = self.others_in_flight[group_id]
+        previous_others, previous_kv = self.others_in_flight[group_id], self.kv_cache_usage.get(group_id, 0.0)
         self.others_in_flight[group_id] = max(0, engine_in_flight - self.in_flight[group_id])
-        if self.others_in_flight[group_id] < previous:
+        self.kv_cache_usage[group_id] = kv_cache_usage
+        if self.others_in_flight[group_id] < previous_others or kv_cache_usage < previous_kv:
             self.pump()
 
     def _has_alternative(self, ticket: QueuedRequest, views: list[ReplicaView]) -> bool:
@@ -187,6 +189,7 @@ class ModelScheduler:
                 slots=g.slots,
                 in_flight=self.in_flight[g.group_id] + self.others_in_flight[g.group_id],
                 healthy=self._unhealthy_until.get(g.group_id, 0.0) <= now,
+                kv_cache_usage=self.kv_cache_usage.get(g.group_id, 0.0),
                 cost_per_1k_tokens=g.cost_per_1k_tokens,
             )
             for g in self.groups.values()
