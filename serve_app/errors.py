@@ -38,15 +38,6 @@ class InvalidRequest(SpillwayError):
     type = "invalid_request_error"
 
 
-class Unauthorized(SpillwayError):
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
-
-
-class Forbidden(SpillwayError):
-    status = 403
-    type = "permission_error"
 
 
 class ModelNotFound(SpillwayError):
@@ -54,11 +45,6 @@ class ModelNotFound(SpillwayError):
     type = "invalid_request_error"
     code = "model_not_found"
 
-
-class NotFound(SpillwayError):
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
 
 
 class PayloadTooLarge(SpillwayError):
@@ -77,15 +63,6 @@ class EngineUnavailable(SpillwayError):
     status = 503
     type = "service_unavailable"
     code = "engine_unavailable"
-
-
-class UpstreamError(SpillwayError):
-    """The engine answered with an error of its own; we keep its status and message."""
-
-    def __init__(self, message: str, status: int, type_: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message, param=param)
-        self.status = status
-        self.type = type_
 
 
 def error_body(message: str, type_: str, status: int, *, code: str | None = None, param: str | None = None) -> dict:

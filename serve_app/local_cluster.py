@@ -69,7 +69,7 @@ class LocalCluster:
                 site = self.config.site(node.site)
                 cmd = [ray_bin, "start", "--block", f"--num-cpus={node.num_cpus}", "--disable-usage-stats",
                        f"--metrics-export-port={self.cluster.metrics_export_port + index}"]
-                cmd.append("--resources=" + json.dumps({site.resource: SITE_RESOURCE_AMOUNT, f"node:{site.name}": 1}))
+                cmd.append("--resources=" + json.dumps({site.resource: SITE_RESOURCE_AMOUNT}))
                 if node.memory_gib:
                     cmd.append(f"--memory={int(node.memory_gib * 1024**3)}")
                 if index == 0:
