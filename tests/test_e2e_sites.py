@@ -56,16 +56,23 @@ def test_status_cli_shows_sites_deployments_and_replicas(e2e_cluster):
     assert all(state["status"] == "HEALTHY" and state["replicas"] == {"RUNNING": 1} for state in engines.values())
 
 
-def _kill_replicas(app_name: str, deployment: str) -> int:
+def _replica_actors(app_name: str, deployment: str) -> list:
     import ray
     from ray.util.state import list_actors
 
-    killed = 0
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        if actor.name and actor.name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#"):
-            ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
-            killed += 1
-    return killed
+    return [
+        ray.get_actor(actor.name, namespace="serve")
+        for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if actor.name and actor.name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")
+    ]
+
+
+def _kill(actors: list) -> int:
+    import ray
+
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    return len(actors)
 
 
 def _stream_events(base_url, body, started: "threading.Event", out: list) -> None:
@@ -85,17 +92,19 @@ def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_u
     import threading
 
     config = e2e_cluster[0]
+    moe_onprem = _replica_actors(config.name, "engine-spillway-moe-onprem")
+    dense_onprem = _replica_actors(config.name, "engine-spillway-dense-onprem")
     # A MoE stream is running when its engine dies: after the first token there is no failover,
     # and the client must get an explicit error event, never a silent truncation.
     events: list[str] = []
     started = threading.Event()
-    body = {"model": MOE, "messages": HELLO, "max_tokens": 1800, "ignore_eos": True, "stream": True}
+    body = {"model": MOE, "messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True}
     streamer = threading.Thread(target=_stream_events, args=(base_url, body, started, events))
     streamer.start()
     assert started.wait(60)
-
-    assert _kill_replicas(config.name, "engine-spillway-dense-onprem") == 1
-    assert _kill_replicas(config.name, "engine-spillway-moe-onprem") == 1
+    assert _kill(moe_onprem) == 1
+    assert "data: [DONE]" not in events, "the stream ended before the engine was killed; the test proves nothing"
+    assert _kill(dense_onprem) == 1
     streamer.join(timeout=120)
     assert not streamer.is_alive()
     assert events[-1] != "data: [DONE]"
