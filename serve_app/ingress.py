@@ -433,13 +433,10 @@ class Router:
         pair = random.sample(groups, min(2, len(groups)))
         target = min(pair, key=lambda t: self._pow2_in_flight[t.group.group_id])
         self._pow2_in_flight[target.group.group_id] += 1
-        released = False
 
         def release(*_):
-            nonlocal released
-            if not released:
-                released = True
-                self._pow2_in_flight[target.group.group_id] -= 1
+            # Called exactly once: the paths below exclude each other and _Relay finishes once.
+            self._pow2_in_flight[target.group.group_id] -= 1
 
         results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id)
         try:

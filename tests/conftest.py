@@ -27,6 +27,7 @@ def e2e_raw_config() -> dict:
     raw["local_cluster"]["dashboard_port"] = E2E_RAY_PORT + 1900
     raw["local_cluster"]["metrics_export_port"] = E2E_METRICS_PORT
     raw["router"]["max_body_bytes"] = E2E_MAX_BODY_BYTES
+    raw["router"]["benchmark_modes"] = True  # so the routing benchmark's baselines are tested too
     raw["router"]["replicas"] = 2  # scale-out: every end-to-end test goes through two router replicas
     # Fail fast when an engine is gone, so the 503 test does not wait two minutes.
     raw["router"]["first_response_timeout_s"] = 15

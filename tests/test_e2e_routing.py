@@ -64,19 +64,23 @@ def test_prometheus_metrics_show_requests_and_spills(base_url):
 
     from tests.conftest import E2E_METRICS_PORT
 
-    wanted = ["ray_spillway_requests_total", "ray_spillway_spill_total", "ray_spillway_queue_wait_ms_bucket"]
-    deadline = time.monotonic() + 90
-    text = ""
-    while time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{E2E_METRICS_PORT}/metrics", timeout=30).text
-        if all(name in text for name in wanted):
+    def series(text):
+        lines = [line for line in text.splitlines() if line.startswith("ray_spillway_")]
+        spills = [line for line in lines if 'reason="onprem_wait_over_budget"' in line and DENSE in line]
+        ok_cloud = [line for line in lines if line.startswith("ray_spillway_requests_total")
+                    and 'site="cloud"' in line and 'outcome="ok"' in line]
+        return lines, spills, ok_cloud
+
+    # Each router replica's series reach the exporter on their own schedule: wait for the ones asserted.
+    deadline = time.monotonic() + 120
+    while True:
+        lines, spills, ok_cloud = series(httpx.get(f"http://127.0.0.1:{E2E_METRICS_PORT}/metrics", timeout=30).text)
+        if (spills and ok_cloud) or time.monotonic() > deadline:
             break
         time.sleep(3)
-    lines = [line for line in text.splitlines() if line.startswith("ray_spillway_")]
-    assert any('reason="onprem_wait_over_budget"' in line and DENSE in line for line in lines), lines[:20]
-    ok_cloud = [line for line in lines if line.startswith("ray_spillway_requests_total") and 'site="cloud"' in line
-                and 'outcome="ok"' in line]
+    assert spills, lines[:20]
     assert ok_cloud and float(ok_cloud[0].rsplit(" ", 1)[1]) > 0
+    assert any(line.startswith("ray_spillway_queue_wait_ms_bucket") for line in lines)
     assert not any("IBAN" in line or "DE89" in line for line in lines)  # no prompt text in metrics
 
 
@@ -122,3 +126,20 @@ def test_split_alias_follows_weights_and_sticks_per_user(client, base_url):
         dense = report["spillway-dense"]
         assert dense["errors"] == 0 and dense["output_tokens"] == dense["requests"]
         assert dense["requests"] == 0 or dense["mean_ttft_ms"] > 0
+
+
+def test_benchmark_baseline_modes_route_as_documented(base_url):
+    """The routing benchmark's baselines: pow2 spreads over both sites (it ignores residency, which is
+    why it exists only behind router.benchmark_modes), onprem-only never leaves on-prem."""
+    body = {"model": DENSE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        pow2_sites = set()
+        for _ in range(30):
+            resp = http.post("/v1/chat/completions", json=body, headers={"x-spillway-routing": "pow2"})
+            assert resp.status_code == 200
+            assert resp.headers["x-spillway-spill-reason"] == "pow2"
+            pow2_sites.add(resp.headers["x-spillway-site"])
+        assert pow2_sites == {"onprem", "cloud"}
+        for _ in range(5):
+            resp = http.post("/v1/chat/completions", json=body, headers={"x-spillway-routing": "onprem-only"})
+            assert resp.status_code == 200 and resp.headers["x-spillway-site"] == "onprem"
