@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from serve_app.config import ModelConfig, SiteConfig
+from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
 
 logger = logging.getLogger("spillway.engine")
@@ -62,7 +62,7 @@ def _load_logger_factory(load: LiveLoad):
     return _LiveLoadLogger
 
 
-def vllm_cli_args(model: ModelConfig, model_path: str) -> list[str]:
+def vllm_cli_args(model: ModelConfig, model_path: str, tracing: TracingConfig | None = None) -> list[str]:
     """Translate the typed engine config into ``vllm serve`` command-line arguments."""
     engine = model.engine
     args = [
@@ -87,10 +87,13 @@ def vllm_cli_args(model: ModelConfig, model_path: str) -> list[str]:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", engine.tool_parser]
     if engine.chat_template:
         args += ["--chat-template", engine.chat_template]
+    if tracing is not None and tracing.engine_otlp_endpoint:
+        # vLLM's request spans join the router's trace through the traceparent it is handed.
+        args += ["--otlp-traces-endpoint", tracing.engine_otlp_endpoint]
     return args
 
 
-def build_vllm_args(model: ModelConfig, model_path: str) -> argparse.Namespace:
+def build_vllm_args(model: ModelConfig, model_path: str, tracing: TracingConfig | None = None) -> argparse.Namespace:
     """Parse our arguments with vLLM's own server parser, then apply ``extra_args``.
 
     Unknown ``extra_args`` keys fail here, when the replica starts (and in
@@ -100,7 +103,7 @@ def build_vllm_args(model: ModelConfig, model_path: str) -> argparse.Namespace:
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="spillway-engine"))
-    namespace = parser.parse_args(vllm_cli_args(model, model_path))
+    namespace = parser.parse_args(vllm_cli_args(model, model_path, tracing))
     known = vars(namespace)
     for key, value in model.engine.extra_args.items():
         attr = key.replace("-", "_")
@@ -118,8 +121,11 @@ def validate_engine_args(model: ModelConfig) -> None:
 class EngineServer:
     """vLLM's engine and OpenAI serving objects, without Ray (usable and testable alone)."""
 
-    def __init__(self, model: ModelConfig, site: SiteConfig, model_path: str, node_id: str | None = None):
+    def __init__(self, model: ModelConfig, site: SiteConfig, model_path: str, node_id: str | None = None,
+                 tracing: TracingConfig | None = None, replica_id: str | None = None):
         self.model = model
+        self.tracing = tracing
+        self.replica_id = replica_id or f"{model.id}@{site.name}"
         self.node_id = node_id
         self.site = site
         self.model_path = model_path
@@ -137,7 +143,7 @@ class EngineServer:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_vllm_args(self.model, self.model_path)
+        args = build_vllm_args(self.model, self.model_path, self.tracing)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         self._engine = AsyncLLM.from_vllm_config(
@@ -179,46 +185,62 @@ class EngineServer:
             self._engine.shutdown()
             self._engine = None
 
-    async def generate(self, endpoint: str, body: dict, request_id: str) -> AsyncIterator[int | str]:
-        """Run one OpenAI request. Yields the status, then the body or the SSE events."""
+    async def generate(
+        self, endpoint: str, body: dict, request_id: str, trace_headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[tuple[int, str] | str]:
+        """Run one OpenAI request. Yields ``(status, replica_id)``, then the body or the SSE events.
+
+        ``trace_headers`` (traceparent/tracestate) reach vLLM as request headers, so its own
+        request span becomes a child of the router's generation span."""
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
+        replica = self.replica_id
         if endpoint == ENDPOINT_CHAT:
             request_cls, create = ChatCompletionRequest, self._chat.create_chat_completion
         elif endpoint == ENDPOINT_COMPLETIONS:
             request_cls, create = CompletionRequest, self._completion.create_completion
         else:
-            yield 404
+            yield 404, replica
             yield _json(error_body(f"unknown endpoint {endpoint!r}", "invalid_request_error", 404))
             return
         try:
             request = request_cls.model_validate({**body, "request_id": request_id})
         except ValidationError as exc:
-            yield 400
+            yield 400, replica
             yield _json(error_body(_validation_message(exc), "invalid_request_error", 400, param=_validation_param(exc)))
             return
         self._in_flight += 1
         try:
             try:
-                result = await create(request, None)
+                result = await create(request, _raw_request(trace_headers))
             except Exception as exc:  # noqa: BLE001 - vLLM raises some request errors instead of returning them
                 result = create_error_response(exc)
             if isinstance(result, ErrorResponse):
-                yield result.error.code
+                yield result.error.code, replica
                 yield _json(error_body(result.error.message, result.error.type, result.error.code, param=result.error.param))
             elif hasattr(result, "__anext__"):
-                yield 200
+                yield 200, replica
                 async for event in result:
                     yield event
             else:
-                yield 200
+                yield 200, replica
                 yield result.model_dump_json(exclude_unset=False)
         finally:
             self._in_flight -= 1
+
+
+def _raw_request(trace_headers: dict[str, str] | None):
+    """The request object vLLM reads trace headers from (None when there is no trace)."""
+    if not trace_headers:
+        return None
+    from starlette.requests import Request
+
+    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in trace_headers.items()]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "state": {}})
 
 
 def _json(obj: Any) -> str:
@@ -246,7 +268,8 @@ class EngineReplica:
     """Ray Serve deployment body for one (model, site). The app builder wraps it with
     ``serve.deployment`` and sets its placement (site resource on every bundle)."""
 
-    async def __init__(self, model: dict, site: dict, model_cache_dir: str | None = None):
+    async def __init__(self, model: dict, site: dict, model_cache_dir: str | None = None,
+                       tracing: dict | None = None):
         from deployments.sources import resolve_model_source
 
         model_config = ModelConfig.model_validate(model)
@@ -255,12 +278,18 @@ class EngineReplica:
         model_path = resolve_model_source(model_config.source, model_cache_dir)
         import ray
 
+        from ray import serve
+
         node_id = ray.get_runtime_context().get_node_id()
-        self._server = EngineServer(model_config, SiteConfig.model_validate(site), model_path, node_id)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self._server = EngineServer(
+            model_config, SiteConfig.model_validate(site), model_path, node_id,
+            TracingConfig.model_validate(tracing) if tracing else None, replica_id,
+        )
         await self._server.start()
 
-    async def generate(self, endpoint: str, body: dict, request_id: str):
-        async for item in self._server.generate(endpoint, body, request_id):
+    async def generate(self, endpoint: str, body: dict, request_id: str, trace_headers: dict | None = None):
+        async for item in self._server.generate(endpoint, body, request_id, trace_headers):
             yield item
 
     async def stats(self) -> dict[str, Any]:
@@ -281,13 +310,16 @@ class EngineReplica:
             pass
 
 
-def engine_env(model: ModelConfig, site: SiteConfig | None = None) -> dict[str, str]:
+def engine_env(model: ModelConfig, site: SiteConfig | None = None, tracing: TracingConfig | None = None) -> dict[str, str]:
     """Environment for engine replicas: safe CPU defaults, the model's ``env``, then the site's ``engine_env``."""
     env = {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if tracing is not None and tracing.engine_otlp_endpoint:
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = tracing.engine_otlp_protocol
+        env["OTEL_SERVICE_NAME"] = f"{tracing.service_name}-engine"
     env.update(model.env)
     if site is not None:
         env.update(site.engine_env)

@@ -58,7 +58,7 @@ def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConf
     actor_options: dict[str, Any] = {
         "num_cpus": model.resources.num_cpus,
         "resources": {site.resource: SITE_RESOURCE_PER_BUNDLE},
-        "runtime_env": {"env_vars": engine_env(model, site)},
+        "runtime_env": {"env_vars": engine_env(model, site, config.tracing)},
     }
     if model.resources.memory_gib:
         actor_options["memory"] = model.resources.memory_gib * 1024**3
@@ -76,7 +76,8 @@ def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConf
         graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
     )
-    return deployment.bind(model.model_dump(mode="json"), site.model_dump(mode="json"), config.model_cache_dir)
+    return deployment.bind(model.model_dump(mode="json"), site.model_dump(mode="json"), config.model_cache_dir,
+                           config.tracing.model_dump(mode="json"))
 
 
 def build_app(config: SpillwayConfig) -> Application:

@@ -221,6 +221,62 @@ class RouterConfig(Strict):
     )
 
 
+TracingExporter = Literal["none", "console", "otlp-http", "otlp-grpc", "memory"]
+
+
+class TracingConfig(Strict):
+    """OpenTelemetry traces: one span tree per request (router, classification, admission,
+    generation), joined by vLLM's own spans when the exporter is OTLP."""
+
+    exporter: TracingExporter = Field(
+        default="none",
+        description="'otlp-http' / 'otlp-grpc' send to `endpoint`; 'console' prints spans to the replica log; "
+        "'memory' keeps the last spans in the router (served at /v1/spillway/debug/spans, for tests); 'none' is off.",
+    )
+    endpoint: str | None = Field(
+        default=None, description="OTLP collector, e.g. http://otel-collector:4318/v1/traces (http) or host:4317 (grpc)."
+    )
+    sample_ratio: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="Share of traces sampled at the router (parent-based: a sampled incoming traceparent is kept). "
+        "Set explicitly; Ray Serve's own default would be 1%.",
+    )
+    record_content: bool = Field(
+        default=False, description="Put prompt (and non-streamed completion) text on spans. Off: spans carry no text."
+    )
+    engine_spans: bool = Field(
+        default=True, description="vLLM exports its own request spans into the same trace (needs an OTLP endpoint)."
+    )
+    engine_endpoint: str | None = Field(
+        default=None, description="OTLP endpoint for vLLM's spans; default: `endpoint` when the exporter is OTLP.",
+    )
+    engine_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        default=None, description="Protocol of `engine_endpoint`; default: the exporter's (grpc unless otlp-http).",
+    )
+    export_interval_ms: int = Field(default=1000, gt=0, description="How often batched spans are exported.")
+    service_name: str = Field(default="spillway", description="OpenTelemetry service.name of router spans.")
+
+    @model_validator(mode="after")
+    def _endpoint_for_otlp(self) -> "TracingConfig":
+        if self.exporter.startswith("otlp") and not self.endpoint:
+            raise ValueError(f"tracing.exporter {self.exporter!r} needs tracing.endpoint")
+        return self
+
+    @property
+    def engine_otlp_endpoint(self) -> str | None:
+        if not self.engine_spans:
+            return None
+        if self.engine_endpoint:
+            return self.engine_endpoint
+        return self.endpoint if self.exporter.startswith("otlp") else None
+
+    @property
+    def engine_otlp_protocol(self) -> str:
+        if self.engine_protocol:
+            return self.engine_protocol
+        return "http/protobuf" if self.exporter == "otlp-http" else "grpc"
+
+
 class HttpConfig(Strict):
     host: str = Field(default="127.0.0.1", description="Address the Serve proxy listens on.")
     port: int = Field(default=8000, gt=0, lt=65536, description="Port the Serve proxy listens on.")
@@ -250,6 +306,7 @@ class SpillwayConfig(Strict):
     models: list[ModelConfig]
     router: RouterConfig = Field(default_factory=RouterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     local_cluster: LocalClusterConfig | None = Field(
         default=None, description="Nodes for `spillway up --local`; ignored on a real cluster."
     )

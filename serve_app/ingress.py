@@ -10,6 +10,7 @@ one place (``_error_response``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
@@ -42,6 +44,7 @@ from serve_app.policy.splits import TrafficSplit, Variant
 from serve_app.router.placement import EngineTarget, build_schedulers, build_targets
 from serve_app.router.metrics import RouterMetrics
 from serve_app.router.scheduler import ModelScheduler
+from serve_app.tracing import NO_TRACE, RequestTrace, Tracing
 
 logger = logging.getLogger("spillway.router")
 
@@ -56,6 +59,7 @@ HEADER_PRIORITY = "x-spillway-priority"
 HEADER_SESSION = "x-session-id"
 HEADER_VARIANT = "x-spillway-variant"
 HEADER_ROUTING_MODE = "x-spillway-routing"
+HEADER_TENANT = "x-spillway-tenant"
 ROUTING_POW2 = "pow2"
 ROUTING_ONPREM_ONLY = "onprem-only"
 PRIORITY_RANGE = (-10, 10)
@@ -115,16 +119,52 @@ def _is_dispatch_failure(exc: BaseException) -> bool:
     return isinstance(exc, (ray.exceptions.RayError, asyncio.TimeoutError, ConnectionError))
 
 
-def _completion_tokens(payload: str | None) -> int:
-    """Output tokens from a JSON body or an SSE usage event; 0 when there is no usage."""
-    if not payload or '"usage"' not in payload:
-        return 0
-    text = payload[6:] if payload.startswith("data: ") else payload
+_USAGE_KEY = '"usage":'
+_JSON_DECODER = json.JSONDecoder()
+
+
+def _usage(payload: str | None) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) from a JSON body or an SSE usage event, parsing only
+    the usage object (bodies can be large); None when there is none."""
+    if not payload:
+        return None
+    at = payload.rfind(_USAGE_KEY)
+    if at < 0:
+        return None
     try:
-        usage = json.loads(text).get("usage") or {}
+        usage, _ = _JSON_DECODER.raw_decode(payload, at + len(_USAGE_KEY))
     except ValueError:
-        return 0
-    return int(usage.get("completion_tokens") or 0)
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _is_usage_only_event(event: str) -> bool:
+    """The final usage chunk of a stream (``"choices":[]`` plus usage), as vLLM writes it."""
+    return '"choices":[]' in event and _USAGE_KEY in event
+
+
+def _tenant(request: Request) -> str:
+    """Tenant label for traces: the x-spillway-tenant header, else a fingerprint of the API key
+    (never the key itself), else 'anonymous'."""
+    tenant = request.headers.get(HEADER_TENANT)
+    if tenant:
+        return tenant[:64]
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer ") and len(auth) > 7:
+        return "key-" + hashlib.sha256(auth[7:].strip().encode()).hexdigest()[:12]
+    return "anonymous"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _usage_attributes(usage: tuple[int, int] | None) -> dict[str, int]:
+    if usage is None:
+        return {}
+    return {"input_tokens": usage[0], "output_tokens": usage[1]}
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -144,15 +184,36 @@ def _parse_priority(value: str | None) -> int:
     return priority
 
 
+@dataclass
+class StreamSummary:
+    """What the relay saw of one stream, for metrics, spans and split counters."""
+
+    first_at: float | None = None
+    last_at: float | None = None
+    events: int = 0
+    usage: tuple[int, int] | None = None
+    failed: bool = False
+
+    def itl_ms(self) -> float | None:
+        tokens = (self.usage[1] if self.usage else self.events)
+        if self.first_at is None or self.last_at is None or tokens < 2:
+            return None
+        return (self.last_at - self.first_at) * 1000 / (tokens - 1)
+
+
 class _Relay:
     """Streams engine events to the client untouched and frees the slot exactly once, however the
     stream ends: finished, engine failure (an explicit error event, never a silent truncation),
-    client disconnect (the engine request is cancelled), or never started at all."""
+    client disconnect (the engine request is cancelled), or never started at all.
 
-    def __init__(self, results, request_id: str, on_finish):
+    The router always asks the engine for the final usage event (token counts for metrics and
+    cost); ``strip_usage`` drops it again when the client did not ask for it."""
+
+    def __init__(self, results, request_id: str, on_finish, strip_usage: bool = False):
         self._results = results
         self._request_id = request_id
         self._on_finish = on_finish
+        self._strip_usage = strip_usage
         self._done = False
         self._iterator = self._run()
 
@@ -160,35 +221,42 @@ class _Relay:
         return self._iterator
 
     async def _run(self) -> AsyncIterator[str]:
-        finished = failed = False
-        first_at = None
-        previous = last = None
+        summary = StreamSummary()
+        finished = False
         try:
             async for event in self._results:
-                if first_at is None:
-                    first_at = time.monotonic()
-                previous, last = last, event
+                now = time.monotonic()
+                if summary.first_at is None:
+                    summary.first_at = now
+                if event.startswith("data: {"):
+                    if _is_usage_only_event(event):
+                        summary.usage = _usage(event)
+                        if self._strip_usage:
+                            continue
+                    else:
+                        summary.events += 1
+                        summary.last_at = now
                 yield event
             finished = True
         except Exception as exc:  # noqa: BLE001 - the client must see an error, never a silent truncation
             logger.warning("request %s: engine failed mid-stream: %r", self._request_id, exc)
             body = error_body("the engine failed while streaming; the response is incomplete", "engine_error", 502)
             yield f"data: {json.dumps(body)}\n\n"
-            finished = failed = True
+            finished = summary.failed = True
         finally:
             if not finished:
+                summary.failed = True
                 self._results.cancel()
-            # The usage chunk, when asked for, is the last event before [DONE].
-            self._finish(first_at, previous, failed or not finished)
+            self._finish(summary)
 
-    def _finish(self, first_at, last_event, failed) -> None:
+    def _finish(self, summary: StreamSummary) -> None:
         if not self._done:
             self._done = True
-            self._on_finish(first_at, last_event, failed)
+            self._on_finish(summary)
 
     def __del__(self):
         # A response that was never sent (client gone before the first byte) must not leak its slot.
-        self._finish(None, None, True)
+        self._finish(StreamSummary(failed=True))
 
 
 @serve.ingress(api)
@@ -202,6 +270,7 @@ class Router:
         self._classifier = Classifier.from_names(self._config.router.pii_detectors)
         self._pow2_in_flight: Counter[str] = Counter()
         self._metrics = RouterMetrics()
+        self._tracing = Tracing(self._config.tracing)
         self._load_poller: asyncio.Task | None = None
         self._replica_tag = uuid.uuid4().hex[:8]
         self._splits = {
@@ -276,6 +345,14 @@ class Router:
         }
         return JSONResponse({"router_replica": self._replica_tag, "splits": report}, headers=self._site_headers)
 
+    @api.get("/v1/spillway/debug/spans")
+    async def debug_spans(self) -> Response:
+        """Finished spans of this router replica, only with ``tracing.exporter: memory`` (tests, debugging)."""
+        if self._tracing.memory is None:
+            raise StarletteHTTPException(404)
+        return JSONResponse({"router_replica": self._replica_tag, "spans": self._tracing.memory.finished_spans()},
+                            headers=self._site_headers)
+
     @api.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str) -> Response:
         for model in [*self._config.models, *(SimpleNamespace(id=alias) for alias in self._splits)]:
@@ -312,17 +389,33 @@ class Router:
                 return
             replicas = self._config.model(model_id).replicas[target.group.site]
             # One replica answers; scale its count to the group (replicas share load evenly under Serve).
-            self._schedulers[model_id].observe_engine_load(
-                target.group.group_id, int(stats["in_flight"]) * replicas, float(stats["kv_cache_usage"])
-            )
+            in_flight, kv_cache_usage = int(stats["in_flight"]) * replicas, float(stats["kv_cache_usage"])
+            self._schedulers[model_id].observe_engine_load(target.group.group_id, in_flight, kv_cache_usage)
+            self._metrics.engine_load(model_id, target.group.site, kv_cache_usage, in_flight)
 
         while True:
             await asyncio.gather(*(poll(m, t) for m, by_group in self._targets.items() for t in by_group.values()))
+            for model_id, scheduler in self._schedulers.items():
+                self._metrics.queue(model_id, len(scheduler.queue))
             await asyncio.sleep(interval_s)
 
     async def _serve(self, request: Request, endpoint: str) -> Response:
         self._ensure_load_poller()
         request_id = request.headers.get(HEADER_REQUEST_ID) or uuid.uuid4().hex
+        trace = self._tracing.start_request(
+            request.headers, {"spillway.endpoint": endpoint, "spillway.tenant": _tenant(request),
+                              "spillway.request_id": request_id},
+        )
+        try:
+            return await self._serve_traced(request, endpoint, request_id, trace)
+        except SpillwayError as exc:
+            trace.finish(exc.code or f"http_{exc.status}", exc.status)
+            raise
+        except BaseException as exc:
+            trace.finish(type(exc).__name__, 500)
+            raise
+
+    async def _serve_traced(self, request: Request, endpoint: str, request_id: str, trace: RequestTrace) -> Response:
         body = await self._read_body(request)
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
@@ -332,32 +425,55 @@ class Router:
         if split is not None:
             model_id = split.choose(affinity)
             body["model"] = model_id
+            trace.set(requested_model=split.alias, variant=model_id)
+        trace.set(model=model_id, stream=bool(body.get("stream")))
         scheduler = self._schedulers.get(model_id)
         if scheduler is None:
             raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-        declared = DataClass.parse(request.headers.get(HEADER_DATA_CLASS), default=self._default_class)
-        classification = self._classifier.classify(declared, request_texts(body))
+        with trace.child("spillway.classify") as span:
+            declared = DataClass.parse(request.headers.get(HEADER_DATA_CLASS), default=self._default_class)
+            texts = request_texts(body)
+            classification = self._classifier.classify(declared, texts)
+            if span is not None:
+                span.set_attributes({"spillway.declared_class": declared.name,
+                                     "spillway.data_class": classification.data_class.name,
+                                     "spillway.raised_by": classification.raised_by})
+        trace.set(data_class=classification.data_class.name)
+        if trace.recording:
+            trace.record_content("gen_ai.prompt", "\n".join(texts))
         view = RequestView(request_id, model_id, classification.data_class, affinity_key=affinity)
         priority = _parse_priority(request.headers.get(HEADER_PRIORITY))
+        stream = bool(body.get("stream"))
+        # Token counts for metrics and cost come from the engine's usage event; ask for it always.
+        strip_usage = False
+        if stream:
+            options = body.get("stream_options")
+            if not isinstance(options, dict) or not options.get("include_usage"):
+                strip_usage = True
+                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
 
         mode = request.headers.get(HEADER_ROUTING_MODE) if self._config.router.benchmark_modes else None
         if mode == ROUTING_POW2:
-            return await self._serve_pow2(scheduler, view, classification, endpoint, body)
+            return await self._serve_pow2(scheduler, view, classification, endpoint, body, strip_usage)
         never = frozenset(g for g, t in self._targets[model_id].items() if t.group.site_rank > 0) \
             if mode == ROUTING_ONPREM_ONLY else frozenset()
         started = time.monotonic()
         try:
-            slot, status, results = await self._dispatch(scheduler, view, priority, endpoint, body, never)
+            slot, status, replica, results = await self._dispatch(
+                scheduler, view, priority, endpoint, body, never, trace)
         except SpillwayError as exc:
             self._metrics.finished(model_id, "none", exc.code or str(exc.status))
             if split is not None:
                 split.record(model_id, error=True)
             raise
-        self._metrics.admitted(model_id, slot.group.site, slot.queue_ms, slot.spill_reason, len(scheduler.queue),
+        site = slot.group.site
+        cost_per_1k = self._config.site(site).cost_per_1k_tokens
+        self._metrics.admitted(model_id, site, slot.queue_ms, slot.spill_reason, len(scheduler.queue),
                                scheduler.in_flight[slot.group.group_id])
+        trace.set(site=site, replica=replica, queue_wait_ms=round(slot.queue_ms, 1), spill_reason=slot.spill_reason)
         # x-request-id itself is set on every response by Serve's proxy (from the client's header if sent).
         headers = {
-            HEADER_SITE: slot.group.site,
+            HEADER_SITE: site,
             HEADER_MODEL: model_id,
             HEADER_DATA_CLASS_OUT: classification.data_class.name,
             HEADER_SPILL_REASON: slot.spill_reason,
@@ -365,29 +481,42 @@ class Router:
         }
         if split is not None:
             headers[HEADER_VARIANT] = model_id
-        if status != 200 or not body.get("stream"):
+        if status != 200 or not stream:
             try:
                 payload = await results.__anext__()
             finally:
                 scheduler.release(slot)
-            self._metrics.finished(model_id, slot.group.site, "ok" if status == 200 else f"http_{status}")
+            ttft_ms = (time.monotonic() - started) * 1000
+            outcome = "ok" if status == 200 else f"http_{status}"
+            usage = _usage(payload) if status == 200 else None
+            self._metrics.finished(model_id, site, outcome)
+            self._metrics.served(model_id, site, ttft_ms if status == 200 else None, None, usage, cost_per_1k)
             if split is not None:
-                split.record(model_id, error=status != 200, ttft_ms=(time.monotonic() - started) * 1000,
-                             output_tokens=_completion_tokens(payload) if status == 200 else 0)
+                split.record(model_id, error=status != 200, ttft_ms=ttft_ms, output_tokens=usage[1] if usage else 0)
+            if trace.recording:
+                if status == 200:
+                    trace.record_content("gen_ai.completion", payload)
+                trace.finish(outcome, status, **_usage_attributes(usage))
             return Response(payload, status_code=status, media_type="application/json", headers=headers)
 
-        def finish(first_event_at: float | None, last_event: str | None, failed: bool) -> None:
+        def finish(summary: StreamSummary) -> None:
             scheduler.release(slot)
-            self._metrics.finished(model_id, slot.group.site, "stream_failed" if failed else "ok")
+            outcome = "stream_failed" if summary.failed else "ok"
+            ttft_ms = None if summary.first_at is None else (summary.first_at - started) * 1000
+            itl_ms = summary.itl_ms()
+            self._metrics.finished(model_id, site, outcome)
+            self._metrics.served(model_id, site, ttft_ms, itl_ms, summary.usage, cost_per_1k)
             if split is not None:
-                ttft = None if first_event_at is None else (first_event_at - started) * 1000
-                split.record(model_id, error=failed, ttft_ms=ttft, output_tokens=_completion_tokens(last_event))
+                split.record(model_id, error=summary.failed, ttft_ms=ttft_ms,
+                             output_tokens=summary.usage[1] if summary.usage else 0)
+            trace.finish(outcome, 200, ttft_ms=_round(ttft_ms), itl_ms=_round(itl_ms), **_usage_attributes(summary.usage))
 
-        return StreamingResponse(_Relay(results, request_id, finish), media_type=SSE_MEDIA_TYPE, headers=headers)
+        return StreamingResponse(_Relay(results, request_id, finish, strip_usage), media_type=SSE_MEDIA_TYPE,
+                                 headers=headers)
 
     async def _dispatch(
         self, scheduler: ModelScheduler, view: RequestView, priority: int, endpoint: str, body: dict,
-        never: frozenset[str] = frozenset(),
+        never: frozenset[str] = frozenset(), trace: RequestTrace = NO_TRACE,
     ):
         """Get a slot, send the request, wait for the engine's status. Before the first token
         nothing has reached the client, so a failed engine is retried on another eligible one
@@ -395,27 +524,40 @@ class Router:
         timeout_s = self._config.router.first_response_timeout_s
         failed: set[str] = set(never)
         failures: list[str] = []
-        for _ in range(self._config.router.max_dispatch_attempts):
+        for attempt in range(1, self._config.router.max_dispatch_attempts + 1):
             if failed and not scheduler.has_candidate(view, frozenset(failed)):
                 break
             # A retry jumps the queue: it was admitted before anyone now waiting.
             retry = len(failed) > len(never)
-            slot = await scheduler.acquire(view, priority + (RETRY_PRIORITY_BOOST if retry else 0), frozenset(failed))
+            with trace.child("spillway.admission", attempt=attempt, priority=priority) as span:
+                slot = await scheduler.acquire(
+                    view, priority + (RETRY_PRIORITY_BOOST if retry else 0), frozenset(failed))
+                if span is not None:
+                    span.set_attributes({"spillway.queue_wait_ms": round(slot.queue_ms, 1),
+                                         "spillway.site": slot.group.site,
+                                         "spillway.engine_group": slot.group.group_id,
+                                         "spillway.spill_reason": slot.spill_reason})
+            trace_headers = trace.start_generation(site=slot.group.site, engine_group=slot.group.group_id,
+                                                   attempt=attempt)
             results = None
             try:
                 target = self._targets[view.model][slot.group.group_id]
-                results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id)
-                status = await asyncio.wait_for(results.__anext__(), timeout=timeout_s)
-                return slot, status, results
+                results = target.handle.options(stream=True).generate.remote(
+                    endpoint, body, view.request_id, trace_headers)
+                status, replica = await asyncio.wait_for(results.__anext__(), timeout=timeout_s)
+                trace.set_generation(replica=replica, status=status)
+                return slot, status, replica, results
             except asyncio.CancelledError:
                 if results is not None:
                     results.cancel()
                 scheduler.release(slot)
+                trace.end_generation(outcome="cancelled")
                 raise
             except Exception as exc:  # noqa: BLE001 - classified just below
                 if results is not None:
                     results.cancel()
                 scheduler.release(slot, failed=True)
+                trace.end_generation(outcome=f"failed: {type(exc).__name__}")
                 if not _is_dispatch_failure(exc):
                     raise
                 logger.warning("request %s: %s failed before responding: %r", view.request_id, slot.group.group_id, exc)
@@ -426,7 +568,8 @@ class Router:
             retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
         )
 
-    async def _serve_pow2(self, scheduler: ModelScheduler, view: RequestView, classification, endpoint: str, body: dict):
+    async def _serve_pow2(self, scheduler: ModelScheduler, view: RequestView, classification, endpoint: str,
+                          body: dict, strip_usage: bool):
         """Benchmark baseline: Ray Serve's default idea (power of two choices on queue length) across
         every site, with no admission queue and no residency. Requests wait in Serve's handle queue."""
         groups = list(self._targets[view.model].values())
@@ -438,9 +581,9 @@ class Router:
             # Called exactly once: the paths below exclude each other and _Relay finishes once.
             self._pow2_in_flight[target.group.group_id] -= 1
 
-        results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id)
+        results = target.handle.options(stream=True).generate.remote(endpoint, body, view.request_id, None)
         try:
-            status = await results.__anext__()
+            status, _replica = await results.__anext__()
         except BaseException:
             release()
             results.cancel()
@@ -453,7 +596,8 @@ class Router:
             finally:
                 release()
             return Response(payload, status_code=status, media_type="application/json", headers=headers)
-        return StreamingResponse(_Relay(results, view.request_id, release), media_type=SSE_MEDIA_TYPE, headers=headers)
+        return StreamingResponse(_Relay(results, view.request_id, release, strip_usage), media_type=SSE_MEDIA_TYPE,
+                                 headers=headers)
 
     async def _read_body(self, request: Request) -> dict:
         limit = self._config.router.max_body_bytes

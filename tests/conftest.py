@@ -17,6 +17,7 @@ E2E_MAX_BODY_BYTES = 262_144
 E2E_DENSE_SLOTS = 8
 E2E_METRICS_PORT = 8710  # outside Ray worker ports (10002-19999)
 E2E_SPLIT_ALIAS = "spillway-chat"
+E2E_OTLP_PORT = 8720  # the test's stand-in OpenTelemetry collector (vLLM's spans)
 
 
 def e2e_raw_config() -> dict:
@@ -35,11 +36,25 @@ def e2e_raw_config() -> dict:
     raw["models"][0]["engine"]["max_num_seqs"] = E2E_DENSE_SLOTS
     raw["models"][0]["spill_after_ms"] = 300
     raw["router"]["splits"] = {E2E_SPLIT_ALIAS: {"variants": {"spillway-dense": 70, "spillway-moe": 30}}}
+    # Router spans stay in memory (read back over HTTP); vLLM sends its spans to the test's receiver.
+    raw["tracing"] = {
+        "exporter": "memory", "sample_ratio": 1.0,
+        "engine_endpoint": f"http://127.0.0.1:{E2E_OTLP_PORT}/v1/traces", "engine_protocol": "http/protobuf",
+    }
     return raw
 
 
 @pytest.fixture(scope="session")
-def e2e_cluster(tmp_path_factory):
+def otlp_receiver():
+    from tests.otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver(E2E_OTLP_PORT).start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(tmp_path_factory, otlp_receiver):
     """A running Spillway on a real local two-site Ray cluster. Yields (config, config_path, base_url)."""
     from serve_app.deploy import deploy
     from serve_app.local_cluster import LocalCluster

@@ -7,6 +7,8 @@ Tags never carry prompt text, tenants' data or request ids: only model, site, ou
 from __future__ import annotations
 
 QUEUE_WAIT_BOUNDARIES_MS = [1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000]
+TTFT_BOUNDARIES_MS = [5, 10, 25, 50, 100, 200, 400, 800, 1_600, 3_200, 6_400, 12_800, 30_000]
+ITL_BOUNDARIES_MS = [1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1_280]
 
 
 class RouterMetrics:
@@ -36,6 +38,34 @@ class RouterMetrics:
             "spillway_in_flight", description="Requests on engines, per model and site.", tag_keys=("model", "site")
         )
 
+        self._ttft = metrics.Histogram(
+            "spillway_ttft_ms",
+            description="Time to first token (first response byte) seen by the router, per model and site.",
+            boundaries=TTFT_BOUNDARIES_MS,
+            tag_keys=("model", "site"),
+        )
+        self._itl = metrics.Histogram(
+            "spillway_itl_ms",
+            description="Mean inter-token latency of each streamed request, per model and site.",
+            boundaries=ITL_BOUNDARIES_MS,
+            tag_keys=("model", "site"),
+        )
+        self._tokens = metrics.Counter(
+            "spillway_tokens_total",
+            description="Tokens processed, per model, site and direction (in = prompt, out = completion).",
+            tag_keys=("model", "site", "direction"),
+        )
+        self._cost = metrics.Counter(
+            "spillway_cost_total",
+            description="Cost of the tokens served, per model and site (site.cost_per_1k_tokens; currency units).",
+            tag_keys=("model", "site"),
+        )
+        self._kv_cache = metrics.Gauge(
+            "spillway_engine_kv_cache_usage",
+            description="KV-cache use (0-1) of an engine group's replica, as last polled by the router.",
+            tag_keys=("model", "site"),
+        )
+
     def admitted(self, model: str, site: str, queue_ms: float, spill_reason: str, queued: int, in_flight: int) -> None:
         self._queue_wait.observe(queue_ms, tags={"model": model})
         self._queue_depth.set(queued, tags={"model": model})
@@ -45,3 +75,29 @@ class RouterMetrics:
 
     def finished(self, model: str, site: str, outcome: str) -> None:
         self._requests.inc(tags={"model": model, "site": site, "outcome": outcome})
+
+    def served(
+        self, model: str, site: str, ttft_ms: float | None, itl_ms: float | None,
+        usage: tuple[int, int] | None, cost_per_1k_tokens: float,
+    ) -> None:
+        tags = {"model": model, "site": site}
+        if ttft_ms is not None:
+            self._ttft.observe(ttft_ms, tags=tags)
+        if itl_ms is not None:
+            self._itl.observe(itl_ms, tags=tags)
+        if usage is not None:
+            prompt, completion = usage
+            if prompt:
+                self._tokens.inc(prompt, tags={**tags, "direction": "in"})
+            if completion:
+                self._tokens.inc(completion, tags={**tags, "direction": "out"})
+            if cost_per_1k_tokens and prompt + completion:
+                self._cost.inc((prompt + completion) * cost_per_1k_tokens / 1000, tags=tags)
+
+    def engine_load(self, model: str, site: str, kv_cache_usage: float, in_flight: int) -> None:
+        tags = {"model": model, "site": site}
+        self._kv_cache.set(kv_cache_usage, tags=tags)
+        self._in_flight.set(in_flight, tags=tags)
+
+    def queue(self, model: str, queued: int) -> None:
+        self._queue_depth.set(queued, tags={"model": model})
