@@ -1,0 +1,49 @@
+"""End to end: the load-test runner against the real cluster writes Locust's CSVs with TTFT/ITL
+rows and the report with its plots; the confidential mix finds no residency violation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_headless_mixed_run_writes_csvs_and_report(base_url, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.run", "--host", base_url, "--scenario", "mixed", "-u", "8", "-r", "8",
+         "-t", "15s", "--max-tokens", "uniform:8-24", "--prompt-words", "lognormal:16,0.5", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with (out / "locust_stats.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    kinds = {(row["Type"], row["Name"]) for row in rows}
+    assert ("TTFT", "spillway-dense") in kinds and ("ITL", "spillway-dense") in kinds
+    assert ("E2E", "spillway-dense non-stream") in kinds
+    assert any(kind == "TTFT" and name.startswith("tenant ") for kind, name in kinds)
+    ttft = next(row for row in rows if row["Type"] == "TTFT" and row["Name"] == "spillway-dense")
+    assert int(ttft["Request Count"]) > 0 and float(ttft["Median Response Time"]) > 0
+    assert all(int(row["Failure Count"]) == 0 for row in rows), [r for r in rows if int(r["Failure Count"])]
+
+    report = out / "locust_report"
+    summary = json.loads((report / "report.json").read_text())
+    assert summary["all"]["requests"] > 10 and summary["all"]["error_rate"] == 0
+    assert summary["all"]["ttft_ms"]["p50"] > 0 and summary["all"]["tokens_per_s"] > 0
+    assert set(summary["by_user_class"]) == {"StreamingChatUser", "ChatUser", "ConfidentialMixUser",
+                                             "MultiTenantUser"}
+    # Every sensitive request of the confidential mix was served on-prem.
+    records = [json.loads(line) for line in (report / "requests.jsonl").read_text().splitlines()]
+    sensitive = [r for r in records if r["data_class"] in ("confidential", "restricted")]
+    assert sensitive and all(r["site"] == "onprem" for r in sensitive)
+    assert "| all |" in (report / "report.md").read_text()
+    for png in ("ttft.png", "throughput.png", "queue_depth.png", "site_share.png"):
+        assert (report / png).stat().st_size > 5_000
