@@ -25,6 +25,13 @@ DEFAULT_STATE_FILE = Path(os.environ.get("SPILLWAY_STATE_DIR", Path.home() / ".c
 SITE_RESOURCE_AMOUNT = 1000  # per node; bundles ask for a sliver, so this never limits placement
 NODE_JOIN_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0
+# Ray 2.60 turns token authentication on for `ray start` whenever ~/.ray/auth_token exists (any
+# earlier local `ray.init()` writes one), but a client connecting to an existing cluster only sends
+# the token when RAY_AUTH_MODE=token is set: the nodes then reject our own driver. The local
+# cluster therefore pins the mode for every process it starts and for this process; a mode the
+# user set explicitly wins.
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+DEFAULT_LOCAL_AUTH_MODE = "disabled"
 
 
 class LocalClusterError(RuntimeError):
@@ -35,6 +42,9 @@ class LocalClusterError(RuntimeError):
 class LocalCluster:
     config: SpillwayConfig
     state_file: Path = DEFAULT_STATE_FILE
+
+    def __post_init__(self):
+        os.environ.setdefault(AUTH_MODE_ENV, DEFAULT_LOCAL_AUTH_MODE)
 
     @property
     def cluster(self) -> LocalClusterConfig:

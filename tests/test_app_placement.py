@@ -82,3 +82,19 @@ def test_serve_deploy_yaml_is_valid_and_builds_the_same_app():
     app = app_builder(app_cfg.args)
     engines = app._bound_deployment.init_args[1]
     assert sorted(engines) == ["spillway-dense", "spillway-moe"]
+
+
+def test_local_cluster_pins_ray_auth_mode_unless_the_user_set_it(monkeypatch):
+    """Ray enables token auth on `ray start` when ~/.ray/auth_token exists, but its clients only send
+    the token with RAY_AUTH_MODE=token; the local cluster pins one mode for all its processes."""
+    import os
+
+    from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+    from serve_app.local_cluster import LocalCluster
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    LocalCluster(load_config(DEFAULT_CONFIG_PATH))
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    LocalCluster(load_config(DEFAULT_CONFIG_PATH))
+    assert os.environ["RAY_AUTH_MODE"] == "token"
