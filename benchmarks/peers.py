@@ -349,9 +349,12 @@ async def benchmark(args, targets: dict[str, Target]) -> None:
               f"ratios to {reference} in brackets")
     print("\n" + header + "\n\n" + table + "\n")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peers.md").write_text(header + "\n\n" + table + "\n")
-    (RESULTS / "peers.json").write_text(json.dumps({"header": header, "cells": cells, "noop": noop}, indent=2))
-    print(f"written: {RESULTS / 'peers.md'} and peers.json")
+    stem = f"peers-{args.label}" if args.label else "peers"
+    if args.ray_env:
+        header += f"; Spillway's Ray nodes ran with {' '.join(args.ray_env)}"
+    (RESULTS / f"{stem}.md").write_text(header + "\n\n" + table + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"header": header, "cells": cells, "noop": noop}, indent=2))
+    print(f"written: {RESULTS / stem}.md and .json")
 
 
 def main() -> None:
@@ -364,6 +367,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--noop-requests", type=int, default=30)
     parser.add_argument("--no-start", action="store_true", help="targets are already running on their ports")
+    parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for Spillway's Ray nodes (e.g. Ray Serve tuning flags); repeatable")
+    parser.add_argument("--label", default="", help="suffix for the result files (peers-<label>.md)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
@@ -372,6 +378,10 @@ def main() -> None:
         sys.exit(f"unknown targets {sorted(unknown)}; known: {sorted(TARGETS)}")
 
     from deployments.sources import resolve_model_source
+
+    for pair in args.ray_env:
+        key, _, value = pair.partition("=")
+        os.environ[key] = value  # inherited by the `ray start` processes of Spillway's local cluster
 
     RESULTS.mkdir(exist_ok=True)
     model_path = resolve_model_source("builtin:dense")
