@@ -15,12 +15,14 @@ then ``str`` items: for a stream, the SSE events exactly as vLLM produced them
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from deployments.stream_server import StreamServer
 from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
 
@@ -185,10 +187,12 @@ class EngineServer:
             self._engine.shutdown()
             self._engine = None
 
-    async def generate(
+    async def open(
         self, endpoint: str, body: dict, request_id: str, trace_headers: dict[str, str] | None = None,
-    ) -> AsyncIterator[tuple[int, str] | str]:
-        """Run one OpenAI request. Yields ``(status, replica_id)``, then the body or the SSE events.
+    ) -> "Opened":
+        """Start one OpenAI request. A complete answer (an error, a non-streamed body) comes back
+        whole; a stream comes back as its SSE event iterator, which the caller must consume or
+        close (closing aborts the request in vLLM).
 
         ``trace_headers`` (traceparent/tracestate) reach vLLM as request headers, so its own
         request span becomes a child of the router's generation span."""
@@ -204,33 +208,93 @@ class EngineServer:
         elif endpoint == ENDPOINT_COMPLETIONS:
             request_cls, create = CompletionRequest, self._completion.create_completion
         else:
-            yield 404, replica
-            yield _json(error_body(f"unknown endpoint {endpoint!r}", "invalid_request_error", 404))
-            return
+            return Opened(404, replica, _json(error_body(f"unknown endpoint {endpoint!r}", "invalid_request_error", 404)))
         try:
             request = request_cls.model_validate({**body, "request_id": request_id})
         except ValidationError as exc:
-            yield 400, replica
-            yield _json(error_body(_validation_message(exc), "invalid_request_error", 400, param=_validation_param(exc)))
-            return
+            message = _validation_message(exc)
+            return Opened(400, replica, _json(error_body(message, "invalid_request_error", 400,
+                                                         param=_validation_param(exc))))
         self._in_flight += 1
+        streaming = False
         try:
             try:
                 result = await create(request, _raw_request(trace_headers))
             except Exception as exc:  # noqa: BLE001 - vLLM raises some request errors instead of returning them
                 result = create_error_response(exc)
             if isinstance(result, ErrorResponse):
-                yield result.error.code, replica
-                yield _json(error_body(result.error.message, result.error.type, result.error.code, param=result.error.param))
-            elif hasattr(result, "__anext__"):
-                yield 200, replica
-                async for event in result:
-                    yield event
-            else:
-                yield 200, replica
-                yield result.model_dump_json(exclude_unset=False)
+                error = result.error
+                return Opened(error.code, replica,
+                              _json(error_body(error.message, error.type, error.code, param=error.param)))
+            if hasattr(result, "__anext__"):
+                streaming = True
+                return Opened(200, replica, events=self._counted(result))
+            return Opened(200, replica, result.model_dump_json(exclude_unset=False))
         finally:
+            if not streaming:
+                self._in_flight -= 1
+
+    def _counted(self, events: AsyncIterator[str]) -> "_CountedStream":
+        def left() -> None:
             self._in_flight -= 1
+
+        return _CountedStream(events, left)
+
+    async def generate(
+        self, endpoint: str, body: dict, request_id: str, trace_headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[tuple[int, str] | str]:
+        """Run one OpenAI request over a Ray streaming call: ``(status, replica_id)``, then the body
+        or the SSE events. (The router's fast path is ``open`` plus a direct stream.)"""
+        opened = await self.open(endpoint, body, request_id, trace_headers)
+        yield opened.status, opened.replica
+        if opened.events is None:
+            yield opened.body
+            return
+        events = opened.events
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+
+class _CountedStream:
+    """A stream's events that leave ``in_flight`` exactly once, however the stream ends: finished,
+    failed, or closed (even before its first event, when a parked stream is never claimed)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close):
+        self._events = events
+        self._on_close = on_close
+        self._closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._events.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._on_close()
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclass
+class Opened:
+    """A started request: a complete ``body``, or the ``events`` of a stream."""
+
+    status: int
+    replica: str
+    body: str | None = None
+    events: AsyncIterator[str] | None = None
 
 
 def _raw_request(trace_headers: dict[str, str] | None):
@@ -287,6 +351,29 @@ class EngineReplica:
             TracingConfig.model_validate(tracing) if tracing else None, replica_id,
         )
         await self._server.start()
+        self._streams = StreamServer()
+        await self._streams.start(ray.util.get_node_ip_address())
+
+    async def open(self, endpoint: str, body: dict, request_id: str, trace_headers: dict | None = None):
+        """Serve streaming call with one item, the reply: a complete answer, or the address of a
+        parked stream the router reads over a direct connection (deployments/stream_server.py).
+        For a stream the call then stays open until the stream is over, so Serve counts it as
+        an ongoing request (replica choice, max_ongoing_requests, graceful drain)."""
+        opened = await self._server.open(endpoint, body, request_id, trace_headers)
+        reply = {"status": opened.status, "replica": opened.replica}
+        if opened.events is None:
+            reply["body"] = opened.body
+            yield reply
+            return
+        over = asyncio.Event()
+        token = self._streams.park(opened.events, over.set)
+        reply.update(host=self._streams.host, port=self._streams.port, token=token)
+        try:
+            yield reply
+            await over.wait()
+        finally:
+            # Cancelled before the router claimed the stream (it could not connect, or went away).
+            await self._streams.discard(token)
 
     async def generate(self, endpoint: str, body: dict, request_id: str, trace_headers: dict | None = None):
         async for item in self._server.generate(endpoint, body, request_id, trace_headers):
@@ -303,7 +390,8 @@ class EngineReplica:
         await self._server.check_health()
 
     def __del__(self):
-        # Serve has already drained in-flight requests (graceful_shutdown_timeout_s).
+        # Serve has already drained in-flight requests, direct streams included: each stream's
+        # `open` call stays open until the stream is over (graceful_shutdown_timeout_s).
         try:
             self._server.shutdown()
         except Exception:  # noqa: BLE001 - interpreter teardown; nothing left to report to

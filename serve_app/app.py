@@ -26,6 +26,10 @@ from serve_app.ingress import Router
 # A sliver of the site resource: enough to pin a bundle to the site's nodes without
 # limiting how many replicas fit there (nodes declare e.g. site:onprem=1000).
 SITE_RESOURCE_PER_BUNDLE = 0.001
+# Serve runs a replica's user code on its own thread and event loop by default, so every message
+# (every streamed chunk, every handle call) crosses threads. Spillway's router and engines never
+# block their loop, so they run on the replica's main loop (benchmarks/NOTES.md has the effect).
+LEAN_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 30.0
 PROJECT_ROOT = DEFAULT_CONFIG_PATH.parent.parent
@@ -58,7 +62,7 @@ def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConf
     actor_options: dict[str, Any] = {
         "num_cpus": model.resources.num_cpus,
         "resources": {site.resource: SITE_RESOURCE_PER_BUNDLE},
-        "runtime_env": {"env_vars": engine_env(model, site, config.tracing)},
+        "runtime_env": {"env_vars": {**LEAN_REPLICA_ENV, **engine_env(model, site, config.tracing)}},
     }
     if model.resources.memory_gib:
         actor_options["memory"] = model.resources.memory_gib * 1024**3
@@ -99,6 +103,7 @@ def build_app(config: SpillwayConfig) -> Application:
         ray_actor_options={
             "num_cpus": config.router.num_cpus,
             "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},
+            "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
         },
     )
     return router.bind(config.model_dump(mode="json"), engines)

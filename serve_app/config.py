@@ -280,6 +280,24 @@ class TracingConfig(Strict):
 class HttpConfig(Strict):
     host: str = Field(default="127.0.0.1", description="Address the Serve proxy listens on.")
     port: int = Field(default=8000, gt=0, lt=65536, description="Port the Serve proxy listens on.")
+    direct_ingress: bool = Field(
+        default=False,
+        description="Router replicas serve HTTP themselves (Ray Serve's direct ingress): no Serve proxy, so one "
+        "process fewer touches every token. The first router replica on a node listens on `port`, further ones on "
+        "the next ports (put HAProxy or another balancer in front of several). Every Ray node needs "
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=<port>; `spillway up "
+        "--local` sets both.",
+    )
+
+    def direct_ingress_env(self, router_replicas: int) -> dict[str, str]:
+        """Environment for every Ray node when ``direct_ingress`` is on (else empty)."""
+        if not self.direct_ingress:
+            return {}
+        return {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.port + router_replicas + 8),
+        }
 
 
 class LocalNodeConfig(Strict):

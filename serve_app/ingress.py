@@ -116,7 +116,7 @@ def _is_dispatch_failure(exc: BaseException) -> bool:
     """True for failures that mean 'this site could not run the request' (try another)."""
     import ray.exceptions
 
-    return isinstance(exc, (ray.exceptions.RayError, asyncio.TimeoutError, ConnectionError))
+    return isinstance(exc, (ray.exceptions.RayError, asyncio.TimeoutError, OSError))
 
 
 _USAGE_KEY = '"usage":'
@@ -257,6 +257,122 @@ class _Relay:
     def __del__(self):
         # A response that was never sent (client gone before the first byte) must not leak its slot.
         self._finish(StreamSummary(failed=True))
+
+
+class _StreamRelay:
+    """Relays an engine's direct token stream (see deployments/stream_server.py) to the client.
+
+    Bytes pass through as the socket delivers them: one read may hold several SSE events when the
+    router is behind (coalescing only then, never on a timer). Only complete events are forwarded;
+    a partial event waits for its end. The usage event is read for metrics and dropped when the
+    client did not ask for it. A stream that ends without ``[DONE]`` ends with an explicit error
+    event. However it ends, the connection is closed (the engine then aborts the request) and
+    ``on_finish`` runs exactly once."""
+
+    READ_BYTES = 1 << 16
+
+    def __init__(self, stream: "EngineStream", request_id: str, on_finish, strip_usage: bool = False):
+        self._stream = stream
+        self._request_id = request_id
+        self._on_finish = on_finish
+        self._strip_usage = strip_usage
+        self._done = False
+        self._iterator = self._run()
+
+    def __aiter__(self):
+        return self._iterator
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        summary = StreamSummary()
+        reader = self._stream.reader
+        pending = b""
+        done_seen = False
+        try:
+            while True:
+                try:
+                    chunk = await reader.read(self.READ_BYTES)
+                except (ConnectionError, OSError) as exc:
+                    logger.warning("request %s: engine stream broke: %r", self._request_id, exc)
+                    chunk = b""
+                if not chunk:
+                    break
+                now = time.monotonic()
+                data = pending + chunk
+                cut = data.rfind(b"\n\n")
+                if cut < 0:
+                    pending = data
+                    continue
+                complete, pending = data[:cut + 2], data[cut + 2:]
+                if summary.first_at is None:
+                    summary.first_at = now
+                if complete.endswith(b"data: [DONE]\n\n"):
+                    done_seen = True
+                if b'"choices":[]' in complete:
+                    complete = self._take_usage(complete, summary)
+                else:
+                    summary.last_at = now
+                summary.events += complete.count(b"\n\n") - (1 if done_seen else 0)
+                if complete:
+                    yield complete
+            if not done_seen:
+                logger.warning("request %s: engine stream ended without [DONE]", self._request_id)
+                body = error_body("the engine failed while streaming; the response is incomplete", "engine_error", 502)
+                yield f"data: {json.dumps(body)}\n\n".encode()
+                summary.failed = True
+        except BaseException:
+            summary.failed = True  # client gone (cancelled) or anything unexpected
+            raise
+        finally:
+            self._stream.close()
+            self._finish(summary)
+
+    def _take_usage(self, complete: bytes, summary: StreamSummary) -> bytes:
+        kept = []
+        for event in complete.split(b"\n\n")[:-1]:
+            if b'"choices":[]' in event and b'"usage"' in event:
+                summary.usage = _usage(event.decode())
+                if self._strip_usage:
+                    continue
+            elif event.startswith(b"data: {"):
+                summary.last_at = time.monotonic()
+            kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def _finish(self, summary: StreamSummary) -> None:
+        if not self._done:
+            self._done = True
+            self._on_finish(summary)
+
+    def __del__(self):
+        # A response that was never sent (client gone before the first byte) must not leak its slot.
+        self._stream.close()
+        self._finish(StreamSummary(failed=True))
+
+
+@dataclass
+class EngineStream:
+    """The router's end of an engine's direct token stream, and the Serve call that keeps the
+    request counted on its replica until the stream is over."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    call: Any
+
+    def close(self) -> None:
+        # Closing the socket ends the stream on the engine side, which ends the Serve call.
+        if not self.writer.is_closing():
+            self.writer.close()
+
+
+async def _connect_stream(reply: dict, call, timeout_s: float) -> EngineStream:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(reply["host"], reply["port"]),
+                                                timeout=timeout_s)
+    except BaseException:
+        call.cancel()  # the engine closes the parked stream when its call is cancelled or it expires
+        raise
+    writer.write(reply["token"].encode("ascii") + b"\n")
+    return EngineStream(reader, writer, call)
 
 
 @serve.ingress(api)
@@ -459,7 +575,7 @@ class Router:
             if mode == ROUTING_ONPREM_ONLY else frozenset()
         started = time.monotonic()
         try:
-            slot, status, replica, results = await self._dispatch(
+            slot, status, replica, result = await self._dispatch(
                 scheduler, view, priority, endpoint, body, never, trace)
         except SpillwayError as exc:
             self._metrics.finished(model_id, "none", exc.code or str(exc.status))
@@ -481,11 +597,9 @@ class Router:
         }
         if split is not None:
             headers[HEADER_VARIANT] = model_id
-        if status != 200 or not stream:
-            try:
-                payload = await results.__anext__()
-            finally:
-                scheduler.release(slot)
+        if not isinstance(result, EngineStream):
+            payload = result
+            scheduler.release(slot)
             ttft_ms = (time.monotonic() - started) * 1000
             outcome = "ok" if status == 200 else f"http_{status}"
             usage = _usage(payload) if status == 200 else None
@@ -493,10 +607,9 @@ class Router:
             self._metrics.served(model_id, site, ttft_ms if status == 200 else None, None, usage, cost_per_1k)
             if split is not None:
                 split.record(model_id, error=status != 200, ttft_ms=ttft_ms, output_tokens=usage[1] if usage else 0)
-            if trace.recording:
-                if status == 200:
-                    trace.record_content("gen_ai.completion", payload)
-                trace.finish(outcome, status, **_usage_attributes(usage))
+            if trace.recording and status == 200:
+                trace.record_content("gen_ai.completion", payload)
+            trace.finish(outcome, status, **_usage_attributes(usage))
             return Response(payload, status_code=status, media_type="application/json", headers=headers)
 
         def finish(summary: StreamSummary) -> None:
@@ -511,7 +624,7 @@ class Router:
                              output_tokens=summary.usage[1] if summary.usage else 0)
             trace.finish(outcome, 200, ttft_ms=_round(ttft_ms), itl_ms=_round(itl_ms), **_usage_attributes(summary.usage))
 
-        return StreamingResponse(_Relay(results, request_id, finish, strip_usage), media_type=SSE_MEDIA_TYPE,
+        return StreamingResponse(_StreamRelay(result, request_id, finish, strip_usage), media_type=SSE_MEDIA_TYPE,
                                  headers=headers)
 
     async def _dispatch(
@@ -539,23 +652,30 @@ class Router:
                                          "spillway.spill_reason": slot.spill_reason})
             trace_headers = trace.start_generation(site=slot.group.site, engine_group=slot.group.group_id,
                                                    attempt=attempt)
-            results = None
+            stream = None
             try:
                 target = self._targets[view.model][slot.group.group_id]
-                results = target.handle.options(stream=True).generate.remote(
-                    endpoint, body, view.request_id, trace_headers)
-                status, replica = await asyncio.wait_for(results.__anext__(), timeout=timeout_s)
+                # One Ray call opens the request; a stream's tokens then come over a direct connection.
+                call = target.handle.options(stream=True).open.remote(endpoint, body, view.request_id, trace_headers)
+                try:
+                    reply = await asyncio.wait_for(call.__anext__(), timeout=timeout_s)
+                except BaseException:
+                    call.cancel()
+                    raise
+                status, replica = reply["status"], reply["replica"]
+                if "token" in reply:
+                    stream = await _connect_stream(reply, call, timeout_s)
                 trace.set_generation(replica=replica, status=status)
-                return slot, status, replica, results
+                return slot, status, replica, (stream if stream is not None else reply["body"])
             except asyncio.CancelledError:
-                if results is not None:
-                    results.cancel()
+                if stream is not None:
+                    stream.close()
                 scheduler.release(slot)
                 trace.end_generation(outcome="cancelled")
                 raise
             except Exception as exc:  # noqa: BLE001 - classified just below
-                if results is not None:
-                    results.cancel()
+                if stream is not None:
+                    stream.close()
                 scheduler.release(slot, failed=True)
                 trace.end_generation(outcome=f"failed: {type(exc).__name__}")
                 if not _is_dispatch_failure(exc):

@@ -72,6 +72,7 @@ class LocalCluster:
         pids = []
         env = dict(os.environ)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env.update(self.config.http.direct_ingress_env(self.config.router.replicas))
         log_dir = self.state_file.parent / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         try:

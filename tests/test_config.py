@@ -116,3 +116,13 @@ def test_engine_knobs_pass_through_to_vllm(raw):
     assert args.enable_expert_parallel and args.quantization == "fp8"
     assert args.max_model_len == 4096 and args.model == "org/model"
     assert not args.enable_auto_tool_choice
+
+
+def test_direct_ingress_sets_serve_flags_for_every_node():
+    from serve_app.config import HttpConfig
+
+    assert HttpConfig().direct_ingress_env(2) == {}
+    env = HttpConfig(port=8802, direct_ingress=True).direct_ingress_env(2)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8802"
+    assert int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) > 8802 + 2

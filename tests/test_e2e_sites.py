@@ -6,6 +6,7 @@ Serve to bring them back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -111,17 +112,26 @@ def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_u
     error = json.loads(events[-1][len("data: "):])["error"]
     assert error["type"] == "engine_error" and "incomplete" in error["message"]
 
-    # Dense also runs in the cloud: the request moves there, the client sees a normal answer.
-    raw = client.chat.completions.with_raw_response.create(model=DENSE, messages=HELLO, max_tokens=4, stream=True)
-    assert raw.headers["x-spillway-site"] == "cloud"
-    assert [c for c in raw.parse() if c.choices][-1].choices[0].finish_reason in {"stop", "length"}
+    # Both asked at once, right after the kill, while Serve is still replacing the killed replicas
+    # (a replacement takes over 30 s to load; the router gives up on an engine after
+    # first_response_timeout_s): dense also runs in the cloud, so its request moves there and the
+    # client sees a normal answer; MoE runs only on-prem, so a clean 503 with Retry-After, not a
+    # hang and not a 500.
+    async def both():
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+            dense_body = {"model": DENSE, "messages": HELLO, "max_tokens": 4, "stream": True}
+            moe_body = {"model": MOE, "messages": HELLO, "max_tokens": 4}
+            return await asyncio.gather(http.post("/v1/chat/completions", json=dense_body),
+                                        http.post("/v1/chat/completions", json=moe_body))
 
-    # MoE runs only on-prem: a clean 503 with Retry-After, not a hang and not a 500.
     started = time.monotonic()
-    resp = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MOE, "messages": HELLO, "max_tokens": 4}, timeout=120)
-    assert resp.status_code == 503, resp.text
-    assert int(resp.headers["retry-after"]) >= 1
-    assert resp.json()["error"]["code"] == "engine_unavailable"
+    dense_resp, moe_resp = asyncio.run(both())
+    assert dense_resp.status_code == 200 and dense_resp.headers["x-spillway-site"] == "cloud"
+    chunks = [json.loads(e[6:]) for e in dense_resp.text.split("\n\n") if e.startswith("data: {")]
+    assert [c for c in chunks if c["choices"]][-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+    assert moe_resp.status_code == 503, moe_resp.text
+    assert int(moe_resp.headers["retry-after"]) >= 1
+    assert moe_resp.json()["error"]["code"] == "engine_unavailable"
     assert time.monotonic() - started < 60
 
     # /health says so meanwhile (or the replacement is already up).

@@ -253,3 +253,27 @@ def test_kv_cache_full_group_takes_nothing_until_it_drains():
         assert waiting.done() and waiting.result().group.site == "onprem"
 
     asyncio.run(main())
+
+
+def test_request_waiting_for_a_failed_group_goes_when_its_cooldown_ends():
+    """Only one group, it failed: a new request waits out the cooldown, then is placed without any
+    other event (the re-pump timer fires after the cooldown, never a hair before it)."""
+    import time
+
+    async def main():
+        groups = [EngineGroup("m@onprem", "m", "onprem", 0, DataClass.restricted, 2)]
+        sched = ModelScheduler("m", groups, PlacementPipeline.from_names(),
+                               AdmissionParams(max_queue_len=10, max_queue_wait_ms=5_000),
+                               SpillParams(spill_after_ms=1_000, close_ratio=0.5, min_hold_ms=1_000),
+                               unhealthy_cooldown_s=0.2)
+        results = []
+        for _ in range(5):
+            sched.release(await sched.acquire(req(0)), failed=True)
+            started = time.monotonic()
+            slot = await asyncio.wait_for(sched.acquire(req(1)), timeout=2)
+            results.append(time.monotonic() - started)
+            sched.release(slot)
+        return results
+
+    waits = asyncio.run(main())
+    assert all(0.15 <= w < 1.0 for w in waits), waits

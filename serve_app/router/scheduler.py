@@ -43,6 +43,7 @@ from serve_app.policy.pipeline import (
 SERVICE_TIME_EWMA_ALPHA = 0.2
 INITIAL_SERVICE_MS = 1_000.0
 UNHEALTHY_COOLDOWN_S = 5.0
+REPUMP_SLACK_S = 0.05
 SPILL_REASON_NONE = "none"
 SPILL_REASON_WAIT = "onprem_wait_over_budget"
 SPILL_REASON_FAILOVER = "failover"
@@ -142,9 +143,11 @@ class ModelScheduler:
         if failed:
             self._unhealthy_until[slot.group.group_id] = now + self._cooldown_s
             # Requests waiting for this group must be looked at again when its cooldown ends,
-            # even if nothing else arrives or finishes meanwhile.
+            # even if nothing else arrives or finishes meanwhile. asyncio may run a timer up to
+            # its clock resolution early, when the group would still look unhealthy and nothing
+            # would pump again: wake a little after the cooldown instead.
             try:
-                asyncio.get_running_loop().call_later(self._cooldown_s, self.pump)
+                asyncio.get_running_loop().call_later(self._cooldown_s + REPUMP_SLACK_S, self.pump)
             except RuntimeError:  # no loop (synchronous unit use): the next acquire/release pumps
                 pass
         else:
