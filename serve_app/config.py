@@ -296,8 +296,16 @@ class HttpConfig(Strict):
         return {
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.port + router_replicas + 8),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.direct_ingress_max_port(router_replicas)),
         }
+
+    def direct_ingress_max_port(self, router_replicas: int) -> int:
+        return self.port + router_replicas + 8
+
+    def proxy_port(self, router_replicas: int) -> int:
+        """Serve's own proxy. With direct ingress Serve still starts one on the head node; it gets
+        the port after the routers' range, so `port` itself goes to a router replica."""
+        return self.direct_ingress_max_port(router_replicas) + 1 if self.direct_ingress else self.port
 
 
 class LocalNodeConfig(Strict):

@@ -201,16 +201,15 @@ class StreamSummary:
         return (self.last_at - self.first_at) * 1000 / (tokens - 1)
 
 
-class _Relay:
-    """Streams engine events to the client untouched and frees the slot exactly once, however the
-    stream ends: finished, engine failure (an explicit error event, never a silent truncation),
-    client disconnect (the engine request is cancelled), or never started at all.
+class _RelayBase:
+    """An iterable response body that reports how its stream ended (``on_finish``) exactly once,
+    however it ends: finished, engine failure, client disconnect, or never started at all.
 
     The router always asks the engine for the final usage event (token counts for metrics and
     cost); ``strip_usage`` drops it again when the client did not ask for it."""
 
-    def __init__(self, results, request_id: str, on_finish, strip_usage: bool = False):
-        self._results = results
+    def __init__(self, source, request_id: str, on_finish, strip_usage: bool = False):
+        self._source = source
         self._request_id = request_id
         self._on_finish = on_finish
         self._strip_usage = strip_usage
@@ -220,11 +219,25 @@ class _Relay:
     def __aiter__(self):
         return self._iterator
 
+    def _run(self):
+        raise NotImplementedError
+
+    def _finish(self, summary: StreamSummary) -> None:
+        if not self._done:
+            self._done = True
+            self._on_finish(summary)
+
+
+class _Relay(_RelayBase):
+    """Streams the events of a Ray Serve streaming call (the pow2 baseline's path) untouched; on
+    engine failure the client gets an explicit error event, never a silent truncation; on client
+    disconnect the engine request is cancelled."""
+
     async def _run(self) -> AsyncIterator[str]:
         summary = StreamSummary()
         finished = False
         try:
-            async for event in self._results:
+            async for event in self._source:
                 now = time.monotonic()
                 if summary.first_at is None:
                     summary.first_at = now
@@ -246,20 +259,15 @@ class _Relay:
         finally:
             if not finished:
                 summary.failed = True
-                self._results.cancel()
+                self._source.cancel()
             self._finish(summary)
-
-    def _finish(self, summary: StreamSummary) -> None:
-        if not self._done:
-            self._done = True
-            self._on_finish(summary)
 
     def __del__(self):
         # A response that was never sent (client gone before the first byte) must not leak its slot.
         self._finish(StreamSummary(failed=True))
 
 
-class _StreamRelay:
+class _StreamRelay(_RelayBase):
     """Relays an engine's direct token stream (see deployments/stream_server.py) to the client.
 
     Bytes pass through as the socket delivers them: one read may hold several SSE events when the
@@ -271,20 +279,9 @@ class _StreamRelay:
 
     READ_BYTES = 1 << 16
 
-    def __init__(self, stream: "EngineStream", request_id: str, on_finish, strip_usage: bool = False):
-        self._stream = stream
-        self._request_id = request_id
-        self._on_finish = on_finish
-        self._strip_usage = strip_usage
-        self._done = False
-        self._iterator = self._run()
-
-    def __aiter__(self):
-        return self._iterator
-
     async def _run(self) -> AsyncIterator[bytes]:
         summary = StreamSummary()
-        reader = self._stream.reader
+        reader = self._source.reader
         pending = b""
         done_seen = False
         try:
@@ -323,7 +320,7 @@ class _StreamRelay:
             summary.failed = True  # client gone (cancelled) or anything unexpected
             raise
         finally:
-            self._stream.close()
+            self._source.close()
             self._finish(summary)
 
     def _take_usage(self, complete: bytes, summary: StreamSummary) -> bytes:
@@ -338,14 +335,9 @@ class _StreamRelay:
             kept.append(event + b"\n\n")
         return b"".join(kept)
 
-    def _finish(self, summary: StreamSummary) -> None:
-        if not self._done:
-            self._done = True
-            self._on_finish(summary)
-
     def __del__(self):
         # A response that was never sent (client gone before the first byte) must not leak its slot.
-        self._stream.close()
+        self._source.close()
         self._finish(StreamSummary(failed=True))
 
 

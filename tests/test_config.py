@@ -126,3 +126,6 @@ def test_direct_ingress_sets_serve_flags_for_every_node():
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8802"
     assert int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) > 8802 + 2
+    # Serve's proxy (still started on the head) stays out of the routers' port range.
+    assert HttpConfig(port=8802, direct_ingress=True).proxy_port(2) > int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    assert HttpConfig(port=8802).proxy_port(2) == 8802
