@@ -201,6 +201,7 @@ class EngineServer:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.exceptions import VLLMClientError
 
         replica = self.replica_id
         if endpoint == ENDPOINT_CHAT:
@@ -215,6 +216,11 @@ class EngineServer:
             message = _validation_message(exc)
             return Opened(400, replica, _json(error_body(message, "invalid_request_error", 400,
                                                          param=_validation_param(exc))))
+        except VLLMClientError as exc:
+            # vLLM's own request checks (e.g. stream_options without stream) raise this from a
+            # validator: it is the client's error, never the engine's (no failover, no cooldown).
+            return Opened(400, replica, _json(error_body(f"invalid request: {exc}", "invalid_request_error", 400,
+                                                         param=getattr(exc, "parameter", None))))
         self._in_flight += 1
         streaming = False
         try:

@@ -100,5 +100,18 @@ def test_bad_streaming_request_fails_before_the_stream_starts(http):
     _assert_openai_error(resp, 400)
 
 
+def test_vllm_request_checks_are_400_and_do_not_fail_the_engine(http):
+    """vLLM rejects stream_options without stream in a validator of its own: still the client's
+    error (400 with the parameter), never a 503 that would hold the engine out."""
+    body = {"model": "spillway-dense", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+            "stream_options": {"include_usage": True}}
+    for _ in range(3):  # repeated: a 503 would also have put the engine group in cooldown
+        resp = http.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == "stream_options"
+    ok = http.post("/v1/chat/completions", json={**body, "stream_options": None})
+    assert ok.status_code == 200
+
+
 def test_cluster_still_serves_after_bad_input(client):
     assert client.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=2).choices
