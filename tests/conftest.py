@@ -65,6 +65,9 @@ def e2e_cluster(tmp_path_factory, otlp_receiver):
     config = load_config(config_path)
     cluster = LocalCluster(config, state_file=root / "cluster.json")
     cluster.start(log=print)
+    # Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster, which the newest
+    # `ray start` on this machine rewrites (the direct-ingress test starts a cluster of its own).
+    os.environ["RAY_ADDRESS"] = cluster.address
     try:
         deploy(config, cluster.address, log=print)
         yield config, config_path, f"http://127.0.0.1:{E2E_HTTP_PORT}"

@@ -49,6 +49,7 @@ deploy(config, cluster.address, log=print)
 @pytest.fixture(scope="module")
 def direct_cluster(tmp_path_factory):
     """Started from a child process: this test process stays connected to the session's cluster."""
+    import os
     import subprocess
     import sys
 
@@ -60,8 +61,9 @@ def direct_cluster(tmp_path_factory):
     config = load_config(path)
     state = root / "cluster.json"
     try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the session cluster's
         subprocess.run([sys.executable, "-c", START, str(path), str(state)], check=True, timeout=600,
-                       cwd=DEFAULT_CONFIG_PATH.parent.parent)
+                       cwd=DEFAULT_CONFIG_PATH.parent.parent, env=env)
         yield config, f"http://127.0.0.1:{HTTP_PORT}"
     finally:
         LocalCluster(config, state_file=state).stop(log=print)
