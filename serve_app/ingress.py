@@ -140,6 +140,10 @@ def _usage(payload: str | None) -> tuple[int, int] | None:
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
+_USAGE_ONLY_MARK = b'"choices":[]'
+_USAGE_KEY_BYTES = _USAGE_KEY.encode()
+
+
 def _is_usage_only_event(event: str) -> bool:
     """The final usage chunk of a stream (``"choices":[]`` plus usage), as vLLM writes it."""
     return '"choices":[]' in event and _USAGE_KEY in event
@@ -304,8 +308,8 @@ class _StreamRelay(_RelayBase):
                     summary.first_at = now
                 if complete.endswith(b"data: [DONE]\n\n"):
                     done_seen = True
-                if b'"choices":[]' in complete:
-                    complete = self._take_usage(complete, summary)
+                if _USAGE_ONLY_MARK in complete:
+                    complete = self._take_usage(complete, summary, now)
                 else:
                     summary.last_at = now
                 summary.events += complete.count(b"\n\n") - (1 if done_seen else 0)
@@ -323,15 +327,15 @@ class _StreamRelay(_RelayBase):
             self._source.close()
             self._finish(summary)
 
-    def _take_usage(self, complete: bytes, summary: StreamSummary) -> bytes:
+    def _take_usage(self, complete: bytes, summary: StreamSummary, now: float) -> bytes:
         kept = []
         for event in complete.split(b"\n\n")[:-1]:
-            if b'"choices":[]' in event and b'"usage"' in event:
+            if _USAGE_ONLY_MARK in event and _USAGE_KEY_BYTES in event:
                 summary.usage = _usage(event.decode())
                 if self._strip_usage:
                     continue
             elif event.startswith(b"data: {"):
-                summary.last_at = time.monotonic()
+                summary.last_at = now
             kept.append(event + b"\n\n")
         return b"".join(kept)
 

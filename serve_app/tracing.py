@@ -14,7 +14,6 @@ is a no-op that costs one attribute check per call.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
@@ -142,7 +141,6 @@ class RequestTrace:
         self._tracing = tracing
         self.span = span
         self._generation = None
-        self._started_ns = time.time_ns()
 
     @property
     def recording(self) -> bool:
@@ -151,10 +149,6 @@ class RequestTrace:
     def set(self, **attributes: Any) -> None:
         if self.span is not None:
             self.span.set_attributes({f"spillway.{k}": v for k, v in attributes.items() if v is not None})
-
-    def set_raw(self, attributes: dict[str, Any]) -> None:
-        if self.span is not None:
-            self.span.set_attributes({k: v for k, v in attributes.items() if v is not None})
 
     def record_content(self, name: str, text: str) -> None:
         if self.span is not None and self._tracing.config.record_content and text:
