@@ -22,10 +22,11 @@ class FakeEngineEvents:
 
     def __init__(self, events, delay_s=0.0, fail_after=None):
         self.events, self.delay_s, self.fail_after = list(events), delay_s, fail_after
-        self.closed = False
+        self.closed = self.started = False
         self._iter = self._gen()
 
     async def _gen(self):
+        self.started = True  # vLLM adds the request to its scheduler here
         try:
             for i, event in enumerate(self.events):
                 if self.fail_after is not None and i == self.fail_after:
@@ -174,3 +175,38 @@ def test_events_split_across_reads_are_forwarded_whole():
     assert all(chunk.endswith(b"\n\n") for chunk in chunks)
     assert b"".join(chunks) == (token_event(0) + "data: [DONE]\n\n").encode()
     assert finished[0].usage == (7, 3) and not finished[0].failed
+
+
+def test_the_engine_starts_before_the_router_claims_the_stream():
+    async def main():
+        server = StreamServer()
+        await server.start("127.0.0.1", bind="127.0.0.1")
+        engine = FakeEngineEvents([token_event(0), "data: [DONE]\n\n"])
+        token = server.park(engine)
+        await asyncio.sleep(0.05)
+        started_before_claim = engine.started
+        finished = []
+        relay = _StreamRelay(await _open(server, token), "r6", finished.append)
+        received = b"".join([chunk async for chunk in relay])
+        await server.close()
+        return started_before_claim, received, finished
+
+    started_before_claim, received, finished = _run(main())
+    assert started_before_claim
+    assert received == (token_event(0) + "data: [DONE]\n\n").encode() and not finished[0].failed
+
+
+def test_an_unclaimed_stream_still_waiting_for_its_first_token_is_aborted():
+    async def main():
+        server = StreamServer(claim_timeout_s=0.1)
+        await server.start("127.0.0.1", bind="127.0.0.1")
+        # The first token would take 30 s: the claim timeout must cancel that wait, not sit it out.
+        engine, done = FakeEngineEvents([token_event(0)], delay_s=30), asyncio.Event()
+        server.park(engine, done.set)
+        await asyncio.wait_for(done.wait(), 5)
+        parked = server.parked
+        await server.close()
+        return engine, parked
+
+    engine, parked = _run(main())
+    assert engine.started and engine.closed and parked == 0
