@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from deployments.stream_server import StreamServer
+from deployments.stream_server import StreamServer, register_gate, unregister_gate
 from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
 
@@ -351,14 +351,19 @@ class EngineReplica:
         from ray import serve
 
         node_id = ray.get_runtime_context().get_node_id()
-        replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        replica_id = context.replica_id.unique_id
         self._server = EngineServer(
             model_config, SiteConfig.model_validate(site), model_path, node_id,
             TracingConfig.model_validate(tracing) if tracing else None, replica_id,
         )
         await self._server.start()
-        self._streams = StreamServer()
+        self._drain_timeout_s = model_config.graceful_shutdown_timeout_s
+        self._streams = StreamServer(deployment=context.deployment, handler=self._server.open)
         await self._streams.start(ray.util.get_node_ip_address())
+        # Routers find this replica here and send it requests directly (see stream_server.py).
+        self._gate_key = register_gate(context.app_name, context.deployment, replica_id,
+                                       self._streams.host, self._streams.port)
 
     async def open(self, endpoint: str, body: dict, request_id: str, trace_headers: dict | None = None):
         """Serve streaming call with one item, the reply: a complete answer, or the address of a
@@ -395,10 +400,18 @@ class EngineReplica:
     async def check_health(self) -> None:
         await self._server.check_health()
 
-    def __del__(self):
-        # Serve has already drained in-flight requests, direct streams included: each stream's
-        # `open` call stays open until the stream is over (graceful_shutdown_timeout_s).
+    async def __del__(self):
+        # Serve has drained the requests it carried (a parked stream's `open` call stays open until
+        # the stream is over). Direct requests are this replica's to drain: leave the routers'
+        # list, answer new ones "retry" (routers then go through Serve, which routes elsewhere),
+        # and let the running ones finish, within the graceful shutdown time.
         try:
+            unregister_gate(self._gate_key)
+        except Exception:  # noqa: BLE001 - the GCS may be gone at teardown
+            pass
+        try:
+            if not await self._streams.drain(self._drain_timeout_s):
+                logger.warning("%d direct requests were still running at shutdown", self._streams.direct_active)
             self._server.shutdown()
         except Exception:  # noqa: BLE001 - interpreter teardown; nothing left to report to
             pass

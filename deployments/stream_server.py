@@ -17,20 +17,37 @@ to the router and the router connects, instead of after.
 Lifecycle: a parked stream not claimed within ``claim_timeout_s`` is closed (vLLM aborts the
 request). A router that disconnects makes the next write fail, which closes the iterator (vLLM
 aborts). The token is 128 random bits and is single use.
+
+Direct requests (the router's fast path, serve_app/router/gates.py): the same server also takes
+whole requests, skipping the Ray call. A router keeps connections to each engine replica it knows
+(replicas list their address in Ray's KV store, ``register``) and writes one request per line, a
+JSON frame ``{"deployment", "endpoint", "body", "request_id", "trace_headers"}``. The reply is a JSON
+header line ``{"status", "replica", "length"}`` followed by ``length`` bytes of body, or, for a
+stream, a header without ``length`` followed by the SSE events; a stream ends at
+``data: [DONE]`` (the connection then takes the next request) or, when the engine fails, at the
+connection's close. A replica that is draining, or is not the deployment the frame names, answers
+``{"status": 503, "retry": true}`` and the router sends the request the other way (through Serve).
+A router that closes the connection mid-stream aborts the request, as above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 logger = logging.getLogger("spillway.engine.stream")
 
 TOKEN_BYTES = 16
 CLAIM_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
+DONE_EVENT = b"data: [DONE]\n\n"
+KV_NAMESPACE = "spillway_gates"
+
+# (endpoint, body, request_id, trace_headers) -> an object with status, replica, body | events
+RequestHandler = Callable[[str, dict, str, "dict | None"], Awaitable[Any]]
 
 
 class _Parked:
@@ -52,10 +69,17 @@ async def _next_event(events: AsyncIterator[str]) -> str | None:
 
 
 class StreamServer:
-    def __init__(self, claim_timeout_s: float = CLAIM_TIMEOUT_S):
+    def __init__(self, claim_timeout_s: float = CLAIM_TIMEOUT_S, deployment: str | None = None,
+                 handler: RequestHandler | None = None):
         self._claim_timeout_s = claim_timeout_s
         self._parked: dict[str, _Parked] = {}
         self._server: asyncio.base_events.Server | None = None
+        self._deployment = deployment
+        self._handler = handler
+        self._direct_active = 0
+        self._direct_idle = asyncio.Event()
+        self._direct_idle.set()
+        self.draining = False
         self.host: str | None = None
         self.port: int | None = None
 
@@ -89,10 +113,26 @@ class StreamServer:
             logger.warning("stream %s... was never claimed; closing it", token[:8])
             asyncio.get_running_loop().create_task(_close(parked))
 
+    @property
+    def direct_active(self) -> int:
+        return self._direct_active
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Take no new direct requests; wait up to ``timeout_s`` for those running. True if none is left."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._direct_idle.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parked = None
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=HANDSHAKE_TIMEOUT_S)
+            if line.startswith(b"{"):
+                await self._serve_requests(line, reader, writer)
+                return
             parked = self._parked.pop(line.strip().decode("ascii", "replace"), None)
             if parked is None:
                 return
@@ -109,6 +149,60 @@ class StreamServer:
             if parked is not None:
                 await _close(parked)
             writer.close()
+
+    async def _serve_requests(self, line: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One direct request per frame, in turn, until the router closes the connection or a
+        stream ends without ``[DONE]`` (the close then tells the router the stream broke)."""
+        while line:
+            try:
+                frame = json.loads(line)
+                frame["endpoint"], frame["body"], frame["request_id"]
+            except (ValueError, KeyError, TypeError):
+                logger.warning("malformed direct request frame; closing the connection")
+                return
+            if self._handler is None or self.draining or frame.get("deployment") != self._deployment:
+                writer.write(b'{"status":503,"retry":true}\n')
+                await writer.drain()
+                return
+            self._direct_active += 1
+            self._direct_idle.clear()
+            try:
+                opened = await self._handler(frame["endpoint"], frame["body"], frame["request_id"],
+                                             frame.get("trace_headers"))
+                if opened.events is None:
+                    data = opened.body.encode()
+                    writer.write(b"%s\n%s" % (json.dumps({"status": opened.status, "replica": opened.replica,
+                                                           "length": len(data)}).encode(), data))
+                elif not await self._pump(opened, writer):
+                    return
+            finally:
+                self._direct_active -= 1
+                if not self._direct_active:
+                    self._direct_idle.set()
+            await writer.drain()
+            line = await reader.readline()
+
+    @staticmethod
+    async def _pump(opened, writer: asyncio.StreamWriter) -> bool:
+        """Write a stream's events as they come; True when it ended with ``[DONE]``."""
+        events = opened.events
+        last = b""
+        try:
+            writer.write(json.dumps({"status": opened.status, "replica": opened.replica}).encode() + b"\n")
+            async for event in events:
+                last = event.encode()
+                writer.write(last)
+                await writer.drain()  # returns at once unless the router is behind
+        except ConnectionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the engine failed mid-stream: the close tells the router
+            logger.warning("direct stream failed: %r", exc)
+            return False
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()  # an early exit (router gone) aborts the request in vLLM
+        return last.endswith(DONE_EVENT)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -134,3 +228,40 @@ async def _close(parked: _Parked) -> None:
         pass
     finally:
         parked.on_done()
+
+
+# ---- where routers find engine replicas (Ray's KV store) ---------------------------------------
+# One key per replica, the address in the key itself, so a router lists a deployment's replicas
+# with one call: "<app>/<deployment>/<replica_id>/<host>:<port>".
+
+
+def gate_prefix(app: str, deployment: str) -> str:
+    return f"{app}/{deployment}/"
+
+
+def register_gate(app: str, deployment: str, replica_id: str, host: str, port: int) -> str:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    key = f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}"
+    _internal_kv_put(key, b"", namespace=KV_NAMESPACE)
+    return key
+
+
+def unregister_gate(key: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(key, namespace=KV_NAMESPACE)
+
+
+def list_gates(app: str, deployment: str) -> list[tuple[str, str, int]]:
+    """``(replica_id, host, port)`` of each registered replica of a deployment."""
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    prefix = gate_prefix(app, deployment)
+    gates = []
+    for key in _internal_kv_list(prefix, namespace=KV_NAMESPACE):
+        replica_id, _, address = key.decode()[len(prefix):].partition("/")
+        host, _, port = address.rpartition(":")
+        if replica_id and host and port.isdigit():
+            gates.append((replica_id, host, int(port)))
+    return gates

@@ -219,6 +219,12 @@ class RouterConfig(Strict):
         description="Longest the router waits for an engine to accept a request (first response) before "
         "trying the next site, and finally answering 503.",
     )
+    direct_dispatch: bool = Field(
+        default=True,
+        description="Send requests straight to engine replicas over their stream servers (replicas list their "
+        "address in Ray's KV store) instead of one Ray Serve call each; Serve remains the fallback for a replica "
+        "the router does not know yet, one that refuses, or one that is draining.",
+    )
 
 
 TracingExporter = Literal["none", "console", "otlp-http", "otlp-grpc", "memory"]

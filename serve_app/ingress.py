@@ -41,6 +41,7 @@ from serve_app.errors import (
 from serve_app.policy.classify import HEADER_DATA_CLASS, Classifier, DataClass, request_texts
 from serve_app.policy.pipeline import RequestView
 from serve_app.policy.splits import TrafficSplit, Variant
+from serve_app.router.gates import DirectStream, GateDirectory, GateUnavailable
 from serve_app.router.placement import EngineTarget, build_schedulers, build_targets
 from serve_app.router.metrics import RouterMetrics
 from serve_app.router.scheduler import ModelScheduler
@@ -66,6 +67,7 @@ PRIORITY_RANGE = (-10, 10)
 RETRY_PRIORITY_BOOST = 1_000
 RETRY_AFTER_UNAVAILABLE_S = 5
 HEALTH_PROBE_TIMEOUT_S = 5.0
+GATE_REFRESH_S = 2.0
 
 api = FastAPI(title="Spillway", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -315,6 +317,8 @@ class _StreamRelay(_RelayBase):
                 summary.events += complete.count(b"\n\n") - (1 if done_seen else 0)
                 if complete:
                     yield complete
+                if done_seen:
+                    break  # a direct connection stays open for the next request
             if not done_seen:
                 logger.warning("request %s: engine stream ended without [DONE]", self._request_id)
                 body = error_body("the engine failed while streaming; the response is incomplete", "engine_error", 502)
@@ -324,7 +328,7 @@ class _StreamRelay(_RelayBase):
             summary.failed = True  # client gone (cancelled) or anything unexpected
             raise
         finally:
-            self._source.close()
+            self._source.close(reusable=done_seen and not pending and not summary.failed)
             self._finish(summary)
 
     def _take_usage(self, complete: bytes, summary: StreamSummary, now: float) -> bytes:
@@ -354,7 +358,7 @@ class EngineStream:
     writer: asyncio.StreamWriter
     call: Any
 
-    def close(self) -> None:
+    def close(self, reusable: bool = False) -> None:
         # Closing the socket ends the stream on the engine side, which ends the Serve call.
         if not self.writer.is_closing():
             self.writer.close()
@@ -384,6 +388,13 @@ class Router:
         self._metrics = RouterMetrics()
         self._tracing = Tracing(self._config.tracing)
         self._load_poller: asyncio.Task | None = None
+        self._gate_refresher: asyncio.Task | None = None
+        self._gates: GateDirectory | None = None
+        if self._config.router.direct_dispatch:
+            self._gates = GateDirectory()
+            for by_group in self._targets.values():
+                for target in by_group.values():
+                    self._gates.watch(target.handle.app_name, target.handle.deployment_name)
         self._replica_tag = uuid.uuid4().hex[:8]
         self._splits = {
             alias: TrafficSplit(alias, [Variant(model, weight) for model, weight in split.variants.items()])
@@ -442,7 +453,9 @@ class Router:
                     for v in scheduler.views()
                 },
             }
-        return JSONResponse({"router_replica": self._replica_tag, "models": report}, headers=self._site_headers)
+        dispatch = self._gates.report() if self._gates is not None else None
+        return JSONResponse({"router_replica": self._replica_tag, "models": report, "direct_dispatch": dispatch},
+                            headers=self._site_headers)
 
     @api.get("/v1/spillway/splits")
     async def split_stats(self) -> Response:
@@ -488,6 +501,14 @@ class Router:
     def _ensure_load_poller(self) -> None:
         if self._load_poller is None or self._load_poller.done():
             self._load_poller = asyncio.get_running_loop().create_task(self._poll_engine_load())
+        if self._gates is not None and (self._gate_refresher is None or self._gate_refresher.done()):
+            self._gate_refresher = asyncio.get_running_loop().create_task(self._refresh_gates())
+
+    async def _refresh_gates(self) -> None:
+        """Which engine replicas take direct requests (their addresses in Ray's KV store)."""
+        while True:
+            await asyncio.to_thread(self._gates.refresh)
+            await asyncio.sleep(GATE_REFRESH_S)
 
     async def _poll_engine_load(self) -> None:
         """Live engine load: KV-cache use (a full cache takes no new request) and, with several
@@ -593,7 +614,7 @@ class Router:
         }
         if split is not None:
             headers[HEADER_VARIANT] = model_id
-        if not isinstance(result, EngineStream):
+        if not isinstance(result, (EngineStream, DirectStream)):
             payload = result
             scheduler.release(slot)
             ttft_ms = (time.monotonic() - started) * 1000
@@ -651,6 +672,11 @@ class Router:
             stream = None
             try:
                 target = self._targets[view.model][slot.group.group_id]
+                direct = await self._dispatch_direct(target, endpoint, body, view.request_id, trace_headers, timeout_s)
+                if direct is not None:
+                    status, replica, result = direct
+                    trace.set_generation(replica=replica, status=status)
+                    return slot, status, replica, result
                 # One Ray call opens the request; a stream's tokens then come over a direct connection.
                 call = target.handle.options(stream=True).open.remote(endpoint, body, view.request_id, trace_headers)
                 try:
@@ -683,6 +709,26 @@ class Router:
             f"no engine could take the request for model '{view.model}' ({'; '.join(failures)}); retry later",
             retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
         )
+
+    async def _dispatch_direct(self, target: EngineTarget, endpoint: str, body: dict, request_id: str,
+                               trace_headers: dict | None, timeout_s: float):
+        """The request straight to a replica of the target (see serve_app/router/gates.py); None
+        when there is no replica to send it to that way, and the Serve call must carry it."""
+        if self._gates is None:
+            return None
+        handle = target.handle
+        gate = self._gates.pick(handle.app_name, handle.deployment_name)
+        if gate is not None:
+            try:
+                opened = await gate.request(handle.deployment_name, endpoint, body, request_id, trace_headers, timeout_s)
+            except GateUnavailable as exc:
+                logger.info("request %s: direct path to %s unavailable (%s); using the Serve call",
+                            request_id, handle.deployment_name, exc)
+            else:
+                self._gates.direct += 1
+                return opened
+        self._gates.fallback += 1
+        return None
 
     async def _serve_pow2(self, scheduler: ModelScheduler, view: RequestView, classification, endpoint: str,
                           body: dict, strip_usage: bool):
