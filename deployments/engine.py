@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from deployments.stream_server import StreamServer, register_gate, unregister_gate
+from deployments.stream_server import REGISTER_EVERY_S, StreamServer, register_gate, unregister_gate
 from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
 
@@ -362,8 +362,19 @@ class EngineReplica:
         self._streams = StreamServer(deployment=context.deployment, handler=self._server.open)
         await self._streams.start(ray.util.get_node_ip_address())
         # Routers find this replica here and send it requests directly (see stream_server.py).
-        self._gate_key = register_gate(context.app_name, context.deployment, replica_id,
-                                       self._streams.host, self._streams.port)
+        gate = (context.app_name, context.deployment, replica_id, self._streams.host, self._streams.port)
+        self._gate_key = register_gate(*gate)
+        self._registrar = asyncio.get_running_loop().create_task(self._keep_registered(gate))
+
+    async def _keep_registered(self, gate: tuple) -> None:
+        while not self._streams.draining:
+            await asyncio.sleep(REGISTER_EVERY_S)
+            if self._streams.draining:
+                return
+            try:
+                await asyncio.to_thread(register_gate, *gate)
+            except Exception as exc:  # noqa: BLE001 - try again next time; routers keep what they know
+                logger.warning("could not list this replica for direct requests: %r", exc)
 
     async def open(self, endpoint: str, body: dict, request_id: str, trace_headers: dict | None = None):
         """Serve streaming call with one item, the reply: a complete answer, or the address of a
@@ -406,6 +417,8 @@ class EngineReplica:
         # list, answer new ones "retry" (routers then go through Serve, which routes elsewhere),
         # and let the running ones finish, within the graceful shutdown time.
         try:
+            self._streams.draining = True
+            self._registrar.cancel()
             unregister_gate(self._gate_key)
         except Exception:  # noqa: BLE001 - the GCS may be gone at teardown
             pass

@@ -232,7 +232,10 @@ async def _close(parked: _Parked) -> None:
 
 # ---- where routers find engine replicas (Ray's KV store) ---------------------------------------
 # One key per replica, the address in the key itself, so a router lists a deployment's replicas
-# with one call: "<app>/<deployment>/<replica_id>/<host>:<port>".
+# with one call: "<app>/<deployment>/<replica_id>/<host>:<port>". A replica writes its key again
+# every REGISTER_EVERY_S, so a router that removed a key it could not connect to (a replica that
+# died without removing it) never loses a live replica for long.
+REGISTER_EVERY_S = 10.0
 
 
 def gate_prefix(app: str, deployment: str) -> str:
@@ -245,6 +248,10 @@ def register_gate(app: str, deployment: str, replica_id: str, host: str, port: i
     key = f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}"
     _internal_kv_put(key, b"", namespace=KV_NAMESPACE)
     return key
+
+
+def unregister_gate_address(app: str, deployment: str, replica_id: str, host: str, port: int) -> None:
+    unregister_gate(f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}")
 
 
 def unregister_gate(key: str) -> None:

@@ -439,6 +439,7 @@ class Router:
     @api.get("/v1/spillway/scheduler")
     async def scheduler_state(self) -> Response:
         """This router replica's view: queue length, slots in use per engine group, spill gate."""
+        self._ensure_load_poller()
         report = {}
         for model_id, scheduler in self._schedulers.items():
             report[model_id] = {
@@ -724,6 +725,8 @@ class Router:
             except GateUnavailable as exc:
                 logger.info("request %s: direct path to %s unavailable (%s); using the Serve call",
                             request_id, handle.deployment_name, exc)
+                if exc.gone:
+                    await asyncio.to_thread(self._gates.forget, handle.app_name, handle.deployment_name, gate)
             else:
                 self._gates.direct += 1
                 return opened

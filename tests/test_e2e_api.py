@@ -216,12 +216,13 @@ def test_client_disconnect_mid_stream_frees_the_engine(base_url, client):
             lines = resp.iter_lines()
             got = [next(lines) for _ in range(6)]
             assert any(line.startswith("data: ") for line in got)
-            assert _engine_stats(base_url, DENSE)["in_flight"] >= 1
+            assert _engine_stats(base_url, DENSE, resp.headers["x-spillway-site"])["in_flight"] >= 1
         # Leaving the block closes the connection mid-stream.
+        site = resp.headers["x-spillway-site"]
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _engine_stats(base_url, DENSE)["in_flight"] > 0:
+    while time.monotonic() < deadline and _engine_stats(base_url, DENSE, site)["in_flight"] > 0:
         time.sleep(0.5)
-    stats = _engine_stats(base_url, DENSE)
+    stats = _engine_stats(base_url, DENSE, site)
     assert stats["in_flight"] == 0, stats
     assert stats["healthy"]
     completion = client.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=4)

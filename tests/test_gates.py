@@ -96,8 +96,9 @@ def test_a_draining_replica_sends_the_request_elsewhere_and_is_skipped():
         directory.watch("app", DEPLOYMENT)
         directory.refresh()
         gate = directory.pick("app", DEPLOYMENT)
-        with pytest.raises(GateUnavailable, match="draining"):
+        with pytest.raises(GateUnavailable, match="draining") as info:
             await gate.request(DEPLOYMENT, "chat", {"messages": []}, "a", None, 5)
+        assert not info.value.gone  # a draining replica stays listed until it leaves by itself
         after = directory.pick("app", DEPLOYMENT)
         await server.close()
         return engine, gate, after
@@ -125,13 +126,22 @@ def test_a_refused_connection_is_unavailable_not_an_error():
         server = await _server(FakeEngine())
         port = server.port
         await server.close()
-        gate = Gate("r-1", "127.0.0.1", port)
-        with pytest.raises(GateUnavailable):
+        removed = []
+        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", port)],
+                                  remover=lambda *gate: removed.append(gate))
+        directory.watch("app", DEPLOYMENT)
+        directory.refresh()
+        gate = directory.pick("app", DEPLOYMENT)
+        with pytest.raises(GateUnavailable) as info:
             await gate.request(DEPLOYMENT, "chat", {"messages": []}, "a", None, 5)
-        return gate
+        assert info.value.gone  # nothing listens there: the router drops it from the shared list
+        directory.forget("app", DEPLOYMENT, gate)
+        return gate, removed, directory
 
-    gate = _run(main())
+    gate, removed, directory = _run(main())
     assert gate.in_flight == 0 and gate.down_until > 0
+    assert removed == [("app", DEPLOYMENT, "r-1", "127.0.0.1", gate.port)]
+    assert directory.report()["replicas"] == {DEPLOYMENT: []}
 
 
 def test_a_stale_pooled_connection_is_replaced_transparently():

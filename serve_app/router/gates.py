@@ -25,12 +25,18 @@ from typing import Any, Callable
 
 logger = logging.getLogger("spillway.router.gates")
 
-DOWN_FOR_S = 5.0  # a replica that refused a connection is skipped this long
+DOWN_FOR_S = 5.0  # a replica that asked to retry elsewhere is skipped this long
+CONNECT_TIMEOUT_S = 2.0
 MAX_IDLE_PER_GATE = 64
 
 
 class GateUnavailable(Exception):
-    """The replica could not take the request; nothing was started (send it another way)."""
+    """The replica could not take the request; nothing was started (send it another way).
+    ``gone``: nothing listens at its address (a replica that died without leaving the list)."""
+
+    def __init__(self, message: str, gone: bool = False):
+        super().__init__(message)
+        self.gone = gone
 
 
 @dataclass
@@ -94,10 +100,10 @@ class Gate:
             else:
                 try:
                     reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
-                                                            timeout=min(timeout_s, 5.0))
+                                                            timeout=min(timeout_s, CONNECT_TIMEOUT_S))
                 except (OSError, asyncio.TimeoutError) as exc:
                     self.down_until = time.monotonic() + DOWN_FOR_S
-                    raise GateUnavailable(f"{self.host}:{self.port}: {exc!r}") from exc
+                    raise GateUnavailable(f"{self.host}:{self.port}: {exc!r}", gone=True) from exc
             try:
                 writer.write(frame)
                 line = await asyncio.wait_for(reader.readline(), timeout=timeout_s)
@@ -147,10 +153,14 @@ class Gate:
 class GateDirectory:
     """The engine replicas this router can reach directly, per deployment (refreshed from Ray's KV)."""
 
-    def __init__(self, lister: Callable[[str, str], list[tuple[str, str, int]]] | None = None):
+    def __init__(self, lister: Callable[[str, str], list[tuple[str, str, int]]] | None = None,
+                 remover: Callable[[str, str, str, str, int], None] | None = None):
         if lister is None:
             from deployments.stream_server import list_gates as lister
+        if remover is None:
+            from deployments.stream_server import unregister_gate_address as remover
         self._lister = lister
+        self._remover = remover
         self._gates: dict[tuple[str, str], dict[str, Gate]] = {}
         self.direct = 0
         self.fallback = 0
@@ -180,6 +190,18 @@ class GateDirectory:
             if fresh.get(replica) is not gate:
                 gate.close()  # gone (idle connections only; running streams finish on their own)
         self._gates[key] = fresh
+
+    def forget(self, app: str, deployment: str, gate: Gate) -> None:
+        """Drop a replica nothing listens for any more, here and from the shared list (sync: call
+        it off the event loop). A live replica lists itself again within seconds if this was wrong."""
+        gates = self._gates.get((app, deployment), {})
+        if gates.get(gate.replica) is gate:
+            del gates[gate.replica]
+        gate.close()
+        try:
+            self._remover(app, deployment, gate.replica, gate.host, gate.port)
+        except Exception as exc:  # noqa: BLE001 - the next refresh shows it again; it is skipped while down
+            logger.warning("could not remove %s of %s from the replica list: %r", gate.replica, deployment, exc)
 
     def pick(self, app: str, deployment: str) -> Gate | None:
         """The replica with the fewest of this router's requests (ties at random), skipping ones
