@@ -22,7 +22,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from deployments.stream_server import REGISTER_EVERY_S, StreamServer, register_gate, unregister_gate
+from deployments.stream_server import (
+    REGISTER_EVERY_S,
+    StreamServer,
+    cluster_secret,
+    register_gate,
+    unregister_gate,
+)
 from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
 
@@ -359,7 +365,8 @@ class EngineReplica:
         )
         await self._server.start()
         self._drain_timeout_s = model_config.graceful_shutdown_timeout_s
-        self._streams = StreamServer(deployment=context.deployment, handler=self._server.open)
+        self._streams = StreamServer(deployment=context.deployment, handler=self._server.open,
+                                     secret=cluster_secret())
         await self._streams.start(ray.util.get_node_ip_address())
         # Routers find this replica here and send it requests directly (see stream_server.py).
         gate = (context.app_name, context.deployment, replica_id, self._streams.host, self._streams.port)

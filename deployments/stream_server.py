@@ -21,7 +21,10 @@ aborts). The token is 128 random bits and is single use.
 Direct requests (the router's fast path, serve_app/router/gates.py): the same server also takes
 whole requests, skipping the Ray call. A router keeps connections to each engine replica it knows
 (replicas list their address in Ray's KV store, ``register``) and writes one request per line, a
-JSON frame ``{"deployment", "endpoint", "body", "request_id", "trace_headers"}``. The reply is a JSON
+JSON frame ``{"secret", "deployment", "endpoint", "body", "request_id", "trace_headers"}``. The secret
+is the cluster's (``cluster_secret``, in Ray's KV store): only a member of the Ray cluster can read
+it, so a peer that can merely reach the port cannot skip the router's keys, limits and residency;
+a frame without it gets the connection closed. The reply is a JSON
 header line ``{"status", "replica", "length"}`` followed by ``length`` bytes of body, or, for a
 stream, a header without ``length`` followed by the SSE events; a stream ends at
 ``data: [DONE]`` (the connection then takes the next request) or, when the engine fails, at the
@@ -33,6 +36,7 @@ A router that closes the connection mid-stream aborts the request, as above.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import secrets
@@ -44,6 +48,7 @@ TOKEN_BYTES = 16
 CLAIM_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
 DONE_EVENT = b"data: [DONE]\n\n"
+FRAME_LIMIT_BYTES = 64 << 20  # one request line; the router caps bodies far below (max_body_bytes)
 KV_NAMESPACE = "spillway_gates"
 
 # (endpoint, body, request_id, trace_headers) -> an object with status, replica, body | events
@@ -70,12 +75,13 @@ async def _next_event(events: AsyncIterator[str]) -> str | None:
 
 class StreamServer:
     def __init__(self, claim_timeout_s: float = CLAIM_TIMEOUT_S, deployment: str | None = None,
-                 handler: RequestHandler | None = None):
+                 handler: RequestHandler | None = None, secret: str | None = None):
         self._claim_timeout_s = claim_timeout_s
         self._parked: dict[str, _Parked] = {}
         self._server: asyncio.base_events.Server | None = None
         self._deployment = deployment
         self._handler = handler
+        self._secret = secret
         self._direct_active = 0
         self._direct_idle = asyncio.Event()
         self._direct_idle.set()
@@ -84,7 +90,7 @@ class StreamServer:
         self.port: int | None = None
 
     async def start(self, host: str, bind: str = "0.0.0.0") -> None:
-        self._server = await asyncio.start_server(self._serve, bind, 0)
+        self._server = await asyncio.start_server(self._serve, bind, 0, limit=FRAME_LIMIT_BYTES)
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -159,6 +165,9 @@ class StreamServer:
                 frame["endpoint"], frame["body"], frame["request_id"]
             except (ValueError, KeyError, TypeError):
                 logger.warning("malformed direct request frame; closing the connection")
+                return
+            if self._secret is None or not hmac.compare_digest(str(frame.get("secret", "")), self._secret):
+                logger.warning("direct request without the cluster's secret; closing the connection")
                 return
             if self._handler is None or self.draining or frame.get("deployment") != self._deployment:
                 writer.write(b'{"status":503,"retry":true}\n')
@@ -236,6 +245,7 @@ async def _close(parked: _Parked) -> None:
 # every REGISTER_EVERY_S, so a router that removed a key it could not connect to (a replica that
 # died without removing it) never loses a live replica for long.
 REGISTER_EVERY_S = 10.0
+SECRET_KEY = "secret"  # not under any app prefix, so never listed as a replica
 
 
 def gate_prefix(app: str, deployment: str) -> str:
@@ -248,6 +258,14 @@ def register_gate(app: str, deployment: str, replica_id: str, host: str, port: i
     key = f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}"
     _internal_kv_put(key, b"", namespace=KV_NAMESPACE)
     return key
+
+
+def cluster_secret() -> str:
+    """The secret that direct requests carry: made once per Ray cluster, kept in its KV store."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+    _internal_kv_put(SECRET_KEY, secrets.token_hex(32), overwrite=False, namespace=KV_NAMESPACE)
+    return _internal_kv_get(SECRET_KEY, namespace=KV_NAMESPACE).decode()
 
 
 def unregister_gate_address(app: str, deployment: str, replica_id: str, host: str, port: int) -> None:

@@ -17,6 +17,7 @@ from tests.test_stream_relay import USAGE, FakeEngineEvents, token_event
 
 DEPLOYMENT = "engine-fake-onprem"
 DONE = "data: [DONE]\n\n"
+SECRET = "s3cret" * 8
 
 
 @dataclass
@@ -46,7 +47,7 @@ class FakeEngine:
 
 
 async def _server(engine, deployment=DEPLOYMENT) -> StreamServer:
-    server = StreamServer(deployment=deployment, handler=engine)
+    server = StreamServer(deployment=deployment, handler=engine, secret=SECRET)
     await server.start("127.0.0.1", bind="127.0.0.1")
     return server
 
@@ -65,7 +66,7 @@ def test_bodies_and_streams_share_one_pooled_connection():
     async def main():
         engine = FakeEngine()
         server = await _server(engine)
-        gate = Gate("r-1", "127.0.0.1", server.port)
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
         status, replica, body = await gate.request(DEPLOYMENT, "chat", {"messages": ["hi"]}, "a", None, 5)
         first_conn = gate.idle[-1][1]
         status2, _, stream = await gate.request(DEPLOYMENT, "chat", {"stream": True}, "b", None, 5)
@@ -92,7 +93,7 @@ def test_a_draining_replica_sends_the_request_elsewhere_and_is_skipped():
         engine = FakeEngine()
         server = await _server(engine)
         assert await server.drain(1.0)
-        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", server.port)])
+        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", server.port)], secret=lambda: SECRET)
         directory.watch("app", DEPLOYMENT)
         directory.refresh()
         gate = directory.pick("app", DEPLOYMENT)
@@ -112,7 +113,7 @@ def test_a_replica_of_another_deployment_refuses():
     async def main():
         engine = FakeEngine()
         server = await _server(engine, deployment="engine-other")
-        gate = Gate("r-1", "127.0.0.1", server.port)
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
         with pytest.raises(GateUnavailable):
             await gate.request(DEPLOYMENT, "chat", {"messages": []}, "a", None, 5)
         await server.close()
@@ -128,7 +129,7 @@ def test_a_refused_connection_is_unavailable_not_an_error():
         await server.close()
         removed = []
         directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", port)],
-                                  remover=lambda *gate: removed.append(gate))
+                                  remover=lambda *gate: removed.append(gate), secret=lambda: SECRET)
         directory.watch("app", DEPLOYMENT)
         directory.refresh()
         gate = directory.pick("app", DEPLOYMENT)
@@ -155,7 +156,7 @@ def test_a_stale_pooled_connection_is_replaced_transparently():
         dead_end = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", dead_end.sockets[0].getsockname()[1])
         await asyncio.sleep(0.05)
-        gate = Gate("r-1", "127.0.0.1", server.port, idle=[(reader, writer)])
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET, idle=[(reader, writer)])
         status, _, body = await gate.request(DEPLOYMENT, "chat", {"messages": ["x"]}, "a", None, 5)
         dead_end.close()
         await server.close()
@@ -169,7 +170,7 @@ def test_client_gone_mid_stream_aborts_the_engine_and_drops_the_connection():
     async def main():
         engine = FakeEngine(delay_s=0.01, tokens=500)
         server = await _server(engine)
-        gate = Gate("r-1", "127.0.0.1", server.port)
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
         _, _, stream = await gate.request(DEPLOYMENT, "chat", {"stream": True}, "a", None, 5)
         finished = []
         iterator = _StreamRelay(stream, "a", finished.append).__aiter__()
@@ -191,7 +192,7 @@ def test_client_gone_mid_stream_aborts_the_engine_and_drops_the_connection():
 def test_engine_failure_mid_stream_ends_with_an_error_event_and_no_reuse():
     async def main():
         server = await _server(FakeEngine(fail_after=2, tokens=5))
-        gate = Gate("r-1", "127.0.0.1", server.port)
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
         _, _, stream = await gate.request(DEPLOYMENT, "chat", {"stream": True}, "a", None, 5)
         received, finished = await _relay_all(stream)
         await server.close()
@@ -207,7 +208,7 @@ def test_engine_failure_mid_stream_ends_with_an_error_event_and_no_reuse():
 def test_drain_waits_for_running_direct_streams():
     async def main():
         server = await _server(FakeEngine(delay_s=0.05, tokens=6))
-        gate = Gate("r-1", "127.0.0.1", server.port)
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
         _, _, stream = await gate.request(DEPLOYMENT, "chat", {"stream": True}, "a", None, 5)
         relay = asyncio.ensure_future(_relay_all(stream))
         await asyncio.sleep(0.05)
@@ -224,7 +225,7 @@ def test_drain_waits_for_running_direct_streams():
 
 def test_directory_follows_the_listing_and_balances_by_in_flight():
     listing = [("r-1", "10.0.0.1", 7001), ("r-2", "10.0.0.2", 7002)]
-    directory = GateDirectory(lister=lambda app, dep: list(listing))
+    directory = GateDirectory(lister=lambda app, dep: list(listing), secret=lambda: SECRET)
     directory.watch("app", DEPLOYMENT)
     assert directory.pick("app", DEPLOYMENT) is None  # nothing known before the first refresh
     directory.refresh()
@@ -238,3 +239,41 @@ def test_directory_follows_the_listing_and_balances_by_in_flight():
     assert sorted(gates) == ["r-2", "r-3"] and gates["r-2"] is kept
     assert directory.pick("app", "engine-unknown") is None
     assert directory.report()["replicas"] == {DEPLOYMENT: ["r-2", "r-3"]}
+
+
+def test_a_request_without_the_cluster_secret_gets_nothing():
+    async def main():
+        engine = FakeEngine()
+        server = await _server(engine)
+        outsider = Gate("r-1", "127.0.0.1", server.port, "guessed")
+        with pytest.raises(GateUnavailable) as info:
+            await outsider.request(DEPLOYMENT, "chat", {"messages": ["hi"]}, "a", None, 5)
+        await server.close()
+        return engine, info.value
+
+    engine, error = _run(main())
+    assert engine.calls == [] and not error.gone
+
+
+def test_a_directory_without_the_secret_sends_nothing_direct():
+    def unreachable_gcs():
+        raise ConnectionError("GCS down")
+
+    directory = GateDirectory(lister=lambda app, dep: [("r-1", "10.0.0.1", 7001)], secret=unreachable_gcs)
+    directory.watch("app", DEPLOYMENT)
+    directory.refresh()
+    assert directory.pick("app", DEPLOYMENT) is None
+
+
+def test_a_long_conversation_goes_direct_too():
+    async def main():
+        engine = FakeEngine()
+        server = await _server(engine)
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
+        history = [{"role": "user", "content": "x" * 1000}] * 2000  # ~2 MB body, far past a default line limit
+        status, _, body = await gate.request(DEPLOYMENT, "chat", {"messages": history}, "a", None, 5)
+        await server.close()
+        return status, body
+
+    status, body = _run(main())
+    assert status == 200 and len(json.loads(body)["echo"]) == 2000

@@ -4,7 +4,8 @@ Opening a request with a Ray Serve call costs a task submission in the router, a
 engine replica and a streamed reply back: about 4-5 ms per request on a quiet 2-core machine and
 much more under load, on the cores the engine needs. Each engine replica also serves whole requests
 on its stream server (deployments/stream_server.py) and lists its address in Ray's KV store; the
-router keeps a small pool of connections per replica and writes the request there.
+router keeps a small pool of connections per replica and writes the request there, with the
+cluster's secret (also in the KV store) that the replica requires.
 
 Serve stays in charge of what it is good at: it places, restarts and replaces replicas, and it is
 the fallback path. A replica the router does not know yet, one that refuses connections, or one
@@ -61,6 +62,7 @@ class Gate:
     replica: str
     host: str
     port: int
+    secret: str = ""
     in_flight: int = 0
     down_until: float = 0.0
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
@@ -70,7 +72,7 @@ class Gate:
         """Send one request; ``(status, replica, body or stream)``. Raises GateUnavailable when
         nothing was started, asyncio.TimeoutError when the engine took longer than ``timeout_s``
         to answer (the request is then aborted)."""
-        frame = json.dumps({"deployment": deployment, "endpoint": endpoint, "body": body,
+        frame = json.dumps({"secret": self.secret, "deployment": deployment, "endpoint": endpoint, "body": body,
                             "request_id": request_id, "trace_headers": trace_headers},
                            separators=(",", ":")).encode() + b"\n"
         self.in_flight += 1
@@ -154,13 +156,14 @@ class GateDirectory:
     """The engine replicas this router can reach directly, per deployment (refreshed from Ray's KV)."""
 
     def __init__(self, lister: Callable[[str, str], list[tuple[str, str, int]]] | None = None,
-                 remover: Callable[[str, str, str, str, int], None] | None = None):
-        if lister is None:
-            from deployments.stream_server import list_gates as lister
-        if remover is None:
-            from deployments.stream_server import unregister_gate_address as remover
-        self._lister = lister
-        self._remover = remover
+                 remover: Callable[[str, str, str, str, int], None] | None = None,
+                 secret: Callable[[], str] | None = None):
+        from deployments import stream_server
+
+        self._lister = lister or stream_server.list_gates
+        self._remover = remover or stream_server.unregister_gate_address
+        self._secret_source = secret or stream_server.cluster_secret
+        self._secret: str | None = None
         self._gates: dict[tuple[str, str], dict[str, Gate]] = {}
         self.direct = 0
         self.fallback = 0
@@ -170,6 +173,12 @@ class GateDirectory:
 
     def refresh(self) -> None:
         """Sync: call it off the event loop (it asks the GCS)."""
+        if self._secret is None:
+            try:
+                self._secret = self._secret_source()
+            except Exception as exc:  # noqa: BLE001 - no direct requests until the GCS answers
+                logger.warning("could not read the cluster's secret for direct requests: %r", exc)
+                return
         for key in list(self._gates):
             try:
                 listed = self._lister(*key)
@@ -184,7 +193,7 @@ class GateDirectory:
         for replica, host, port in listed:
             gate = current.get(replica)
             if gate is None or (gate.host, gate.port) != (host, port):
-                gate = Gate(replica, host, port)
+                gate = Gate(replica, host, port, self._secret)
             fresh[replica] = gate
         for replica, gate in current.items():
             if fresh.get(replica) is not gate:
