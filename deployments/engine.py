@@ -366,18 +366,16 @@ class EngineReplica:
         await self._server.start()
         self._drain_timeout_s = model_config.graceful_shutdown_timeout_s
         self._streams = StreamServer(deployment=context.deployment, handler=self._server.open,
-                                     secret=cluster_secret())
+                                     secret=await asyncio.to_thread(cluster_secret))
         await self._streams.start(ray.util.get_node_ip_address())
         # Routers find this replica here and send it requests directly (see stream_server.py).
         gate = (context.app_name, context.deployment, replica_id, self._streams.host, self._streams.port)
-        self._gate_key = register_gate(*gate)
+        self._gate_key = await asyncio.to_thread(register_gate, *gate)
         self._registrar = asyncio.get_running_loop().create_task(self._keep_registered(gate))
 
     async def _keep_registered(self, gate: tuple) -> None:
-        while not self._streams.draining:
+        while True:  # until __del__ cancels it
             await asyncio.sleep(REGISTER_EVERY_S)
-            if self._streams.draining:
-                return
             try:
                 await asyncio.to_thread(register_gate, *gate)
             except Exception as exc:  # noqa: BLE001 - try again next time; routers keep what they know
@@ -424,9 +422,8 @@ class EngineReplica:
         # list, answer new ones "retry" (routers then go through Serve, which routes elsewhere),
         # and let the running ones finish, within the graceful shutdown time.
         try:
-            self._streams.draining = True
             self._registrar.cancel()
-            unregister_gate(self._gate_key)
+            await asyncio.to_thread(unregister_gate, self._gate_key)
         except Exception:  # noqa: BLE001 - the GCS may be gone at teardown
             pass
         try:

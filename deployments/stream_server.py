@@ -143,12 +143,8 @@ class StreamServer:
             if parked is None:
                 return
             first = await parked.first
-            if first is None:
-                return
-            writer.write(first.encode())
-            async for event in parked.events:
-                writer.write(event.encode())
-                await writer.drain()  # returns at once unless the router is behind
+            if first is not None:
+                await _write_events(parked.events, writer, first.encode())
         except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             pass  # the router went away: closing the iterator aborts the request in vLLM
         finally:
@@ -194,23 +190,16 @@ class StreamServer:
     @staticmethod
     async def _pump(opened, writer: asyncio.StreamWriter) -> bool:
         """Write a stream's events as they come; True when it ended with ``[DONE]``."""
-        events = opened.events
-        last = b""
+        header = json.dumps({"status": opened.status, "replica": opened.replica}).encode() + b"\n"
         try:
-            writer.write(json.dumps({"status": opened.status, "replica": opened.replica}).encode() + b"\n")
-            async for event in events:
-                last = event.encode()
-                writer.write(last)
-                await writer.drain()  # returns at once unless the router is behind
+            last = await _write_events(opened.events, writer, header)
         except ConnectionError:
             raise
         except Exception as exc:  # noqa: BLE001 - the engine failed mid-stream: the close tells the router
             logger.warning("direct stream failed: %r", exc)
             return False
         finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                await aclose()  # an early exit (router gone) aborts the request in vLLM
+            await _aclose(opened.events)  # an early exit (router gone) aborts the request in vLLM
         return last.endswith(DONE_EVENT)
 
     async def close(self) -> None:
@@ -219,6 +208,23 @@ class StreamServer:
             self._server = None
         for token in list(self._parked):
             await _close(self._parked.pop(token))
+
+
+async def _write_events(events: AsyncIterator[str], writer: asyncio.StreamWriter, head: bytes) -> bytes:
+    """Write ``head``, then each event as it comes; the last bytes written."""
+    last = head
+    writer.write(head)
+    async for event in events:
+        last = event.encode()
+        writer.write(last)
+        await writer.drain()  # returns at once unless the router is behind
+    return last
+
+
+async def _aclose(events: AsyncIterator[str]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def _close(parked: _Parked) -> None:
@@ -230,9 +236,7 @@ async def _close(parked: _Parked) -> None:
         await asyncio.wait([parked.first])
         if not parked.first.cancelled():
             parked.first.exception()  # retrieved: an engine error before the claim is not "never retrieved"
-        aclose = getattr(parked.events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _aclose(parked.events)
     except Exception:  # noqa: BLE001 - best effort; the request is over either way
         pass
     finally:
@@ -252,10 +256,14 @@ def gate_prefix(app: str, deployment: str) -> str:
     return f"{app}/{deployment}/"
 
 
+def gate_key(app: str, deployment: str, replica_id: str, host: str, port: int) -> str:
+    return f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}"
+
+
 def register_gate(app: str, deployment: str, replica_id: str, host: str, port: int) -> str:
     from ray.experimental.internal_kv import _internal_kv_put
 
-    key = f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}"
+    key = gate_key(app, deployment, replica_id, host, port)
     _internal_kv_put(key, b"", namespace=KV_NAMESPACE)
     return key
 
@@ -269,7 +277,7 @@ def cluster_secret() -> str:
 
 
 def unregister_gate_address(app: str, deployment: str, replica_id: str, host: str, port: int) -> None:
-    unregister_gate(f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}")
+    unregister_gate(gate_key(app, deployment, replica_id, host, port))
 
 
 def unregister_gate(key: str) -> None:

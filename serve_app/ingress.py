@@ -41,7 +41,7 @@ from serve_app.errors import (
 from serve_app.policy.classify import HEADER_DATA_CLASS, Classifier, DataClass, request_texts
 from serve_app.policy.pipeline import RequestView
 from serve_app.policy.splits import TrafficSplit, Variant
-from serve_app.router.gates import DirectStream, GateDirectory, GateUnavailable
+from serve_app.router.gates import EngineStream, GateDirectory, GateUnavailable
 from serve_app.router.placement import EngineTarget, build_schedulers, build_targets
 from serve_app.router.metrics import RouterMetrics
 from serve_app.router.scheduler import ModelScheduler
@@ -349,21 +349,6 @@ class _StreamRelay(_RelayBase):
         self._finish(StreamSummary(failed=True))
 
 
-@dataclass
-class EngineStream:
-    """The router's end of an engine's direct token stream, and the Serve call that keeps the
-    request counted on its replica until the stream is over."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    call: Any
-
-    def close(self, reusable: bool = False) -> None:
-        # Closing the socket ends the stream on the engine side, which ends the Serve call.
-        if not self.writer.is_closing():
-            self.writer.close()
-
-
 async def _connect_stream(reply: dict, call, timeout_s: float) -> EngineStream:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(reply["host"], reply["port"]),
@@ -439,7 +424,7 @@ class Router:
     @api.get("/v1/spillway/scheduler")
     async def scheduler_state(self) -> Response:
         """This router replica's view: queue length, slots in use per engine group, spill gate."""
-        self._ensure_load_poller()
+        self._ensure_background_tasks()
         report = {}
         for model_id, scheduler in self._schedulers.items():
             report[model_id] = {
@@ -499,7 +484,7 @@ class Router:
 
     # ---- request path ----------------------------------------------------------------
 
-    def _ensure_load_poller(self) -> None:
+    def _ensure_background_tasks(self) -> None:
         if self._load_poller is None or self._load_poller.done():
             self._load_poller = asyncio.get_running_loop().create_task(self._poll_engine_load())
         if self._gates is not None and (self._gate_refresher is None or self._gate_refresher.done()):
@@ -534,7 +519,7 @@ class Router:
             await asyncio.sleep(interval_s)
 
     async def _serve(self, request: Request, endpoint: str) -> Response:
-        self._ensure_load_poller()
+        self._ensure_background_tasks()
         request_id = request.headers.get(HEADER_REQUEST_ID) or uuid.uuid4().hex
         trace = self._tracing.start_request(
             request.headers, {"spillway.endpoint": endpoint, "spillway.tenant": _tenant(request),
@@ -615,7 +600,7 @@ class Router:
         }
         if split is not None:
             headers[HEADER_VARIANT] = model_id
-        if not isinstance(result, (EngineStream, DirectStream)):
+        if not isinstance(result, EngineStream):
             payload = result
             scheduler.release(slot)
             ttft_ms = (time.monotonic() - started) * 1000

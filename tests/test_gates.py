@@ -12,7 +12,7 @@ import pytest
 
 from deployments.stream_server import StreamServer
 from serve_app.ingress import _StreamRelay
-from serve_app.router.gates import DirectStream, Gate, GateDirectory, GateUnavailable
+from serve_app.router.gates import EngineStream, Gate, GateDirectory, GateUnavailable
 from tests.test_stream_relay import USAGE, FakeEngineEvents, token_event
 
 DEPLOYMENT = "engine-fake-onprem"
@@ -52,7 +52,7 @@ async def _server(engine, deployment=DEPLOYMENT) -> StreamServer:
     return server
 
 
-async def _relay_all(stream: DirectStream, strip_usage=True):
+async def _relay_all(stream: EngineStream, strip_usage=True):
     finished = []
     chunks = [chunk async for chunk in _StreamRelay(stream, "rid", finished.append, strip_usage=strip_usage)]
     return b"".join(chunks), finished

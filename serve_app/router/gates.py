@@ -41,18 +41,27 @@ class GateUnavailable(Exception):
 
 
 @dataclass
-class DirectStream:
-    """The router's end of a direct stream: returns its connection to the pool when the stream
-    ended cleanly (``[DONE]``), closes it otherwise (which aborts the request in the engine)."""
+class EngineStream:
+    """The router's end of an engine's direct token stream. A claimed stream (Serve-call path)
+    holds that ``call``, which keeps the request counted on its replica until the stream is over;
+    closing the socket ends both. A direct request's stream has ``release`` instead, which returns
+    the connection to its pool when the stream ended cleanly (``[DONE]``) and closes it otherwise
+    (which aborts the request in the engine). Closing twice does nothing."""
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    release: Callable[[bool], None]
+    call: Any = None
+    release: Callable[[bool], None] | None = None
+    closed: bool = False
 
     def close(self, reusable: bool = False) -> None:
-        release, self.release = self.release, None
-        if release is not None:
-            release(reusable)
+        if self.closed:
+            return
+        self.closed = True
+        if self.release is not None:
+            self.release(reusable)
+        elif not self.writer.is_closing():
+            self.writer.close()
 
 
 @dataclass
@@ -68,7 +77,7 @@ class Gate:
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
 
     async def request(self, deployment: str, endpoint: str, body: dict, request_id: str,
-                      trace_headers: dict | None, timeout_s: float) -> tuple[int, str, str | DirectStream]:
+                      trace_headers: dict | None, timeout_s: float) -> tuple[int, str, str | EngineStream]:
         """Send one request; ``(status, replica, body or stream)``. Raises GateUnavailable when
         nothing was started, asyncio.TimeoutError when the engine took longer than ``timeout_s``
         to answer (the request is then aborted)."""
@@ -83,7 +92,8 @@ class Gate:
             raise
         status, replica = header["status"], header.get("replica", self.replica)
         if "length" not in header:
-            return status, replica, DirectStream(reader, writer, lambda reusable: self._done(reader, writer, reusable))
+            return status, replica, EngineStream(reader, writer,
+                                                 release=lambda reusable: self._done(reader, writer, reusable))
         try:
             data = await asyncio.wait_for(reader.readexactly(header["length"]), timeout=timeout_s)
         except BaseException:
@@ -109,15 +119,16 @@ class Gate:
             try:
                 writer.write(frame)
                 line = await asyncio.wait_for(reader.readline(), timeout=timeout_s)
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError:  # (an OSError since 3.11: the engine is slow, not gone)
                 writer.close()
                 raise
-            except BaseException as exc:
+            except (OSError, EOFError) as exc:
                 writer.close()
-                if isinstance(exc, (OSError, EOFError)) and pooled is not None:
+                if pooled is not None:
                     continue
-                if isinstance(exc, (OSError, EOFError)):
-                    raise GateUnavailable(f"{self.host}:{self.port}: {exc!r}") from exc
+                raise GateUnavailable(f"{self.host}:{self.port}: {exc!r}") from exc
+            except BaseException:
+                writer.close()
                 raise
             if not line:
                 writer.close()
