@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from deployments.stream_server import (
     REGISTER_EVERY_S,
@@ -36,6 +36,7 @@ logger = logging.getLogger("spillway.engine")
 
 ENDPOINT_CHAT = "chat"
 ENDPOINT_COMPLETIONS = "completions"
+DONE_PREFIX = "data: [DONE]"
 
 
 @dataclass
@@ -142,6 +143,7 @@ class EngineServer:
         self._chat = None
         self._completion = None
         self._in_flight = 0
+        self._aborted = 0
         self._started_at: float | None = None
 
     async def start(self) -> None:
@@ -177,6 +179,8 @@ class EngineServer:
             "running": self.load.running,
             "waiting": self.load.waiting,
             "in_flight": self._in_flight,
+            # Streams closed before their end (client or router gone, or a failure): vLLM aborted them.
+            "aborted_streams": self._aborted,
             "kv_cache_usage": self.load.kv_cache_usage,
             "max_num_seqs": self.model.engine.max_num_seqs,
             "stats_age_s": round(time.monotonic() - self.load.updated_at, 3),
@@ -247,8 +251,10 @@ class EngineServer:
                 self._in_flight -= 1
 
     def _counted(self, events: AsyncIterator[str]) -> "_CountedStream":
-        def left() -> None:
+        def left(finished: bool) -> None:
             self._in_flight -= 1
+            if not finished:
+                self._aborted += 1
 
         return _CountedStream(events, left)
 
@@ -272,28 +278,37 @@ class EngineServer:
 
 class _CountedStream:
     """A stream's events that leave ``in_flight`` exactly once, however the stream ends: finished,
-    failed, or closed (even before its first event, when a parked stream is never claimed)."""
+    failed, or closed (even before its first event, when a parked stream is never claimed).
+    ``on_close(finished)`` says whether the stream got to its end (``[DONE]`` or exhausted)."""
 
-    def __init__(self, events: AsyncIterator[str], on_close):
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[bool], None]):
         self._events = events
         self._on_close = on_close
         self._closed = False
+        self._finished = False
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> str:
         try:
-            return await self._events.__anext__()
+            event = await self._events.__anext__()
+        except StopAsyncIteration:
+            self._finished = True
+            await self.aclose()
+            raise
         except BaseException:
             await self.aclose()
             raise
+        if event.startswith(DONE_PREFIX):
+            self._finished = True
+        return event
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._on_close()
+        self._on_close(self._finished)
         aclose = getattr(self._events, "aclose", None)
         if aclose is not None:
             await aclose()

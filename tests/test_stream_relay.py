@@ -210,3 +210,34 @@ def test_an_unclaimed_stream_still_waiting_for_its_first_token_is_aborted():
 
     engine, parked = _run(main())
     assert engine.started and engine.closed and parked == 0
+
+
+def test_engine_counts_a_stream_once_and_tells_finished_from_cancelled():
+    from deployments.engine import _CountedStream
+
+    async def events(n, fail=False):
+        for i in range(n):
+            yield f"data: {i}\n\n"
+        if fail:
+            raise RuntimeError("engine died")
+        yield "data: [DONE]\n\n"
+
+    async def main():
+        closes = []
+        done = _CountedStream(events(2), closes.append)
+        assert [e async for e in done] == ["data: 0\n\n", "data: 1\n\n", "data: [DONE]\n\n"]
+        await done.aclose()  # a second close does not count twice
+        cut = _CountedStream(events(5), closes.append)
+        assert await cut.__anext__() == "data: 0\n\n"
+        await cut.aclose()  # the client went away after one event
+        broken = _CountedStream(events(1, fail=True), closes.append)
+        try:
+            async for _ in broken:
+                pass
+        except RuntimeError:
+            pass
+        never = _CountedStream(events(1), closes.append)
+        await never.aclose()  # parked, never claimed
+        return closes
+
+    assert asyncio.run(main()) == [True, False, False, False]
