@@ -163,7 +163,7 @@ def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
 
     def long_stream():
         with httpx.Client(timeout=300) as http:
-            body = {"model": DENSE, "messages": HELLO, "max_tokens": 600, "stream": True,
+            body = {"model": DENSE, "messages": HELLO, "max_tokens": 1500, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
             with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
                 result["site"] = resp.headers["x-spillway-site"]
@@ -171,18 +171,38 @@ def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
         result["done"] = events[-1] == "[DONE]"
         result["usage"] = json.loads(events[-2])["usage"]["completion_tokens"]
 
+    import ray
+
+    from deployments.stream_server import list_gates
+    from serve_app.app import deployment_name
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS names the test cluster
+    onprem_engine = deployment_name(DENSE, "onprem")
+    assert list_gates(config.name, onprem_engine), "the on-prem engine is not listed for direct requests"
+
     thread = threading.Thread(target=long_stream)
     thread.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _health(base_url).json()["models"][DENSE]["onprem"].get("in_flight", 0) == 0:
         time.sleep(0.2)
 
+    def watch_shutdown():
+        # An engine replica leaves the direct-request listing first thing when Serve stops it.
+        while thread.is_alive() and list_gates(config.name, onprem_engine):
+            time.sleep(0.05)
+        result["stream_running_at_shutdown"] = thread.is_alive()
+
+    watcher = threading.Thread(target=watch_shutdown)
+    watcher.start()
     # Move dense off on-prem while the stream runs there: that engine deployment is deleted.
     raw = config.model_dump(mode="json")
     raw["models"][0]["replicas"] = {"cloud": 1}
     serve.run(build_app(load_config(raw)), name=config.name, route_prefix="/", blocking=False)
     thread.join(timeout=300)
-    assert result == {"site": "onprem", "done": True, "usage": 600}
+    watcher.join(timeout=30)
+    # The engine began shutting down while the stream ran, and the stream still got every token.
+    assert result == {"site": "onprem", "done": True, "usage": 1500, "stream_running_at_shutdown": True}
 
     # Put the original deployment back for anything that runs after this test.
     serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
