@@ -40,6 +40,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 logger = logging.getLogger("spillway.engine.stream")
@@ -244,11 +245,14 @@ async def _close(parked: _Parked) -> None:
 
 
 # ---- where routers find engine replicas (Ray's KV store) ---------------------------------------
-# One key per replica, the address in the key itself, so a router lists a deployment's replicas
-# with one call: "<app>/<deployment>/<replica_id>/<host>:<port>". A replica writes its key again
-# every REGISTER_EVERY_S, so a router that removed a key it could not connect to (a replica that
-# died without removing it) never loses a live replica for long.
+# One key per replica, the address in the key itself: "<app>/<deployment>/<replica_id>/<host>:<port>".
+# A replica writes its key again every REGISTER_EVERY_S with a new value (a heartbeat stamp), so
+# - a router that removed a key it could not connect to never loses a live replica for long;
+# - a key whose value stops changing belongs to a replica that died without removing it (a killed
+#   process, a preempted cloud node): routers drop it after STALE_AFTER_S by their own clocks
+#   (only changes are compared, never clocks across nodes), instead of trying its address.
 REGISTER_EVERY_S = 10.0
+STALE_AFTER_S = 3 * REGISTER_EVERY_S
 SECRET_KEY = "secret"  # not under any app prefix, so never listed as a replica
 
 
@@ -264,7 +268,7 @@ def register_gate(app: str, deployment: str, replica_id: str, host: str, port: i
     from ray.experimental.internal_kv import _internal_kv_put
 
     key = gate_key(app, deployment, replica_id, host, port)
-    _internal_kv_put(key, b"", namespace=KV_NAMESPACE)
+    _internal_kv_put(key, str(time.time_ns()).encode(), namespace=KV_NAMESPACE)
     return key
 
 
@@ -286,15 +290,20 @@ def unregister_gate(key: str) -> None:
     _internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
-def list_gates(app: str, deployment: str) -> list[tuple[str, str, int]]:
-    """``(replica_id, host, port)`` of each registered replica of a deployment."""
-    from ray.experimental.internal_kv import _internal_kv_list
+def list_gates(app: str, deployment: str) -> list[tuple[str, str, int, bytes]]:
+    """``(replica_id, host, port, heartbeat stamp)`` of each registered replica of a deployment
+    (two GCS calls, whatever the number of replicas)."""
+    from ray.experimental.internal_kv import _internal_kv_list, internal_kv_get_gcs_client
 
     prefix = gate_prefix(app, deployment)
+    keys = _internal_kv_list(prefix, namespace=KV_NAMESPACE)
+    if not keys:
+        return []
+    stamps = internal_kv_get_gcs_client().internal_kv_multi_get(keys, namespace=KV_NAMESPACE.encode())
     gates = []
-    for key in _internal_kv_list(prefix, namespace=KV_NAMESPACE):
+    for key in keys:
         replica_id, _, address = key.decode()[len(prefix):].partition("/")
         host, _, port = address.rpartition(":")
-        if replica_id and host and port.isdigit():
-            gates.append((replica_id, host, int(port)))
+        if replica_id and host and port.isdigit() and key in stamps:  # (gone between the two calls)
+            gates.append((replica_id, host, int(port), stamps[key]))
     return gates

@@ -128,16 +128,19 @@ def test_prometheus_metrics_move_after_traffic(base_url):
             body = {"model": DENSE, "messages": [{"role": "user", "content": f"metrics {i}"}], "max_tokens": 8,
                     "ignore_eos": True, "stream": i % 2 == 0}
             assert http.post("/v1/chat/completions", json=body).status_code == 200
-    # Ray exports application metrics on an interval, per router replica: wait for every one to move.
+    # Ray exports application metrics on an interval, per router replica (the four requests went
+    # through both): wait until every series moved by all four requests, not only by some.
+    def settled(moved):
+        return all(v > 0 for v in moved.values()) and moved["tokens_out"] >= 4 * 8 and moved["requests"] >= 4
+
     deadline = time.monotonic() + 120
     while True:
         after = _scrape()
         moved = {k: _total(after, *spec) - _total(before, *spec) for k, spec in watched.items()}
-        if all(v > 0 for v in moved.values()) or time.monotonic() > deadline:
+        if settled(moved) or time.monotonic() > deadline:
             break
         time.sleep(3)
-    assert all(v > 0 for v in moved.values()), moved
-    assert moved["tokens_out"] >= 4 * 8
+    assert settled(moved), moved
     # The engine's KV-cache use and the queue depth are polled gauges, present for every model.
     assert _total(after, "ray_spillway_engine_kv_cache_usage", f'model="{DENSE}"', 'site="onprem"') >= 0
     assert any(k.startswith("ray_spillway_engine_kv_cache_usage{") and "spillway-moe" in k for k in after)

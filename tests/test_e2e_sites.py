@@ -147,6 +147,16 @@ def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_u
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="missing", messages=HELLO)
 
+    # The killed replicas never took their addresses off the direct-request list; their heartbeat
+    # stopped, so the routers drop them from it: one live replica per deployment is left.
+    from deployments.stream_server import STALE_AFTER_S, list_gates
+
+    engines = ("engine-spillway-moe-onprem", "engine-spillway-dense-onprem")
+    deadline = time.monotonic() + STALE_AFTER_S + 30
+    while time.monotonic() < deadline and any(len(list_gates(config.name, e)) != 1 for e in engines):
+        time.sleep(1)
+    assert {e: len(list_gates(config.name, e)) for e in engines} == {e: 1 for e in engines}
+
 
 def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
     """Graceful shutdown: an engine removed by a new deployment finishes the streams it holds."""
@@ -179,7 +189,7 @@ def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS names the test cluster
     onprem_engine = deployment_name(DENSE, "onprem")
-    assert list_gates(config.name, onprem_engine), "the on-prem engine is not listed for direct requests"
+    assert len(list_gates(config.name, onprem_engine)) == 1, "one on-prem engine listed for direct requests"
 
     thread = threading.Thread(target=long_stream)
     thread.start()

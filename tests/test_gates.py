@@ -93,7 +93,7 @@ def test_a_draining_replica_sends_the_request_elsewhere_and_is_skipped():
         engine = FakeEngine()
         server = await _server(engine)
         assert await server.drain(1.0)
-        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", server.port)], secret=lambda: SECRET)
+        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", server.port, b"1")], secret=lambda: SECRET)
         directory.watch("app", DEPLOYMENT)
         directory.refresh()
         gate = directory.pick("app", DEPLOYMENT)
@@ -128,7 +128,7 @@ def test_a_refused_connection_is_unavailable_not_an_error():
         port = server.port
         await server.close()
         removed = []
-        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", port)],
+        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", port, b"1")],
                                   remover=lambda *gate: removed.append(gate), secret=lambda: SECRET)
         directory.watch("app", DEPLOYMENT)
         directory.refresh()
@@ -224,7 +224,7 @@ def test_drain_waits_for_running_direct_streams():
 
 
 def test_directory_follows_the_listing_and_balances_by_in_flight():
-    listing = [("r-1", "10.0.0.1", 7001), ("r-2", "10.0.0.2", 7002)]
+    listing = [("r-1", "10.0.0.1", 7001, b"1"), ("r-2", "10.0.0.2", 7002, b"1")]
     directory = GateDirectory(lister=lambda app, dep: list(listing), secret=lambda: SECRET)
     directory.watch("app", DEPLOYMENT)
     assert directory.pick("app", DEPLOYMENT) is None  # nothing known before the first refresh
@@ -233,12 +233,47 @@ def test_directory_follows_the_listing_and_balances_by_in_flight():
     first.in_flight = 3
     assert directory.pick("app", DEPLOYMENT).replica != first.replica
     kept = directory._gates[("app", DEPLOYMENT)]["r-2"]
-    listing[:] = [("r-2", "10.0.0.2", 7002), ("r-3", "10.0.0.3", 7003)]
+    listing[:] = [("r-2", "10.0.0.2", 7002, b"1"), ("r-3", "10.0.0.3", 7003, b"1")]
     directory.refresh()
     gates = directory._gates[("app", DEPLOYMENT)]
     assert sorted(gates) == ["r-2", "r-3"] and gates["r-2"] is kept
     assert directory.pick("app", "engine-unknown") is None
     assert directory.report()["replicas"] == {DEPLOYMENT: ["r-2", "r-3"]}
+
+
+def test_a_replica_whose_heartbeat_stops_is_dropped_and_removed_from_the_list():
+    now = [100.0]
+    listing = {"r-live": b"1", "r-dead": b"1"}
+    ports = {"r-live": 7000, "r-dead": 7001, "r-new": 7002}
+    removed = []
+
+    def remove(app, dep, replica, host, port):
+        removed.append((replica, port))
+        del listing[replica]
+
+    directory = GateDirectory(
+        lister=lambda app, dep: [(r, "10.0.0.1", ports[r], stamp) for r, stamp in listing.items()],
+        remover=remove,
+        secret=lambda: SECRET, stale_after_s=30, clock=lambda: now[0],
+    )
+    directory.watch("app", DEPLOYMENT)
+
+    def known():
+        directory.refresh()
+        return sorted(directory._gates[("app", DEPLOYMENT)])
+
+    assert known() == ["r-dead", "r-live"]
+    for beat in range(2, 5):  # r-live writes its key every 10 s; r-dead was killed and never does
+        now[0] += 10
+        listing["r-live"] = str(beat).encode()
+        assert known() == ["r-dead", "r-live"]  # 30 s without a change is not stale yet
+    now[0] += 1
+    listing["r-live"] = b"5"
+    assert known() == ["r-live"] and removed == [("r-dead", 7001)]
+    assert directory.report()["expired_replicas"] == 1
+    # A replica seen for the first time gets the full time from then, whatever its stamp says.
+    listing["r-new"] = b"0"
+    assert known() == ["r-live", "r-new"]
 
 
 def test_a_request_without_the_cluster_secret_gets_nothing():
@@ -259,7 +294,7 @@ def test_a_directory_without_the_secret_sends_nothing_direct():
     def unreachable_gcs():
         raise ConnectionError("GCS down")
 
-    directory = GateDirectory(lister=lambda app, dep: [("r-1", "10.0.0.1", 7001)], secret=unreachable_gcs)
+    directory = GateDirectory(lister=lambda app, dep: [("r-1", "10.0.0.1", 7001, b"1")], secret=unreachable_gcs)
     directory.watch("app", DEPLOYMENT)
     directory.refresh()
     assert directory.pick("app", DEPLOYMENT) is None

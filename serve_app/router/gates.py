@@ -166,16 +166,22 @@ class Gate:
 class GateDirectory:
     """The engine replicas this router can reach directly, per deployment (refreshed from Ray's KV)."""
 
-    def __init__(self, lister: Callable[[str, str], list[tuple[str, str, int]]] | None = None,
+    def __init__(self, lister: Callable[[str, str], list[tuple[str, str, int, bytes]]] | None = None,
                  remover: Callable[[str, str, str, str, int], None] | None = None,
-                 secret: Callable[[], str] | None = None):
+                 secret: Callable[[], str] | None = None, stale_after_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         from deployments import stream_server
 
         self._lister = lister or stream_server.list_gates
         self._remover = remover or stream_server.unregister_gate_address
         self._secret_source = secret or stream_server.cluster_secret
+        self._stale_after_s = stream_server.STALE_AFTER_S if stale_after_s is None else stale_after_s
+        self._clock = clock
         self._secret: str | None = None
         self._gates: dict[tuple[str, str], dict[str, Gate]] = {}
+        # (app, deployment) -> {(replica, host, port): (last heartbeat stamp, when it last changed)}
+        self._beats: dict[tuple[str, str], dict[tuple[str, str, int], tuple[bytes, float]]] = {}
+        self.expired = 0
         self.direct = 0
         self.fallback = 0
 
@@ -198,10 +204,10 @@ class GateDirectory:
                 continue
             self._apply(key, listed)
 
-    def _apply(self, key: tuple[str, str], listed: list[tuple[str, str, int]]) -> None:
+    def _apply(self, key: tuple[str, str], listed: list[tuple[str, str, int, bytes]]) -> None:
         current = self._gates[key]
         fresh: dict[str, Gate] = {}
-        for replica, host, port in listed:
+        for replica, host, port in self._live(key, listed):
             gate = current.get(replica)
             if gate is None or (gate.host, gate.port) != (host, port):
                 gate = Gate(replica, host, port, self._secret)
@@ -210,6 +216,28 @@ class GateDirectory:
             if fresh.get(replica) is not gate:
                 gate.close()  # gone (idle connections only; running streams finish on their own)
         self._gates[key] = fresh
+
+    def _live(self, key: tuple[str, str], listed: list[tuple[str, str, int, bytes]]) -> list[tuple[str, str, int]]:
+        """The listed replicas whose heartbeat stamp changed within ``stale_after_s`` (one first
+        seen counts from then). The others died without leaving the list: removed from it."""
+        now, seen = self._clock(), self._beats.get(key, {})
+        beats, live = {}, []
+        for replica, host, port, stamp in listed:
+            address = (replica, host, port)
+            last = seen.get(address)
+            beats[address] = last if last is not None and last[0] == stamp else (stamp, now)
+            if now - beats[address][1] <= self._stale_after_s:
+                live.append(address)
+                continue
+            logger.warning("replica %s of %s at %s:%d stopped its heartbeat; dropping it", replica, key[1], host, port)
+            self.expired += 1
+            del beats[address]
+            try:
+                self._remover(key[0], key[1], replica, host, port)
+            except Exception as exc:  # noqa: BLE001 - the next refresh drops it again
+                logger.warning("could not remove %s of %s from the replica list: %r", replica, key[1], exc)
+        self._beats[key] = beats
+        return live
 
     def forget(self, app: str, deployment: str, gate: Gate) -> None:
         """Drop a replica nothing listens for any more, here and from the shared list (sync: call
@@ -237,5 +265,6 @@ class GateDirectory:
         return {
             "direct_requests": self.direct,
             "serve_call_requests": self.fallback,
+            "expired_replicas": self.expired,
             "replicas": {deployment: sorted(gates) for (_, deployment), gates in self._gates.items()},
         }
