@@ -230,12 +230,13 @@ class GateDirectory:
                 live.append(address)
                 continue
             logger.warning("replica %s of %s at %s:%d stopped its heartbeat; dropping it", replica, key[1], host, port)
-            self.expired += 1
-            del beats[address]
             try:
                 self._remover(key[0], key[1], replica, host, port)
-            except Exception as exc:  # noqa: BLE001 - the next refresh drops it again
+            except Exception as exc:  # noqa: BLE001 - still stale at the next refresh: removed then
                 logger.warning("could not remove %s of %s from the replica list: %r", replica, key[1], exc)
+                continue
+            self.expired += 1
+            del beats[address]
         self._beats[key] = beats
         return live
 
