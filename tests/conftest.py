@@ -5,6 +5,8 @@ their own so they never touch a cluster a developer is running."""
 from __future__ import annotations
 
 import os
+import time
+from typing import Callable
 
 import pytest
 import yaml
@@ -42,6 +44,23 @@ def e2e_raw_config() -> dict:
         "engine_endpoint": f"http://127.0.0.1:{E2E_OTLP_PORT}/v1/traces", "engine_protocol": "http/protobuf",
     }
     return raw
+
+
+def router_dispatch_views(base_url: str, routers: int = 2, timeout_s: float = 60,
+                          ready: Callable[[dict], bool] = lambda view: all(view["replicas"].values())) -> dict:
+    """{router replica: its direct-dispatch report}, polling until every router replica answered
+    and each is ``ready`` (by default: it knows a replica of every engine deployment)."""
+    import httpx
+
+    views, deadline = {}, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        report = httpx.get(f"{base_url}/v1/spillway/scheduler", timeout=30).json()
+        if ready(report["direct_dispatch"]):
+            views[report["router_replica"]] = report["direct_dispatch"]
+        if len(views) >= routers:
+            return views
+        time.sleep(0.1)
+    raise AssertionError(f"router replicas never all got ready for direct requests: {views}")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import router_dispatch_views
+
 pytestmark = pytest.mark.e2e
 
 DENSE, MOE = "spillway-dense", "spillway-moe"
@@ -173,22 +175,8 @@ def test_32_concurrent_streams_all_complete(aclient):
     assert all(finish == "length" and tokens == 24 and deltas >= 2 for deltas, finish, tokens in results), results
 
 
-def _router_dispatch_views(base_url, routers=2, timeout_s=60):
-    """{router replica: its direct-dispatch report}, polling until every router replica answered
-    and each knows a replica of every engine deployment."""
-    views, deadline = {}, time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        report = httpx.get(f"{base_url}/v1/spillway/scheduler", timeout=30).json()
-        if all(report["direct_dispatch"]["replicas"].values()):
-            views[report["router_replica"]] = report["direct_dispatch"]
-        if len(views) >= routers:
-            return views
-        time.sleep(0.1)
-    raise AssertionError(f"router replicas never all knew the engine replicas: {views}")
-
-
 def test_requests_go_straight_to_engine_replicas_not_through_ray_calls(base_url, client):
-    before = _router_dispatch_views(base_url)
+    before = router_dispatch_views(base_url)
     for view in before.values():
         assert set(view["replicas"]) == {"engine-spillway-dense-onprem", "engine-spillway-dense-cloud",
                                          "engine-spillway-moe-onprem"}
@@ -196,7 +184,7 @@ def test_requests_go_straight_to_engine_replicas_not_through_ray_calls(base_url,
         client.chat.completions.create(model=MOE, messages=HELLO, max_tokens=2)
         chunks = list(client.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=3, stream=True))
         assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
-    after = _router_dispatch_views(base_url)
+    after = router_dispatch_views(base_url)
     direct = sum(after[r]["direct_requests"] - before[r]["direct_requests"] for r in after)
     fallback = sum(after[r]["serve_call_requests"] - before[r]["serve_call_requests"] for r in after)
     assert (direct, fallback) == (6, 0)
