@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from deployments.stream_server import (
+    DONE_EVENT,
     REGISTER_EVERY_S,
     StreamServer,
     cluster_secret,
@@ -36,7 +37,7 @@ logger = logging.getLogger("spillway.engine")
 
 ENDPOINT_CHAT = "chat"
 ENDPOINT_COMPLETIONS = "completions"
-DONE_PREFIX = "data: [DONE]"
+DONE_PREFIX = DONE_EVENT.decode().rstrip()  # "data: [DONE]", as vLLM ends a stream
 
 
 @dataclass

@@ -183,19 +183,15 @@ def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
         result["done"] = events[-1] == "[DONE]"
         result["usage"] = json.loads(events[-2])["usage"]["completion_tokens"]
 
-    import ray
-
     from deployments.stream_server import list_gates
     from serve_app.app import deployment_name
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS names the test cluster
     onprem_engine = deployment_name(DENSE, "onprem")
     listed = list_gates(config.name, onprem_engine)
     assert len(listed) == 1, listed
-    # The stream must go straight to the engine (a replica started moments ago, after the kill
-    # test, can still be unknown to a router; its request then goes through a Serve call, and
-    # Serve stops the replica only after that call ends, so there would be no overlap to test).
+    # The stream must go straight to the engine: a replica started moments ago (after the kill
+    # test) can still be unknown to a router, and its request would then go through a Serve call,
+    # which Serve drains before it stops the replica at all.
     router_dispatch_views(base_url, ready=lambda view: view["replicas"].get(onprem_engine) == [listed[0][0]])
 
     thread = threading.Thread(target=long_stream)
