@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -381,19 +382,25 @@ class EngineReplica:
         )
         await self._server.start()
         self._drain_timeout_s = model_config.graceful_shutdown_timeout_s
+        # KV calls run off the event loop, one at a time and in order: the removal at shutdown
+        # then lands after a re-registration that was already under way, never before it.
+        self._kv = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spillway-kv")
         self._streams = StreamServer(deployment=context.deployment, handler=self._server.open,
-                                     secret=await asyncio.to_thread(cluster_secret))
+                                     secret=await self._kv_call(cluster_secret))
         await self._streams.start(ray.util.get_node_ip_address())
         # Routers find this replica here and send it requests directly (see stream_server.py).
         gate = (context.app_name, context.deployment, replica_id, self._streams.host, self._streams.port)
-        self._gate_key = await asyncio.to_thread(register_gate, *gate)
+        self._gate_key = await self._kv_call(register_gate, *gate)
         self._registrar = asyncio.get_running_loop().create_task(self._keep_registered(gate))
+
+    def _kv_call(self, fn, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._kv, fn, *args)
 
     async def _keep_registered(self, gate: tuple) -> None:
         while True:  # until __del__ cancels it
             await asyncio.sleep(REGISTER_EVERY_S)
             try:
-                await asyncio.to_thread(register_gate, *gate)
+                await self._kv_call(register_gate, *gate)
             except Exception as exc:  # noqa: BLE001 - try again next time; routers keep what they know
                 logger.warning("could not list this replica for direct requests: %r", exc)
 
@@ -439,7 +446,8 @@ class EngineReplica:
         # and let the running ones finish, within the graceful shutdown time.
         try:
             self._registrar.cancel()
-            await asyncio.to_thread(unregister_gate, self._gate_key)
+            await self._kv_call(unregister_gate, self._gate_key)
+            self._kv.shutdown(wait=False)
         except Exception:  # noqa: BLE001 - the GCS may be gone at teardown
             pass
         try:
