@@ -119,8 +119,8 @@ class Spillway(Target):
 
     def start(self, model_path: str) -> None:
         from serve_app.config import load_config
-        from serve_app.deploy import deploy
-        from serve_app.local_cluster import LocalCluster
+        from serve_app.ops.deploy import deploy
+        from serve_app.ops.local_cluster import LocalCluster
 
         config = load_config(HERE / "peers.yaml")
         assert config.http.port == PORTS[self.name]

@@ -215,8 +215,8 @@ def main() -> None:
     if args.url:
         asyncio.run(benchmark(args, args.url, prices))
         return
-    from serve_app.deploy import deploy
-    from serve_app.local_cluster import LocalCluster
+    from serve_app.ops.deploy import deploy
+    from serve_app.ops.local_cluster import LocalCluster
 
     cluster = LocalCluster(config, state_file=HERE / "results" / "cluster.json")
     cluster.start()

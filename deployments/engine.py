@@ -1,58 +1,62 @@
-"""The engine deployment: one vLLM ``AsyncLLM`` per replica, served through vLLM's
-own OpenAI layer.
+"""The engine: one vLLM ``AsyncLLM`` served through vLLM's own OpenAI layer, without Ray.
 
-We do not re-implement what vLLM already does. The replica builds its
-arguments with vLLM's own server argument parser and its serving objects with
-vLLM's own ``init_app_state``, so chat templates, tool-call parsers, sampling
-parameters and protocol models behave exactly as in ``vllm serve``.
+We do not re-implement what vLLM already does. The server builds its arguments with vLLM's own
+server argument parser and its serving objects with vLLM's own ``init_app_state``, so chat
+templates, tool-call parsers, sampling parameters and protocol models behave exactly as in
+``vllm serve``. ``deployments/replica.py`` wraps it as a Ray Serve deployment.
 
-Wire protocol towards the router (a Ray Serve streaming call):
-``generate(endpoint, body, request_id)`` yields an ``int`` HTTP status first,
-then ``str`` items: for a stream, the SSE events exactly as vLLM produced them
-(the router passes the bytes through untouched); otherwise one JSON body.
+``EngineServer.open`` starts one OpenAI request and returns an ``Opened``:
+- ``body``: a complete answer (a validation error, or an error vLLM returned at once);
+- ``events``: a stream's SSE events, exactly as vLLM writes them (the router passes the bytes
+  through untouched); the caller must consume or close them (closing aborts the request in vLLM);
+- ``pending``: a non-streamed request vLLM has accepted; the task gives ``(status, body,
+  engine_dead)`` when generation ends, and cancelling it aborts the request.
+
+A 5xx that comes from a dead engine says so (``engine_dead``), so the router fails over and
+holds this replica out; any other answer is the request's own and never touches engine health.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from deployments.stream_server import (
-    DONE_EVENT,
-    REGISTER_EVERY_S,
-    StreamServer,
-    cluster_secret,
-    register_gate,
-    unregister_gate,
-)
 from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
+from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, sequences_of
 
 logger = logging.getLogger("spillway.engine")
 
-ENDPOINT_CHAT = "chat"
-ENDPOINT_COMPLETIONS = "completions"
-DONE_PREFIX = DONE_EVENT.decode().rstrip()  # "data: [DONE]", as vLLM ends a stream
+DONE_PREFIX = "data: [DONE]"
+STEP_EWMA_ALPHA = 0.2
 
 
 @dataclass
 class LiveLoad:
-    """The replica's latest scheduler view, refreshed by vLLM every engine step."""
+    """The replica's latest scheduler view and step times, refreshed by vLLM every engine step."""
 
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    itl_ms: float | None = None  # recent time between two tokens of one sequence
+    ttft_ms: float | None = None  # recent time from arrival to a sequence's first token
     updated_at: float = field(default_factory=time.monotonic)
+
+    def observe_steps(self, itls_s: list[float], ttfts_s: list[float]) -> None:
+        for values, name in ((itls_s, "itl_ms"), (ttfts_s, "ttft_ms")):
+            if values:
+                sample = 1000 * sum(values) / len(values)
+                last = getattr(self, name)
+                setattr(self, name, sample if last is None else last + STEP_EWMA_ALPHA * (sample - last))
 
 
 def _load_logger_factory(load: LiveLoad):
-    """A vLLM stat-logger factory that copies scheduler stats into ``load``."""
+    """A vLLM stat-logger factory that copies scheduler stats and step times into ``load``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class _LiveLoadLogger(StatLoggerBase):
@@ -60,6 +64,9 @@ def _load_logger_factory(load: LiveLoad):
             self.engine_index = engine_index
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if iteration_stats is not None:
+                load.observe_steps(iteration_stats.inter_token_latencies_iter,
+                                   iteration_stats.time_to_first_tokens_iter)
             if scheduler_stats is None:
                 return
             load.running = scheduler_stats.num_running_reqs
@@ -129,6 +136,17 @@ def validate_engine_args(model: ModelConfig) -> None:
     build_vllm_args(model, "placeholder-model")
 
 
+@dataclass
+class Opened:
+    """A started request: a complete ``body``, the ``events`` of a stream, or a ``pending`` result."""
+
+    status: int
+    replica: str
+    body: bytes | None = None
+    events: AsyncIterator[str] | None = None
+    pending: "asyncio.Future[tuple[int, bytes, bool]] | None" = None
+
+
 class EngineServer:
     """vLLM's engine and OpenAI serving objects, without Ray (usable and testable alone)."""
 
@@ -145,8 +163,8 @@ class EngineServer:
         self._chat = None
         self._completion = None
         self._in_flight = 0
+        self._sequences = 0
         self._aborted = 0
-        self._started_at: float | None = None
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -170,22 +188,30 @@ class EngineServer:
         await init_app_state(self._engine, state, args, supported_tasks)
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
-        self._started_at = time.monotonic()
         logger.info("engine for %s ready on site %s (%s)", self.model.id, self.site.name, self.model_path)
 
+    @property
+    def engine_dead(self) -> bool:
+        return self._engine is None or bool(self._engine.errored)
+
     def stats(self) -> dict[str, Any]:
-        """Live load for routing: sequences running and waiting, KV-cache use, site, slots."""
+        """Live load for routing: sequences running and waiting, step times, KV-cache use, slots."""
         return {
             "model": self.model.id,
             "site": self.site.name,
+            "replica": self.replica_id,
             "running": self.load.running,
             "waiting": self.load.waiting,
             "in_flight": self._in_flight,
+            "sequences": self._sequences,
             # Streams closed before their end (client or router gone, or a failure): vLLM aborted them.
             "aborted_streams": self._aborted,
             "kv_cache_usage": self.load.kv_cache_usage,
+            "itl_ms": self.load.itl_ms,
+            "ttft_ms": self.load.ttft_ms,
             "max_num_seqs": self.model.engine.max_num_seqs,
             "stats_age_s": round(time.monotonic() - self.load.updated_at, 3),
+            "engine_dead": self.engine_dead,
             "node_id": self.node_id,
         }
 
@@ -199,76 +225,104 @@ class EngineServer:
             self._engine.shutdown()
             self._engine = None
 
-    async def open(
-        self, endpoint: str, body: dict, request_id: str, trace_headers: dict[str, str] | None = None,
-    ) -> "Opened":
-        """Start one OpenAI request. A complete answer (an error, a non-streamed body) comes back
-        whole; a stream comes back as its SSE event iterator, which the caller must consume or
-        close (closing aborts the request in vLLM).
+    async def open(self, endpoint: str, body: bytes, request_id: str,
+                   trace_headers: dict[str, str] | None = None) -> Opened:
+        """Start one OpenAI request (see the module docstring for what comes back).
 
         ``trace_headers`` (traceparent/tracestate) reach vLLM as request headers, so its own
         request span becomes a child of the router's generation span."""
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.exceptions import VLLMClientError
 
-        replica = self.replica_id
         if endpoint == ENDPOINT_CHAT:
             request_cls, create = ChatCompletionRequest, self._chat.create_chat_completion
         elif endpoint == ENDPOINT_COMPLETIONS:
             request_cls, create = CompletionRequest, self._completion.create_completion
         else:
-            return Opened(404, replica, _json(error_body(f"unknown endpoint {endpoint!r}", "invalid_request_error", 404)))
+            return self._error(404, f"unknown endpoint {endpoint!r}")
         try:
-            request = request_cls.model_validate({**body, "request_id": request_id})
+            fields = json.loads(body)
+            if not isinstance(fields, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return self._error(400, "request body is not a JSON object")
+        try:
+            request = request_cls.model_validate({**fields, "request_id": request_id})
         except ValidationError as exc:
-            message = _validation_message(exc)
-            return Opened(400, replica, _json(error_body(message, "invalid_request_error", 400,
-                                                         param=_validation_param(exc))))
+            return self._error(400, _validation_message(exc), _validation_param(exc))
         except VLLMClientError as exc:
             # vLLM's own request checks (e.g. stream_options without stream) raise this from a
-            # validator: it is the client's error, never the engine's (no failover, no cooldown).
-            return Opened(400, replica, _json(error_body(f"invalid request: {exc}", "invalid_request_error", 400,
-                                                         param=getattr(exc, "parameter", None))))
-        self._in_flight += 1
-        streaming = False
+            # validator: the client's error, never the engine's (no failover, no cooldown).
+            return self._error(400, f"invalid request: {exc}", getattr(exc, "parameter", None))
+        sequences = sequences_of(endpoint, fields)
+        self._enter(sequences)
+        if not request.stream:
+            pending = asyncio.ensure_future(self._complete(create, request, trace_headers))
+            pending.add_done_callback(lambda _: self._leave(sequences))
+            return Opened(200, self.replica_id, pending=pending)
         try:
-            try:
-                result = await create(request, _raw_request(trace_headers))
-            except Exception as exc:  # noqa: BLE001 - vLLM raises some request errors instead of returning them
-                result = create_error_response(exc)
-            if isinstance(result, ErrorResponse):
-                error = result.error
-                return Opened(error.code, replica,
-                              _json(error_body(error.message, error.type, error.code, param=error.param)))
-            if hasattr(result, "__anext__"):
-                streaming = True
-                return Opened(200, replica, events=self._counted(result))
-            return Opened(200, replica, result.model_dump_json(exclude_unset=False))
-        finally:
-            if not streaming:
-                self._in_flight -= 1
+            result = await self._create(create, request, trace_headers)
+        except BaseException:
+            self._leave(sequences)
+            raise
+        if not hasattr(result, "__anext__"):
+            self._leave(sequences)
+            status, answer, _ = self._answer(result)
+            return Opened(status, self.replica_id, body=answer)
+        return Opened(200, self.replica_id, events=_CountedStream(result, lambda finished: self._leave(
+            sequences, aborted=not finished)))
 
-    def _counted(self, events: AsyncIterator[str]) -> "_CountedStream":
-        def left(finished: bool) -> None:
-            self._in_flight -= 1
-            if not finished:
-                self._aborted += 1
+    def _enter(self, sequences: int) -> None:
+        self._in_flight += 1
+        self._sequences += sequences
 
-        return _CountedStream(events, left)
+    def _leave(self, sequences: int, aborted: bool = False) -> None:
+        self._in_flight -= 1
+        self._sequences -= sequences
+        self._aborted += int(aborted)
 
-    async def generate(
-        self, endpoint: str, body: dict, request_id: str, trace_headers: dict[str, str] | None = None,
-    ) -> AsyncIterator[tuple[int, str] | str]:
-        """Run one OpenAI request over a Ray streaming call: ``(status, replica_id)``, then the body
-        or the SSE events. (The router's fast path is ``open`` plus a direct stream.)"""
+    async def _create(self, create, request, trace_headers):
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        try:
+            return await create(request, _raw_request(trace_headers))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - vLLM raises some request errors instead of returning them
+            return create_error_response(exc)
+
+    async def _complete(self, create, request, trace_headers) -> tuple[int, bytes, bool]:
+        return self._answer(await self._create(create, request, trace_headers))
+
+    def _answer(self, result) -> tuple[int, bytes, bool]:
+        """``(status, body, engine_dead)`` of a non-streamed result."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        if isinstance(result, ErrorResponse):
+            error = result.error
+            body = _json(error_body(error.message, error.type, error.code, param=error.param))
+            return error.code, body, error.code >= 500 and self.engine_dead
+        return 200, result.model_dump_json(exclude_unset=False).encode(), False
+
+    def _error(self, status: int, message: str, param: str | None = None) -> Opened:
+        return Opened(status, self.replica_id, body=_json(error_body(message, "invalid_request_error", status,
+                                                                      param=param)))
+
+    async def generate(self, endpoint: str, body: bytes, request_id: str,
+                       trace_headers: dict[str, str] | None = None) -> AsyncIterator[tuple[int, str] | str]:
+        """One OpenAI request as a Ray streaming call: ``(status, replica_id)``, then the body or the
+        SSE events, each a Ray object (the routing benchmark's Ray Serve-style baseline)."""
         opened = await self.open(endpoint, body, request_id, trace_headers)
+        if opened.pending is not None:
+            status, answer, _ = await opened.pending
+            yield status, opened.replica
+            yield answer.decode()
+            return
         yield opened.status, opened.replica
         if opened.events is None:
-            yield opened.body
+            yield opened.body.decode()
             return
         events = opened.events
         try:
@@ -279,9 +333,9 @@ class EngineServer:
 
 
 class _CountedStream:
-    """A stream's events that leave ``in_flight`` exactly once, however the stream ends: finished,
-    failed, or closed (even before its first event, when a parked stream is never claimed).
-    ``on_close(finished)`` says whether the stream got to its end (``[DONE]`` or exhausted)."""
+    """A stream's events that call ``on_close(finished)`` exactly once, however the stream ends:
+    finished, failed, or closed (even before its first event, when a parked stream is never
+    claimed). ``finished`` says whether it got to its end (``[DONE]`` or exhausted)."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[bool], None]):
         self._events = events
@@ -316,16 +370,6 @@ class _CountedStream:
             await aclose()
 
 
-@dataclass
-class Opened:
-    """A started request: a complete ``body``, or the ``events`` of a stream."""
-
-    status: int
-    replica: str
-    body: str | None = None
-    events: AsyncIterator[str] | None = None
-
-
 def _raw_request(trace_headers: dict[str, str] | None):
     """The request object vLLM reads trace headers from (None when there is no trace)."""
     if not trace_headers:
@@ -336,10 +380,8 @@ def _raw_request(trace_headers: dict[str, str] | None):
     return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "state": {}})
 
 
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, separators=(",", ":"))
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _validation_param(exc) -> str | None:
@@ -355,133 +397,3 @@ def _validation_message(exc) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
         parts.append(f"{loc}: {err.get('msg')}")
     return "invalid request: " + "; ".join(parts)
-
-
-class EngineReplica:
-    """Ray Serve deployment body for one (model, site). The app builder wraps it with
-    ``serve.deployment`` and sets its placement (site resource on every bundle)."""
-
-    async def __init__(self, model: dict, site: dict, model_cache_dir: str | None = None,
-                       tracing: dict | None = None):
-        from deployments.sources import resolve_model_source
-
-        model_config = ModelConfig.model_validate(model)
-        # Resolved here, on the node that runs the replica: builtin models are prepared
-        # where they are loaded, and hub ids are downloaded by vLLM on that node.
-        model_path = resolve_model_source(model_config.source, model_cache_dir)
-        import ray
-
-        from ray import serve
-
-        node_id = ray.get_runtime_context().get_node_id()
-        context = serve.get_replica_context()
-        replica_id = context.replica_id.unique_id
-        self._server = EngineServer(
-            model_config, SiteConfig.model_validate(site), model_path, node_id,
-            TracingConfig.model_validate(tracing) if tracing else None, replica_id,
-        )
-        await self._server.start()
-        self._drain_timeout_s = model_config.graceful_shutdown_timeout_s
-        # KV calls run off the event loop, one at a time and in order: the removal at shutdown
-        # then lands after a re-registration that was already under way, never before it.
-        self._kv = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spillway-kv")
-        self._streams = StreamServer(deployment=context.deployment, handler=self._server.open,
-                                     secret=await self._kv_call(cluster_secret))
-        await self._streams.start(ray.util.get_node_ip_address())
-        # Routers find this replica here and send it requests directly (see stream_server.py).
-        gate = (context.app_name, context.deployment, replica_id, self._streams.host, self._streams.port)
-        self._gate_key = await self._kv_call(register_gate, *gate)
-        self._registrar = asyncio.get_running_loop().create_task(self._keep_registered(gate))
-
-    def _kv_call(self, fn, *args) -> asyncio.Future:
-        return asyncio.get_running_loop().run_in_executor(self._kv, fn, *args)
-
-    async def _keep_registered(self, gate: tuple) -> None:
-        while True:  # until __del__ cancels it
-            await asyncio.sleep(REGISTER_EVERY_S)
-            try:
-                await self._kv_call(register_gate, *gate)
-            except Exception as exc:  # noqa: BLE001 - try again next time; routers keep what they know
-                logger.warning("could not list this replica for direct requests: %r", exc)
-
-    async def open(self, endpoint: str, body: dict, request_id: str, trace_headers: dict | None = None):
-        """Serve streaming call with one item, the reply: a complete answer, or the address of a
-        parked stream the router reads over a direct connection (deployments/stream_server.py).
-        For a stream the call then stays open until the stream is over, so Serve counts it as
-        an ongoing request (replica choice, max_ongoing_requests, graceful drain)."""
-        opened = await self._server.open(endpoint, body, request_id, trace_headers)
-        reply = {"status": opened.status, "replica": opened.replica}
-        if opened.events is None:
-            reply["body"] = opened.body
-            yield reply
-            return
-        over = asyncio.Event()
-        token = self._streams.park(opened.events, over.set)
-        reply.update(host=self._streams.host, port=self._streams.port, token=token)
-        try:
-            yield reply
-            await over.wait()
-        finally:
-            # Cancelled before the router claimed the stream (it could not connect, or went away).
-            await self._streams.discard(token)
-
-    async def generate(self, endpoint: str, body: dict, request_id: str, trace_headers: dict | None = None):
-        async for item in self._server.generate(endpoint, body, request_id, trace_headers):
-            yield item
-
-    async def stats(self) -> dict[str, Any]:
-        return self._server.stats()
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        # Ray Serve polls this and hands the dict to request routers.
-        return self._server.stats()
-
-    async def check_health(self) -> None:
-        await self._server.check_health()
-
-    async def __del__(self):
-        # Serve has drained the requests it carried (a parked stream's `open` call stays open until
-        # the stream is over). Direct requests are this replica's to drain: leave the routers'
-        # list, answer new ones "retry" (routers then go through Serve, which routes elsewhere),
-        # and let the running ones finish, within the graceful shutdown time.
-        try:
-            self._registrar.cancel()
-            await self._kv_call(unregister_gate, self._gate_key)
-            self._kv.shutdown(wait=False)
-        except Exception:  # noqa: BLE001 - the GCS may be gone at teardown
-            pass
-        try:
-            if not await self._streams.drain(self._drain_timeout_s):
-                logger.warning("%d direct requests were still running at shutdown", self._streams.direct_active)
-            self._server.shutdown()
-        except Exception:  # noqa: BLE001 - interpreter teardown; nothing left to report to
-            pass
-
-
-def engine_env(model: ModelConfig, site: SiteConfig | None = None, tracing: TracingConfig | None = None) -> dict[str, str]:
-    """Environment for engine replicas: safe CPU defaults, the model's ``env``, then the site's ``engine_env``."""
-    env = {
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if tracing is not None and tracing.engine_otlp_endpoint:
-        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = tracing.engine_otlp_protocol
-        env["OTEL_SERVICE_NAME"] = f"{tracing.service_name}-engine"
-    env.update(model.env)
-    if site is not None:
-        env.update(site.engine_env)
-    return env
-
-
-__all__ = [
-    "ENDPOINT_CHAT",
-    "ENDPOINT_COMPLETIONS",
-    "EngineReplica",
-    "EngineServer",
-    "LiveLoad",
-    "build_vllm_args",
-    "engine_env",
-    "validate_engine_args",
-    "vllm_cli_args",
-]

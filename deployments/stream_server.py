@@ -1,59 +1,61 @@
-"""Direct token streams from an engine replica to the router, off Ray's per-item path.
+"""The engine replica's port: direct requests from routers, and token streams, off Ray's per-call path.
 
-A Ray Serve streaming call moves every SSE event as its own Ray object: serialised in the engine
-replica, shipped, deserialised in the router. For a 64-token answer that is 66 round trips through
-Ray's core worker per request, on the same cores that run the engine. Instead, the router opens
-the request with ``EngineReplica.open``, a Serve call whose first item is the reply; for a stream
-the replica parks the event iterator under a random token and answers with its stream address, and
-the call then stays open, carrying nothing, until the stream is over (so Serve's ongoing-request
-count, replica choice and graceful drain see the stream as before). The router connects to
-that address over TCP, sends the token, and reads the SSE bytes as the engine writes them. When the
-router is behind, one read returns several events (coalesced by the socket, never by a timer).
+A router keeps pooled connections to each engine replica it knows (``deployments/discovery.py``)
+and writes one frame per request (``deployments/wire.py``): no Ray call per request, and a
+stream's SSE bytes go straight from the engine to the router. The Serve call (``EngineReplica.open``)
+stays as the fallback: for a stream it parks the event iterator under a random token, and the
+router claims it here with a ``C`` frame.
 
-The engine starts at once: parking pulls the stream's first event in the background (vLLM adds the
-request to its scheduler on the iterator's first step), so prefill runs while the reply travels
-to the router and the router connects, instead of after.
+The port holds under hostile peers:
+- it listens on the node's cluster address only, never on all interfaces;
+- a frame's fixed header (secret, kind, length) is checked before its payload is read, so a peer
+  without the secret, or one declaring a frame over ``max_frame_bytes``, costs 44 bytes;
+- at most ``max_connections`` connections are served; more are closed at once;
+- a connection idle for ``idle_timeout_s`` between frames is closed, and a payload must arrive
+  within ``read_timeout_s`` of its header.
 
-Lifecycle: a parked stream not claimed within ``claim_timeout_s`` is closed (vLLM aborts the
-request). A router that disconnects makes the next write fail, which closes the iterator (vLLM
-aborts). The token is 128 random bits and is single use.
+Lifecycle of a request:
+- streamed: the header ``{"status", "replica"}`` as soon as vLLM returns the stream, then the SSE
+  events as they come; the connection takes the next frame after ``data: [DONE]``. An engine that
+  is dead before its first event closes the connection instead, so the router fails over;
+- non-streamed: ``{"accepted": true}`` once vLLM has the request, then ``{"status", "replica",
+  "length"}`` and the body. A router that closes the connection meanwhile aborts the request;
+- a draining replica, or one that is not the deployment named, answers ``{"status": 503,
+  "retry": true}``, and the router sends the request another way.
 
-Direct requests (the router's fast path, serve_app/router/gates.py): the same server also takes
-whole requests, skipping the Ray call. A router keeps connections to each engine replica it knows
-(replicas list their address in Ray's KV store, ``register``) and writes one request per line, a
-JSON frame ``{"secret", "deployment", "endpoint", "body", "request_id", "trace_headers"}``. The secret
-is the cluster's (``cluster_secret``, in Ray's KV store): only a member of the Ray cluster can read
-it, so a peer that can merely reach the port cannot skip the router's keys, limits and residency;
-a frame without it gets the connection closed. The reply is a JSON
-header line ``{"status", "replica", "length"}`` followed by ``length`` bytes of body, or, for a
-stream, a header without ``length`` followed by the SSE events; a stream ends at
-``data: [DONE]`` (the connection then takes the next request) or, when the engine fails, at the
-connection's close. A replica that is draining, or is not the deployment the frame names, answers
-``{"status": 503, "retry": true}`` and the router sends the request the other way (through Serve).
-A router that closes the connection mid-stream aborts the request, as above.
+The engine starts a parked stream at once: parking pulls its first event in the background (vLLM
+adds the request to its scheduler on the iterator's first step), so prefill runs while the reply
+travels to the router. A parked stream not claimed within ``claim_timeout_s`` is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
-import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-logger = logging.getLogger("spillway.engine.stream")
+from deployments import wire
+
+logger = logging.getLogger("spillway.engine.port")
 
 TOKEN_BYTES = 16
 CLAIM_TIMEOUT_S = 30.0
-HANDSHAKE_TIMEOUT_S = 10.0
 DONE_EVENT = b"data: [DONE]\n\n"
-FRAME_LIMIT_BYTES = 64 << 20  # one request line; the router caps bodies far below (max_body_bytes)
-KV_NAMESPACE = "spillway_gates"
+ERROR_EVENT_PREFIX = b'data: {"error"'
 
-# (endpoint, body, request_id, trace_headers) -> an object with status, replica, body | events
-RequestHandler = Callable[[str, dict, str, "dict | None"], Awaitable[Any]]
+# (endpoint, body bytes, request_id, trace_headers) -> Opened (deployments/engine.py)
+RequestHandler = Callable[[str, bytes, str, "dict | None"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class PortLimits:
+    max_frame_bytes: int = 8 << 20
+    max_connections: int = 1024
+    idle_timeout_s: float = 60.0
+    read_timeout_s: float = 10.0
 
 
 class _Parked:
@@ -75,37 +77,45 @@ async def _next_event(events: AsyncIterator[str]) -> str | None:
 
 
 class StreamServer:
-    def __init__(self, claim_timeout_s: float = CLAIM_TIMEOUT_S, deployment: str | None = None,
-                 handler: RequestHandler | None = None, secret: str | None = None):
+    def __init__(self, secret: bytes, limits: PortLimits = PortLimits(), deployment: str | None = None,
+                 handler: RequestHandler | None = None, stats: Callable[[], dict] | None = None,
+                 engine_dead: Callable[[], bool] = lambda: False, claim_timeout_s: float = CLAIM_TIMEOUT_S):
+        self._secret = secret
+        self._limits = limits
+        self._deployment = deployment
+        self._handler = handler
+        self._stats = stats
+        self._engine_dead = engine_dead
         self._claim_timeout_s = claim_timeout_s
         self._parked: dict[str, _Parked] = {}
         self._server: asyncio.base_events.Server | None = None
-        self._deployment = deployment
-        self._handler = handler
-        self._secret = secret
+        self._connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
         self._direct_active = 0
         self._direct_idle = asyncio.Event()
         self._direct_idle.set()
         self.draining = False
+        self.refused = {"connection_limit": 0, "bad_frame": 0, "idle": 0}
         self.host: str | None = None
         self.port: int | None = None
 
-    async def start(self, host: str, bind: str = "0.0.0.0") -> None:
-        self._server = await asyncio.start_server(self._serve, bind, 0, limit=FRAME_LIMIT_BYTES)
+    async def start(self, host: str) -> None:
+        """Listen on ``host`` (the node's cluster address) only."""
+        self._server = await asyncio.start_server(self._serve, host, 0)
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
 
+    # ---- parked streams (the Serve-call fallback) ------------------------------------------
+
     def park(self, events: AsyncIterator[str], on_done: Callable[[], None] = lambda: None) -> str:
-        """Hold ``events`` for the router that will claim them with the returned token.
-        ``on_done`` runs once the stream is over (finished, broken, or never claimed). The
-        stream's first event is requested now, so the engine starts before the claim."""
+        """Hold ``events`` for the router that claims them with the returned token. ``on_done`` runs
+        once the stream is over (finished, broken, or never claimed)."""
         token = secrets.token_hex(TOKEN_BYTES)
         self._parked[token] = _Parked(events, on_done)
         asyncio.get_running_loop().call_later(self._claim_timeout_s, self._expire, token)
         return token
 
     async def discard(self, token: str) -> None:
-        """Close a stream that will not be claimed (its request was cancelled)."""
         parked = self._parked.pop(token, None)
         if parked is not None:
             await _close(parked)
@@ -120,12 +130,18 @@ class StreamServer:
             logger.warning("stream %s... was never claimed; closing it", token[:8])
             asyncio.get_running_loop().create_task(_close(parked))
 
+    # ---- connections ---------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> int:
+        return self._connections
+
     @property
     def direct_active(self) -> int:
         return self._direct_active
 
     async def drain(self, timeout_s: float) -> bool:
-        """Take no new direct requests; wait up to ``timeout_s`` for those running. True if none is left."""
+        """Take no new requests; wait up to ``timeout_s`` for those running. True if none is left."""
         self.draining = True
         try:
             await asyncio.wait_for(self._direct_idle.wait(), timeout=timeout_s)
@@ -134,66 +150,129 @@ class StreamServer:
         return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parked = None
+        if self._connections >= self._limits.max_connections:
+            self.refused["connection_limit"] += 1
+            writer.close()
+            return
+        self._connections += 1
+        self._writers.add(writer)
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout=HANDSHAKE_TIMEOUT_S)
-            if line.startswith(b"{"):
-                await self._serve_requests(line, reader, writer)
-                return
-            parked = self._parked.pop(line.strip().decode("ascii", "replace"), None)
-            if parked is None:
-                return
+            while await self._serve_frame(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the router went away: whatever ran was aborted on the way out
+        except asyncio.CancelledError:
+            pass  # the server is closing: this handler task is the outermost frame
+        finally:
+            self._connections -= 1
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _serve_frame(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one frame; False when the connection must close."""
+        try:
+            header = await asyncio.wait_for(reader.readexactly(wire.HEADER.size), self._limits.idle_timeout_s)
+        except asyncio.TimeoutError:
+            self.refused["idle"] += 1
+            return False
+        except asyncio.IncompleteReadError:
+            return False  # closed between frames: the normal end of a pooled connection
+        try:
+            kind, length = wire.unpack(header, self._secret, self._limits.max_frame_bytes)
+        except wire.WireError as exc:
+            self.refused["bad_frame"] += 1
+            logger.warning("refused a frame on the engine port: %s", exc)
+            return False
+        try:
+            payload = await asyncio.wait_for(reader.readexactly(length), self._limits.read_timeout_s)
+        except asyncio.TimeoutError:
+            self.refused["idle"] += 1
+            return False
+        if kind == wire.KIND_STATS:
+            stats = json.dumps(self._stats() if self._stats else {}).encode()
+            writer.write(wire.header_line(length=len(stats)) + stats)
+            await writer.drain()
+            return True
+        if kind == wire.KIND_CLAIM:
+            await self._serve_claim(payload, writer)
+            return False
+        return await self._serve_request(payload, reader, writer)
+
+    async def _serve_claim(self, payload: bytes, writer: asyncio.StreamWriter) -> None:
+        parked = self._parked.pop(payload.decode("ascii", "replace"), None)
+        if parked is None:
+            return
+        try:
             first = await parked.first
             if first is not None:
                 await _write_events(parked.events, writer, first.encode())
-        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            pass  # the router went away: closing the iterator aborts the request in vLLM
         finally:
-            if parked is not None:
-                await _close(parked)
-            writer.close()
+            await _close(parked)
 
-    async def _serve_requests(self, line: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One direct request per frame, in turn, until the router closes the connection or a
-        stream ends without ``[DONE]`` (the close then tells the router the stream broke)."""
-        while line:
-            try:
-                frame = json.loads(line)
-                frame["endpoint"], frame["body"], frame["request_id"]
-            except (ValueError, KeyError, TypeError):
-                logger.warning("malformed direct request frame; closing the connection")
-                return
-            if self._secret is None or not hmac.compare_digest(str(frame.get("secret", "")), self._secret):
-                logger.warning("direct request without the cluster's secret; closing the connection")
-                return
-            if self._handler is None or self.draining or frame.get("deployment") != self._deployment:
-                writer.write(b'{"status":503,"retry":true}\n')
-                await writer.drain()
-                return
-            self._direct_active += 1
-            self._direct_idle.clear()
-            try:
-                opened = await self._handler(frame["endpoint"], frame["body"], frame["request_id"],
-                                             frame.get("trace_headers"))
-                if opened.events is None:
-                    data = opened.body.encode()
-                    writer.write(b"%s\n%s" % (json.dumps({"status": opened.status, "replica": opened.replica,
-                                                           "length": len(data)}).encode(), data))
-                elif not await self._pump(opened, writer):
-                    return
-            finally:
-                self._direct_active -= 1
-                if not self._direct_active:
-                    self._direct_idle.set()
-            await writer.drain()
-            line = await reader.readline()
-
-    @staticmethod
-    async def _pump(opened, writer: asyncio.StreamWriter) -> bool:
-        """Write a stream's events as they come; True when it ended with ``[DONE]``."""
-        header = json.dumps({"status": opened.status, "replica": opened.replica}).encode() + b"\n"
+    async def _serve_request(self, payload: bytes, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> bool:
         try:
-            last = await _write_events(opened.events, writer, header)
+            meta, body = wire.split_request(payload)
+            endpoint, request_id = str(meta["endpoint"]), str(meta["request_id"])
+            trace_headers = meta.get("trace_headers")
+        except (ValueError, KeyError, TypeError):
+            self.refused["bad_frame"] += 1
+            logger.warning("malformed request frame; closing the connection")
+            return False
+        if self._handler is None or self.draining or meta.get("deployment") != self._deployment:
+            writer.write(wire.RETRY_ELSEWHERE)
+            await writer.drain()
+            return False
+        self._direct_active += 1
+        self._direct_idle.clear()
+        try:
+            opened = await self._handler(endpoint, body, request_id, trace_headers)
+            if opened.pending is not None:
+                return await self._finish_pending(opened, reader, writer)
+            if opened.events is None:
+                writer.write(wire.header_line(status=opened.status, replica=opened.replica,
+                                              length=len(opened.body)) + opened.body)
+                await writer.drain()
+                return True
+            return await self._pump(opened, reader, writer)
+        finally:
+            self._direct_active -= 1
+            if not self._direct_active:
+                self._direct_idle.set()
+
+    async def _finish_pending(self, opened, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """A non-streamed request: accepted now, its result when generation ends. The router closing
+        the connection meanwhile (its client went away) cancels the generation (vLLM aborts)."""
+        writer.write(wire.ACCEPTED)
+        await writer.drain()
+        gone = asyncio.ensure_future(reader.read(1))  # the router sends nothing until the answer
+        try:
+            await asyncio.wait({opened.pending, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            opened.pending.cancel()
+            gone.cancel()
+            raise
+        gone.cancel()
+        if not opened.pending.done():
+            opened.pending.cancel()
+            await asyncio.wait({opened.pending})
+            return False
+        status, body, engine_dead = opened.pending.result()
+        if engine_dead:
+            return False  # the router sees the connection close and fails over
+        writer.write(wire.header_line(status=status, replica=opened.replica, length=len(body)) + body)
+        await writer.drain()
+        return True
+
+    async def _pump(self, opened, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Write a stream's events as they come; True when it ended with ``[DONE]``. The wait for
+        the first event (queueing and prefill: the long part) ends early if the router leaves."""
+        writer.write(wire.header_line(status=opened.status, replica=opened.replica))
+        try:
+            first = await _first_unless_gone(opened.events, reader)
+            if first is None or (first.encode().startswith(ERROR_EVENT_PREFIX) and self._engine_dead()):
+                return False  # closed before its first event: the router may try another replica
+            last = await _write_events(opened.events, writer, first.encode())
         except ConnectionError:
             raise
         except Exception as exc:  # noqa: BLE001 - the engine failed mid-stream: the close tells the router
@@ -207,14 +286,34 @@ class StreamServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+        for writer in list(self._writers):
+            writer.close()
         for token in list(self._parked):
             await _close(self._parked.pop(token))
+
+
+async def _first_unless_gone(events: AsyncIterator[str], reader: asyncio.StreamReader) -> str | None:
+    """The stream's first event; ``ConnectionError`` when the router closes the connection first
+    (it sends nothing while a stream runs, so anything read means it is gone)."""
+    first = asyncio.ensure_future(_next_event(events))
+    gone = asyncio.ensure_future(reader.read(1))
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not first.done():
+            first.cancel()
+            await asyncio.wait({first})
+    if first.cancelled():
+        raise ConnectionError("the router left before the first event")
+    return first.result()
 
 
 async def _write_events(events: AsyncIterator[str], writer: asyncio.StreamWriter, head: bytes) -> bytes:
     """Write ``head``, then each event as it comes; the last bytes written."""
     last = head
     writer.write(head)
+    await writer.drain()
     async for event in events:
         last = event.encode()
         writer.write(last)
@@ -242,68 +341,3 @@ async def _close(parked: _Parked) -> None:
         pass
     finally:
         parked.on_done()
-
-
-# ---- where routers find engine replicas (Ray's KV store) ---------------------------------------
-# One key per replica, the address in the key itself: "<app>/<deployment>/<replica_id>/<host>:<port>".
-# A replica writes its key again every REGISTER_EVERY_S with a new value (a heartbeat stamp), so
-# - a router that removed a key it could not connect to never loses a live replica for long;
-# - a key whose value stops changing belongs to a replica that died without removing it (a killed
-#   process, a preempted cloud node): routers drop it after STALE_AFTER_S by their own clocks
-#   (only changes are compared, never clocks across nodes), instead of trying its address.
-REGISTER_EVERY_S = 10.0
-STALE_AFTER_S = 3 * REGISTER_EVERY_S
-SECRET_KEY = "secret"  # not under any app prefix, so never listed as a replica
-
-
-def gate_prefix(app: str, deployment: str) -> str:
-    return f"{app}/{deployment}/"
-
-
-def gate_key(app: str, deployment: str, replica_id: str, host: str, port: int) -> str:
-    return f"{gate_prefix(app, deployment)}{replica_id}/{host}:{port}"
-
-
-def register_gate(app: str, deployment: str, replica_id: str, host: str, port: int) -> str:
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    key = gate_key(app, deployment, replica_id, host, port)
-    _internal_kv_put(key, str(time.time_ns()).encode(), namespace=KV_NAMESPACE)
-    return key
-
-
-def cluster_secret() -> str:
-    """The secret that direct requests carry: made once per Ray cluster, kept in its KV store."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
-
-    _internal_kv_put(SECRET_KEY, secrets.token_hex(32), overwrite=False, namespace=KV_NAMESPACE)
-    return _internal_kv_get(SECRET_KEY, namespace=KV_NAMESPACE).decode()
-
-
-def unregister_gate_address(app: str, deployment: str, replica_id: str, host: str, port: int) -> None:
-    unregister_gate(gate_key(app, deployment, replica_id, host, port))
-
-
-def unregister_gate(key: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del
-
-    _internal_kv_del(key, namespace=KV_NAMESPACE)
-
-
-def list_gates(app: str, deployment: str) -> list[tuple[str, str, int, bytes]]:
-    """``(replica_id, host, port, heartbeat stamp)`` of each registered replica of a deployment
-    (two GCS calls, whatever the number of replicas)."""
-    from ray.experimental.internal_kv import _internal_kv_list, internal_kv_get_gcs_client
-
-    prefix = gate_prefix(app, deployment)
-    keys = _internal_kv_list(prefix, namespace=KV_NAMESPACE)
-    if not keys:
-        return []
-    stamps = internal_kv_get_gcs_client().internal_kv_multi_get(keys, namespace=KV_NAMESPACE.encode())
-    gates = []
-    for key in keys:
-        replica_id, _, address = key.decode()[len(prefix):].partition("/")
-        host, _, port = address.rpartition(":")
-        if replica_id and host and port.isdigit() and key in stamps:  # (gone between the two calls)
-            gates.append((replica_id, host, int(port), stamps[key]))
-    return gates

@@ -19,7 +19,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.engine import EngineReplica, engine_env, validate_engine_args
+from deployments.engine import validate_engine_args
+from deployments.replica import EngineReplica, engine_env
 from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SpillwayConfig, load_config
 from serve_app.ingress import Router
 
@@ -81,7 +82,7 @@ def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConf
         graceful_shutdown_wait_loop_s=1.0,
     )
     return deployment.bind(model.model_dump(mode="json"), site.model_dump(mode="json"), config.model_cache_dir,
-                           config.tracing.model_dump(mode="json"))
+                           config.tracing.model_dump(mode="json"), config.engine_port.model_dump(mode="json"))
 
 
 def build_app(config: SpillwayConfig) -> Application:

@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.errors import ConfigError
-from serve_app.policy.classify import DEFAULT_DETECTORS as DEFAULT_PII_DETECTORS
-from serve_app.policy.pipeline import DEFAULT_FILTERS, DEFAULT_SCORERS
+from serve_app.policy.detectors import DEFAULT_DETECTORS as DEFAULT_PII_DETECTORS
+from serve_app.policy.filters import DEFAULT_FILTERS
+from serve_app.policy.scorers import DEFAULT_SCORERS
 
 
 class Strict(BaseModel):
@@ -140,6 +141,14 @@ class ModelConfig(Strict):
         "a slot on the preferred site exceeds this.",
     )
     queue: QueueConfig = Field(default_factory=QueueConfig, description="Admission queue bounds.")
+    prior_itl_ms: float = Field(
+        default=30.0, gt=0,
+        description="Time per output token the spill predictor assumes until the engines report their own.",
+    )
+    prior_ttft_ms: float = Field(
+        default=250.0, gt=0,
+        description="Time to first token the spill predictor assumes until the engines report their own.",
+    )
 
     @field_validator("replicas")
     @classmethod
@@ -178,6 +187,16 @@ class RouterConfig(Strict):
     )
     max_body_bytes: int = Field(default=1_048_576, gt=0, description="Largest request body accepted (413 past it).")
     max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica holds at once.")
+    max_json_depth: int = Field(default=64, ge=2, le=512, description="Deepest nesting of a request body (400 past it).")
+    max_n: int = Field(default=16, ge=1, description="Largest `n` (sequences per prompt) accepted (400 past it).")
+    max_prompts: int = Field(default=64, ge=1, description="Prompts in one completions request (400 past it).")
+    max_messages: int = Field(default=4096, ge=1, description="Messages in one chat request (400 past it).")
+    inline_scan_max_bytes: int = Field(
+        default=16_384, ge=0,
+        description="Bodies up to this size are parsed and scanned for PII on the router's event loop; larger "
+        "ones in a helper process, so a hostile body never stalls other requests.",
+    )
+    scan_workers: int = Field(default=1, ge=1, description="Helper processes that scan large bodies, per router.")
     pii_detectors: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PII_DETECTORS),
         description="PII detectors (by registered name) that raise a request's data class.",
@@ -185,24 +204,41 @@ class RouterConfig(Strict):
     default_data_class: DataClassName = Field(
         default="public", description="Data class of a request without an x-data-classification header."
     )
+    opaque_data_class: DataClassName = Field(
+        default="confidential",
+        description="Class of a request holding content the router cannot scan as text (token-id prompts, "
+        "images, audio, files, embeddings), unless the client declares a class with x-data-classification.",
+    )
     filters: list[str] = Field(
         default_factory=lambda: list(DEFAULT_FILTERS), description="Placement filters, in order (by name)."
     )
     scorers: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_SCORERS), description="Placement scorers (by name) and their weights."
     )
-    spill_close_ratio: float = Field(
-        default=0.5, gt=0, le=1, description="Spill stops when the predicted wait falls below spill_after_ms x this ..."
+    policy_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Parameters of named policies (filters, scorers, PII detectors), e.g. "
+        "{affinity: {max_keys: 50000}, phone: {regions: [CH, DE]}}; checked against each policy's model at load.",
     )
-    spill_min_hold_ms: float = Field(default=5_000, ge=0, description="... and stays below it this long.")
+    spill_predictor: str = Field(default="backlog", description="How the predicted on-prem start is computed (by name).")
+    spill_close_ratio: float = Field(
+        default=0.5, gt=0, le=1,
+        description="While requests spill on prediction, their budget is spill_after_ms x this ...",
+    )
+    spill_min_hold_ms: float = Field(default=5_000, ge=0, description="... until nothing was predicted over it this long.")
+    spill_margin_ms: float = Field(default=50, ge=0, description="A request spills this long before its budget runs out.")
+    assumed_output_tokens: int = Field(
+        default=256, gt=0, description="Output tokens the predictor assumes for a request without max_tokens, until "
+        "it has measured some.",
+    )
     splits: dict[str, SplitConfig] = Field(
         default_factory=dict, description="Model aliases split across model variants by weight (A/B, canary)."
     )
     load_poll_interval_ms: float = Field(
         default=250,
         gt=0,
-        description="How often each router replica polls the engines' live load (in-flight requests, which "
-        "includes other routers' share, and KV-cache use).",
+        description="How often each router replica polls the engines' live load (sequences in flight, which "
+        "includes other routers' share, KV-cache use and step times).",
     )
     benchmark_modes: bool = Field(
         default=False,
@@ -211,17 +247,22 @@ class RouterConfig(Strict):
         "Never enable in production: pow2 ignores residency.",
     )
     max_dispatch_attempts: int = Field(
-        default=3, ge=1, description="Engines tried for one request before the first token (failover)."
+        default=3, ge=1, description="Engines tried for one request before its first token (failover)."
     )
     first_response_timeout_s: float = Field(
         default=120.0,
         gt=0,
-        description="Longest the router waits for an engine to accept a request (first response) before "
-        "trying the next site, and finally answering 503.",
+        description="Longest the router waits for an engine to accept a request (a stream's header, a "
+        "non-streamed request's acceptance) before trying another replica, and finally answering 503. "
+        "Generation itself is not bounded by it.",
+    )
+    replica_cooldown_s: float = Field(
+        default=5.0, gt=0,
+        description="A replica that failed to take a request (transport failure, dead engine) gets none for this long.",
     )
     direct_dispatch: bool = Field(
         default=True,
-        description="Send requests straight to engine replicas over their stream servers (replicas list their "
+        description="Send requests straight to engine replicas over their ports (replicas list their "
         "address in Ray's KV store) instead of one Ray Serve call each; Serve remains the fallback for a replica "
         "the router does not know yet, one that refuses, or one that is draining.",
     )
@@ -283,35 +324,86 @@ class TracingConfig(Strict):
         return "http/protobuf" if self.exporter == "otlp-http" else "grpc"
 
 
+IngressKind = Literal["haproxy", "direct", "proxy"]
+
+
 class HttpConfig(Strict):
-    host: str = Field(default="127.0.0.1", description="Address the Serve proxy listens on.")
-    port: int = Field(default=8000, gt=0, lt=65536, description="Port the Serve proxy listens on.")
-    direct_ingress: bool = Field(
-        default=False,
-        description="Router replicas serve HTTP themselves (Ray Serve's direct ingress): no Serve proxy, so one "
-        "process fewer touches every token. The first router replica on a node listens on `port`, further ones on "
-        "the next ports (put HAProxy or another balancer in front of several). Every Ray node needs "
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=<port>; `spillway up "
-        "--local` sets both.",
+    host: str = Field(default="127.0.0.1", description="Address clients connect to.")
+    port: int = Field(default=8000, gt=0, lt=65536, description="Port clients connect to.")
+    ingress: IngressKind = Field(
+        default="haproxy",
+        description="haproxy: Ray Serve's HAProxy listens on `port` and balances over the router replicas, which "
+        "serve HTTP themselves (direct ingress): no Python proxy touches a token, and any number of routers share "
+        "one port. direct: router replicas listen themselves, the first on `port` (one port per replica; put a "
+        "balancer in front of several). proxy: Ray Serve's Python proxy (one more process on every token). Every "
+        "Ray node needs the environment `ingress_env` gives; `spillway up --local` sets it.",
     )
+    router_port_base: int | None = Field(
+        default=None, gt=0, lt=65536,
+        description="haproxy: first port of the router replicas' range (default port + 100).",
+    )
+    fallback_proxy_port: int | None = Field(
+        default=None, gt=0, lt=65536,
+        description="haproxy: Serve's head-node proxy, HAProxy's backup when no router is up (default port + 150).",
+    )
+    haproxy_metrics_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="haproxy: HAProxy's Prometheus port (default port + 151).")
+    haproxy_stats_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="haproxy: HAProxy's stats page port (default port + 152).")
 
-    def direct_ingress_env(self, router_replicas: int) -> dict[str, str]:
-        """Environment for every Ray node when ``direct_ingress`` is on (else empty)."""
-        if not self.direct_ingress:
+    def router_ports(self, router_replicas: int) -> range:
+        """Where router replicas listen (direct and haproxy ingress)."""
+        first = self.port if self.ingress == "direct" else (self.router_port_base or self.port + 100)
+        return range(first, first + router_replicas + 8)
+
+    def extra_ports(self, router_replicas: int) -> dict[str, int]:
+        """Every port the ingress takes besides `port`, by name (for clash checks)."""
+        if self.ingress == "proxy":
             return {}
-        return {
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.direct_ingress_max_port(router_replicas)),
-        }
+        ports = {"http.router_ports (first)": self.router_ports(router_replicas)[0],
+                 "http.router_ports (last)": self.router_ports(router_replicas)[-1]}
+        if self.ingress == "haproxy":
+            ports.update({"http.fallback_proxy_port": self.fallback_proxy_port or self.port + 150,
+                          "http.haproxy_metrics_port": self.haproxy_metrics_port or self.port + 151,
+                          "http.haproxy_stats_port": self.haproxy_stats_port or self.port + 152})
+        return ports
 
-    def direct_ingress_max_port(self, router_replicas: int) -> int:
-        return self.port + router_replicas + 8
+    def ingress_env(self, router_replicas: int) -> dict[str, str]:
+        """Environment every Ray node needs for this ingress (empty for the Python proxy)."""
+        if self.ingress == "proxy":
+            return {}
+        ports = self.router_ports(router_replicas)
+        env = {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports[0]),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ports[-1]),
+        }
+        if self.ingress == "haproxy":
+            extra = self.extra_ports(router_replicas)
+            env.update({
+                "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(extra["http.fallback_proxy_port"]),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(extra["http.haproxy_metrics_port"]),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(extra["http.haproxy_stats_port"]),
+            })
+        return env
 
     def proxy_port(self, router_replicas: int) -> int:
-        """Serve's own proxy. With direct ingress Serve still starts one on the head node; it gets
-        the port after the routers' range, so `port` itself goes to a router replica."""
-        return self.direct_ingress_max_port(router_replicas) + 1 if self.direct_ingress else self.port
+        """The port of Serve's own proxy (HAProxy takes `port` itself in haproxy mode). With direct
+        ingress Serve still starts a head-node proxy: it gets the port after the routers' range."""
+        if self.ingress == "direct":
+            return self.router_ports(router_replicas)[-1] + 1
+        return self.port
+
+
+class EnginePortConfig(Strict):
+    """The engine replicas' direct port (deployments/stream_server.py), which routers call."""
+
+    max_frame_bytes: int = Field(
+        default=8 << 20, gt=0, description="Largest request frame accepted; must hold router.max_body_bytes.")
+    max_connections: int = Field(default=1024, gt=0, description="Connections served at once; more are closed.")
+    idle_timeout_s: float = Field(default=60.0, gt=0, description="A connection idle this long between frames is closed.")
+    read_timeout_s: float = Field(default=10.0, gt=0, description="A frame's payload must arrive within this.")
 
 
 class LocalNodeConfig(Strict):
@@ -321,6 +413,7 @@ class LocalNodeConfig(Strict):
 
 
 RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default --min/max-worker-port
+FRAME_OVERHEAD_BYTES = 64 << 10
 
 
 class LocalClusterConfig(Strict):
@@ -339,6 +432,7 @@ class SpillwayConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    engine_port: EnginePortConfig = Field(default_factory=EnginePortConfig)
     local_cluster: LocalClusterConfig | None = Field(
         default=None, description="Nodes for `spillway up --local`; ignored on a real cluster."
     )
@@ -373,15 +467,22 @@ class SpillwayConfig(Strict):
             unknown = set(split.variants) - set(model_ids)
             if unknown:
                 raise ValueError(f"split {alias!r} names unknown model(s) {sorted(unknown)}")
+        if self.engine_port.max_frame_bytes < self.router.max_body_bytes + FRAME_OVERHEAD_BYTES:
+            raise ValueError(f"engine_port.max_frame_bytes must be at least router.max_body_bytes + "
+                             f"{FRAME_OVERHEAD_BYTES} (a request frame carries the body)")
+        fixed = {"http.port": self.http.port, **self.http.extra_ports(self.router.replicas)}
         if self.local_cluster is not None:
             cluster = self.local_cluster
-            fixed = {"http.port": self.http.port, "local_cluster.ray_port": cluster.ray_port,
-                     "local_cluster.dashboard_port": cluster.dashboard_port}
+            fixed.update({"local_cluster.ray_port": cluster.ray_port,
+                          "local_cluster.dashboard_port": cluster.dashboard_port})
             fixed.update({f"local_cluster.metrics_export_port (node {i})": cluster.metrics_export_port + i
                           for i in range(len(cluster.nodes))})
-            for name, port in fixed.items():
-                if port in RAY_WORKER_PORTS:
-                    raise ValueError(f"{name} {port} is inside Ray's worker port range 10002-19999; pick another")
+        for name, port in fixed.items():
+            if port in RAY_WORKER_PORTS:
+                raise ValueError(f"{name} {port} is inside Ray's worker port range 10002-19999; pick another")
+        if len(set(fixed.values())) != len(fixed):
+            raise ValueError(f"ports must differ: {fixed}")
+        if self.local_cluster is not None:
             for node in self.local_cluster.nodes:
                 if node.site not in site_names:
                     raise ValueError(f"local_cluster node names unknown site {node.site!r}")
@@ -408,15 +509,22 @@ class SpillwayConfig(Strict):
 
 
 def _check_policy_names(router: "RouterConfig") -> None:
-    """Unknown policy names fail at load, not at the first request."""
-    from serve_app.policy.classify import Classifier
-    from serve_app.policy.pipeline import PlacementPipeline
+    """Unknown policy names and bad policy parameters fail at load, not at the first request."""
+    from serve_app.policy.detectors import DetectorSet
+    from serve_app.policy.placement import PlacementPipeline
+    from serve_app.policy.registry import make
+    from serve_app.policy.spill import SpillPredictor
 
     try:
-        Classifier.from_names(router.pii_detectors)
-        PlacementPipeline.from_names(router.filters, router.scorers)
+        DetectorSet.from_names(router.pii_detectors, router.policy_params)
+        PlacementPipeline.from_names(router.filters, router.scorers, params=router.policy_params)
+        make(SpillPredictor, router.spill_predictor, router.policy_params.get(router.spill_predictor))
     except ConfigError as exc:
         raise ValueError(exc.message) from None
+    known = {*router.pii_detectors, *router.filters, *router.scorers, router.spill_predictor, "max_score"}
+    unknown = set(router.policy_params) - known
+    if unknown:
+        raise ValueError(f"router.policy_params names policies that are not configured: {sorted(unknown)}")
 
 
 def load_config(source: str | Path | dict) -> SpillwayConfig:

@@ -75,8 +75,8 @@ def otlp_receiver():
 @pytest.fixture(scope="session")
 def e2e_cluster(tmp_path_factory, otlp_receiver):
     """A running Spillway on a real local two-site Ray cluster. Yields (config, config_path, base_url)."""
-    from serve_app.deploy import deploy
-    from serve_app.local_cluster import LocalCluster
+    from serve_app.ops.deploy import deploy
+    from serve_app.ops.local_cluster import LocalCluster
 
     root = tmp_path_factory.mktemp("spillway-e2e")
     config_path = root / "config.yaml"

@@ -64,7 +64,7 @@ def test_engine_groups_rank_onprem_first_with_site_trust_and_slots(raw):
     config = load_config(raw)
     targets = build_targets(config, {"spillway-dense": {"cloud": "h-cloud", "onprem": "h-onprem"}})
     groups = [t.group for t in targets["spillway-dense"].values()]
-    assert [(g.site, g.site_rank, g.slots, g.trusted_up_to.name) for g in groups] == [
+    assert [(g.site, g.site_rank, g.capacity, g.trusted_up_to.name) for g in groups] == [
         ("onprem", 0, 64, "restricted"),
         ("cloud", 1, 96, "internal"),
     ]
@@ -90,7 +90,7 @@ def test_local_cluster_pins_ray_auth_mode_unless_the_user_set_it(monkeypatch):
     import os
 
     from serve_app.config import DEFAULT_CONFIG_PATH, load_config
-    from serve_app.local_cluster import LocalCluster
+    from serve_app.ops.local_cluster import LocalCluster
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     LocalCluster(load_config(DEFAULT_CONFIG_PATH))

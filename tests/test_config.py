@@ -118,14 +118,34 @@ def test_engine_knobs_pass_through_to_vllm(raw):
     assert not args.enable_auto_tool_choice
 
 
-def test_direct_ingress_sets_serve_flags_for_every_node():
+def test_ingress_modes_set_serve_flags_for_every_node():
     from serve_app.config import HttpConfig
 
-    assert HttpConfig().direct_ingress_env(2) == {}
-    env = HttpConfig(port=8802, direct_ingress=True).direct_ingress_env(2)
-    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
-    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8802"
-    assert int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) > 8802 + 2
+    assert HttpConfig(ingress="proxy").ingress_env(2) == {}
+    assert HttpConfig(ingress="proxy").proxy_port(2) == 8000
+    haproxy = HttpConfig(port=8000).ingress_env(2)  # the default
+    assert haproxy["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and haproxy["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert haproxy["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8100"  # routers behind HAProxy, which takes 8000
+    assert int(haproxy["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) >= 8100 + 2
+    assert {haproxy[k] for k in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                 "RAY_SERVE_HAPROXY_STATS_PORT")} == {"8150", "8151", "8152"}
+    assert HttpConfig(port=8000).proxy_port(2) == 8000  # HAProxy binds the clients' port
+    direct = HttpConfig(port=8802, ingress="direct").ingress_env(2)
+    assert direct["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8802" and "RAY_SERVE_ENABLE_HA_PROXY" not in direct
     # Serve's proxy (still started on the head) stays out of the routers' port range.
-    assert HttpConfig(port=8802, direct_ingress=True).proxy_port(2) > int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
-    assert HttpConfig(port=8802).proxy_port(2) == 8802
+    assert HttpConfig(port=8802, ingress="direct").proxy_port(2) > int(direct["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["http"].update(router_port_base=8000), "ports must differ"),
+    (lambda c: c["http"].update(port=10500), "worker port range"),
+    (lambda c: c.update(engine_port={"max_frame_bytes": 1000}), "max_frame_bytes"),
+    (lambda c: c["router"].update(policy_params={"affinity": {"max_keys": -1}}), "affinity"),
+    (lambda c: c["router"].update(policy_params={"nonexistent": {}}), "not configured"),
+    (lambda c: c["router"].update(spill_predictor="crystal_ball"), "crystal_ball"),
+    (lambda c: c["router"].update(opaque_data_class="secret"), "opaque_data_class"),
+])
+def test_ingress_ports_engine_port_and_policy_parameters_are_checked_at_load(raw, mutate, message):
+    mutate(raw)
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw)

@@ -37,8 +37,8 @@ START = """
 import sys
 from pathlib import Path
 from serve_app.config import load_config
-from serve_app.deploy import deploy
-from serve_app.local_cluster import LocalCluster
+from serve_app.ops.deploy import deploy
+from serve_app.ops.local_cluster import LocalCluster
 config = load_config(sys.argv[1])
 cluster = LocalCluster(config, state_file=Path(sys.argv[2]))
 cluster.start(log=print)
@@ -53,7 +53,7 @@ def direct_cluster(tmp_path_factory):
     import subprocess
     import sys
 
-    from serve_app.local_cluster import LocalCluster
+    from serve_app.ops.local_cluster import LocalCluster
 
     root = tmp_path_factory.mktemp("spillway-direct")
     path = root / "config.yaml"

@@ -151,7 +151,7 @@ def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_u
 
     # The killed replicas never took their addresses off the direct-request list; their heartbeat
     # stopped, so the routers drop them from it: one live replica per deployment is left.
-    from deployments.stream_server import STALE_AFTER_S, list_gates
+    from deployments.discovery import STALE_AFTER_S, list_gates
 
     engines = ("engine-spillway-moe-onprem", "engine-spillway-dense-onprem")
     deadline = time.monotonic() + STALE_AFTER_S + 30
@@ -168,7 +168,7 @@ def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
 
     from serve_app.app import build_app
     from serve_app.config import load_config
-    from serve_app.deploy import wait_healthy
+    from serve_app.ops.deploy import wait_healthy
 
     config = e2e_cluster[0]
     result = {}
@@ -183,7 +183,7 @@ def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
         result["done"] = events[-1] == "[DONE]"
         result["usage"] = json.loads(events[-2])["usage"]["completion_tokens"]
 
-    from deployments.stream_server import list_gates
+    from deployments.discovery import list_gates
     from serve_app.app import deployment_name
 
     onprem_engine = deployment_name(DENSE, "onprem")

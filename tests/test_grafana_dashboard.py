@@ -11,8 +11,8 @@ DASHBOARD = ROOT / "cluster_configs" / "grafana" / "spillway-dashboard.json"
 
 
 def _exported_metrics() -> dict[str, str]:
-    """name -> kind, read from the metric constructors in serve_app/router/metrics.py."""
-    source = (ROOT / "serve_app" / "router" / "metrics.py").read_text()
+    """name -> kind, read from the metric constructors in serve_app/observe/metrics.py."""
+    source = (ROOT / "serve_app" / "observe" / "metrics.py").read_text()
     return {name: kind for kind, name in re.findall(r"metrics\.(Counter|Gauge|Histogram)\(\s*\"(spillway_\w+)\"", source)}
 
 

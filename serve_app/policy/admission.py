@@ -48,6 +48,7 @@ class QueuedRequest:
     payload: Any = None
     enqueued_at: float = 0.0
     _sort_key: float = field(default=0.0, repr=False)
+    _seq: int = field(default=0, repr=False)
 
     def waited_ms(self, now: float) -> float:
         return (now - self.enqueued_at) * 1000.0
@@ -79,7 +80,8 @@ class AdmissionQueue:
         # Effective priority at time t: priority + (t - enqueued_at) / aging. Ordering by
         # priority - enqueued_at / aging is the same at every t.
         request._sort_key = -(request.priority - now * 1000.0 / self.params.priority_aging_ms)
-        heapq.heappush(self._heap, (request._sort_key, next(self._seq), request))
+        request._seq = next(self._seq)
+        heapq.heappush(self._heap, (request._sort_key, request._seq, request))
         self._live.add(request)
         return None
 
@@ -107,6 +109,10 @@ class AdmissionQueue:
         for entry in skipped:
             heapq.heappush(self._heap, entry)
         return chosen
+
+    def ordered(self) -> list[QueuedRequest]:
+        """The queued requests, most urgent first (a snapshot)."""
+        return sorted(self._live, key=lambda r: (r._sort_key, r._seq))
 
     def expire(self) -> list[tuple[QueuedRequest, Rejection]]:
         """Remove and return requests that waited past ``max_queue_wait_ms``."""

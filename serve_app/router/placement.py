@@ -9,7 +9,9 @@ from typing import Any, Callable
 from serve_app.config import SiteConfig, SiteKind, SpillwayConfig
 from serve_app.policy.admission import AdmissionParams
 from serve_app.policy.classify import DataClass
-from serve_app.policy.pipeline import PlacementPipeline, SpillParams
+from serve_app.policy.placement import PlacementPipeline
+from serve_app.policy.registry import make
+from serve_app.policy.spill import SpillParams, SpillPredictor
 from serve_app.router.scheduler import EngineGroup, ModelScheduler
 
 
@@ -19,6 +21,14 @@ class EngineTarget:
 
     group: EngineGroup
     handle: Any  # ray.serve.handle.DeploymentHandle (Any keeps this module free of Ray)
+
+    @property
+    def app(self) -> str:
+        return self.handle.app_name
+
+    @property
+    def deployment(self) -> str:
+        return self.handle.deployment_name
 
 
 def site_order_key(site: SiteConfig) -> tuple:
@@ -40,33 +50,42 @@ def build_targets(config: SpillwayConfig, handles: dict[str, dict[str, Any]]) ->
                 site=site.name,
                 site_rank=rank,
                 trusted_up_to=DataClass[site.trust],
-                slots=model.replicas[site.name] * model.engine.max_num_seqs,
+                replicas=model.replicas[site.name],
+                max_num_seqs=model.engine.max_num_seqs,
                 cost_per_1k_tokens=site.cost_per_1k_tokens,
             )
             targets[model_id][group.group_id] = EngineTarget(group, by_site[site.name])
     return targets
 
 
+def spill_params(config: SpillwayConfig, model_id: str) -> SpillParams:
+    model, router = config.model(model_id), config.router
+    return SpillParams(
+        spill_after_ms=model.spill_after_ms, close_ratio=router.spill_close_ratio,
+        min_hold_ms=router.spill_min_hold_ms, margin_ms=router.spill_margin_ms,
+        prior_itl_ms=model.prior_itl_ms, prior_ttft_ms=model.prior_ttft_ms,
+        assumed_output_tokens=router.assumed_output_tokens,
+    )
+
+
 def build_schedulers(
     config: SpillwayConfig, targets: dict[str, dict[str, EngineTarget]], clock: Callable[[], float] = time.monotonic
 ) -> dict[str, ModelScheduler]:
+    router = config.router
     schedulers = {}
     for model_id, by_group in targets.items():
         model = config.model(model_id)
         schedulers[model_id] = ModelScheduler(
             model=model_id,
             groups=[t.group for t in by_group.values()],
-            pipeline=PlacementPipeline.from_names(config.router.filters, config.router.scorers),
+            pipeline=PlacementPipeline.from_names(router.filters, router.scorers, params=router.policy_params),
             admission=AdmissionParams(
                 max_queue_len=model.queue.max_len,
                 max_queue_wait_ms=model.queue.max_wait_ms,
                 priority_aging_ms=model.queue.priority_aging_ms,
             ),
-            spill=SpillParams(
-                spill_after_ms=model.spill_after_ms,
-                close_ratio=config.router.spill_close_ratio,
-                min_hold_ms=config.router.spill_min_hold_ms,
-            ),
+            spill=spill_params(config, model_id),
+            predictor=make(SpillPredictor, router.spill_predictor, router.policy_params.get(router.spill_predictor)),
             clock=clock,
         )
     return schedulers

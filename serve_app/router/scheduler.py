@@ -1,23 +1,22 @@
 """Per-model scheduler: admission with continuous batching, placement and spill-over.
 
-One ``ModelScheduler`` per model per router replica. Its unit of placement is
-an engine *group*: one (model, site) engine deployment, whose slots are its
-replicas x ``max_num_seqs``. (Serve spreads a group's requests over its
-replicas and never sends a replica more than ``max_ongoing_requests``.)
+One ``ModelScheduler`` per model per router replica. Its unit of placement is an engine *group*,
+one (model, site) deployment; its capacity is the sequences its healthy replicas run at once.
 
-- ``acquire`` queues the request and returns a ``Slot`` the moment a group
-  the request may use has a free slot; the queue is bounded in length (429)
-  and in wait (503), both with Retry-After.
-- ``release`` frees the slot when the response ends, and hands it to the
-  next queued request at once (continuous batching: nothing waits in an
-  engine that is full, nothing waits in the router while a slot is free).
-- Placement is the policy pipeline (residency, health, free slot, spill
-  filters; site preference, affinity, free-slot scorers). The spill gate
-  opens when the predicted wait for a preferred-site slot exceeds the model's
-  ``spill_after_ms`` and closes with hysteresis.
-- A group that failed a dispatch is held out for ``unhealthy_cooldown_s``, so
-  a retry goes elsewhere, and a dead site is noticed on the first failure
-  rather than at the next health check.
+- ``acquire`` queues a request and returns a ``Lease`` on ``n x prompts`` sequences the moment a
+  group the request may use has room for them; the queue is bounded in length (429) and in wait
+  (503), both with Retry-After.
+- When a lease is released, the next queued request goes at once (continuous batching: nothing
+  waits in an engine that is full, nothing waits in the router while room is free).
+- The preferred (on-prem) site comes first. A request that residency lets run elsewhere spills
+  when its predicted start on the preferred site would miss its TTFT budget
+  (``policy/spill.py``), and at the latest when the budget runs out.
+- A request that may run nowhere else (residency) gets freed preferred sequences first while
+  others have room elsewhere.
+
+Counted for the routing benchmark and the ``spillway_budget_miss_total`` metric: spillable
+requests, and those that waited past ``spill_after_ms`` although a group elsewhere had room for
+them (budget misses).
 """
 
 from __future__ import annotations
@@ -31,22 +30,15 @@ from typing import Callable
 from serve_app.errors import EngineUnavailable, RateLimited
 from serve_app.policy.admission import AdmissionParams, AdmissionQueue, QueuedRequest
 from serve_app.policy.classify import DataClass
-from serve_app.policy.pipeline import (
-    PlacementPipeline,
-    ReplicaView,
-    RequestView,
-    SpillGate,
-    SpillParams,
-    predicted_wait_ms,
-)
+from serve_app.policy.placement import Decision, GroupView, PlacementPipeline, RequestView
+from serve_app.policy.spill import BacklogPredictor, SiteSimulation, SpillGate, SpillParams, SpillPredictor
+from serve_app.router.lease import Lease
 
-SERVICE_TIME_EWMA_ALPHA = 0.2
-INITIAL_SERVICE_MS = 1_000.0
-UNHEALTHY_COOLDOWN_S = 5.0
-REPUMP_SLACK_S = 0.05
 SPILL_REASON_NONE = "none"
 SPILL_REASON_WAIT = "onprem_wait_over_budget"
 SPILL_REASON_FAILOVER = "failover"
+RETRY_PRIORITY_BOOST = 1_000
+OUTPUT_EWMA_ALPHA = 0.1
 
 
 @dataclass(frozen=True)
@@ -58,194 +50,348 @@ class EngineGroup:
     site: str
     site_rank: int
     trusted_up_to: DataClass
-    slots: int
+    replicas: int
+    max_num_seqs: int
     cost_per_1k_tokens: float = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return self.replicas * self.max_num_seqs
 
 
 @dataclass
-class Slot:
-    group: EngineGroup
-    queue_ms: float
-    spill_reason: str
-    acquired_at: float
-    released: bool = False
+class Speed:
+    """An engine group's measured time per output token and to first token (ms)."""
+
+    itl_ms: float
+    ttft_ms: float
+
+
+@dataclass(eq=False)
+class Ticket:
+    request: RequestView
+    future: asyncio.Future
+    expected_tokens: int
+    pinned: bool  # residency lets it run on the preferred site only
+    retry: bool = False
+    exclude: frozenset[str] = frozenset()
+    late: bool = False  # waited past its budget while a group elsewhere had room for it
 
 
 class QueueTimeout(EngineUnavailable):
     code = "queue_timeout"
 
+    def __init__(self, message: str, *, retry_after_s: float, budget_miss: bool):
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.budget_miss = budget_miss
+
 
 class ModelScheduler:
-    def __init__(
-        self,
-        model: str,
-        groups: list[EngineGroup],
-        pipeline: PlacementPipeline,
-        admission: AdmissionParams,
-        spill: SpillParams,
-        clock: Callable[[], float] = time.monotonic,
-        unhealthy_cooldown_s: float = UNHEALTHY_COOLDOWN_S,
-    ):
+    def __init__(self, model: str, groups: list[EngineGroup], pipeline: PlacementPipeline,
+                 admission: AdmissionParams, spill: SpillParams, predictor: SpillPredictor | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.model = model
         self.groups = {g.group_id: g for g in groups}
         self.pipeline = pipeline
         self.queue = AdmissionQueue(admission, clock=clock)
+        self.spill = spill
         self.gate = SpillGate(spill, clock=clock)
+        self.predictor = predictor or BacklogPredictor()
         self._clock = clock
-        self._cooldown_s = unhealthy_cooldown_s
-        self.in_flight: Counter[str] = Counter()
-        # Requests other router replicas have on each group, from the engines' own counts.
-        self.others_in_flight: Counter[str] = Counter()
+        self.in_flight: Counter[str] = Counter()  # sequences this router has on each group
+        self.others_in_flight: Counter[str] = Counter()  # other routers' sequences (engines' count)
+        self.capacity = {g.group_id: g.capacity for g in groups}
         self.kv_cache_usage: dict[str, float] = {}
-        self._unhealthy_until: dict[str, float] = {}
-        self.mean_service_ms = INITIAL_SERVICE_MS
-        self.spilled = Counter()
+        self.speed = {g.group_id: Speed(spill.prior_itl_ms, spill.prior_ttft_ms) for g in groups}
+        self.completion_ratio = 1.0  # output tokens / max_tokens, learned
+        self.unbounded_tokens = float(spill.assumed_output_tokens)  # output of requests without max_tokens
+        self._leases: dict[str, set[Lease]] = {g.group_id: set() for g in groups}
+        self._retries = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self.spilled: Counter[str] = Counter()
+        self.spillable = 0
+        self.budget_misses = 0
 
-    # ---- public ----------------------------------------------------------------------
+    # ---- admission -------------------------------------------------------------------------
 
-    async def acquire(self, request: RequestView, priority: int = 0, exclude: frozenset[str] = frozenset()) -> Slot:
-        """Wait for a slot this request may use. Raises ``RateLimited`` (queue full) or
-        ``QueueTimeout`` (waited too long); the caller turns them into 429 / 503."""
+    async def acquire(self, request: RequestView, priority: int = 0, *, max_tokens: int | None = None,
+                      retry: bool = False, exclude: frozenset[str] = frozenset()) -> Lease:
+        """Wait for room for this request. Raises ``RateLimited`` (queue full) or ``QueueTimeout``
+        (waited too long); the edge turns them into 429 / 503."""
         loop = asyncio.get_running_loop()
-        ticket = QueuedRequest(request.request_id, priority, payload=(request, exclude, loop.create_future()))
-        rejection = self.queue.offer(ticket)
+        ticket = Ticket(request, loop.create_future(), self.expected_tokens(max_tokens),
+                        pinned=not self._may_leave_preferred(request, exclude), retry=retry, exclude=exclude)
+        queued = QueuedRequest(request.request_id, priority + (RETRY_PRIORITY_BOOST if retry else 0), ticket)
+        rejection = self.queue.offer(queued)
         if rejection is not None:
-            raise RateLimited(
-                f"model '{self.model}' has {len(self.queue)} requests waiting (the limit); retry later",
-                retry_after_s=rejection.retry_after_s,
-            )
-        self.pump()
-        future: asyncio.Future = ticket.payload[2]
+            raise RateLimited(f"model '{self.model}' has {len(self.queue)} requests waiting (the limit); retry later",
+                              retry_after_s=rejection.retry_after_s)
+        self._retries += retry
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout=self.queue.params.max_queue_wait_ms / 1000)
+            self.pump()
+            return await asyncio.wait_for(asyncio.shield(ticket.future),
+                                          timeout=self.queue.params.max_queue_wait_ms / 1000)
         except asyncio.TimeoutError:
-            if future.done():  # dispatched in the same instant
-                return future.result()
-            self.queue.remove(ticket)
+            if ticket.future.done():  # granted in the same instant
+                return ticket.future.result()
+            self.queue.remove(queued)
             raise QueueTimeout(
-                f"no {'on-prem ' if request.data_class >= DataClass.confidential else ''}capacity for model "
-                f"'{self.model}' within {self.queue.params.max_queue_wait_ms / 1000:.0f}s; retry later",
-                retry_after_s=self.queue.retry_after_s(),
-            ) from None
+                f"no {'on-prem ' if ticket.pinned else ''}capacity for model '{self.model}' within "
+                f"{self.queue.params.max_queue_wait_ms / 1000:.0f}s; retry later",
+                retry_after_s=self.queue.retry_after_s(), budget_miss=ticket.late) from None
         except asyncio.CancelledError:
-            # The client went away while waiting: forget the ticket, or give back a slot it just got.
-            if not self.queue.remove(ticket) and future.done() and not future.cancelled():
-                self.release(future.result())
+            # The client went away while waiting: forget the ticket, or give back what it just got.
+            if not self.queue.remove(queued) and ticket.future.done() and not ticket.future.cancelled():
+                ticket.future.result().release()
             raise
+        finally:
+            self._retries -= retry
 
-    def release(self, slot: Slot, *, failed: bool = False) -> None:
-        """The request left the engine (finished, cancelled, or failed before its first token)."""
-        if slot.released:
-            return
-        slot.released = True
-        self.in_flight[slot.group.group_id] -= 1
-        now = self._clock()
-        if failed:
-            self._unhealthy_until[slot.group.group_id] = now + self._cooldown_s
-            # Requests waiting for this group must be looked at again when its cooldown ends,
-            # even if nothing else arrives or finishes meanwhile. asyncio may run a timer up to
-            # its clock resolution early, when the group would still look unhealthy and nothing
-            # would pump again: wake a little after the cooldown instead.
-            try:
-                asyncio.get_running_loop().call_later(self._cooldown_s + REPUMP_SLACK_S, self.pump)
-            except RuntimeError:  # no loop (synchronous unit use): the next acquire/release pumps
-                pass
-        else:
-            elapsed_ms = (now - slot.acquired_at) * 1000
-            self.mean_service_ms += SERVICE_TIME_EWMA_ALPHA * (elapsed_ms - self.mean_service_ms)
+    def release(self, lease: Lease) -> None:
+        """Called by ``Lease.release`` only (exactly once per lease)."""
+        group_id = lease.group.group_id
+        self.in_flight[group_id] -= lease.sequences
+        self._leases[group_id].discard(lease)
         self.pump()
 
-    def observe_engine_load(self, group_id: str, engine_in_flight: int, kv_cache_usage: float = 0.0) -> None:
-        """Fold in the engines' own in-flight count for a group (polled by the router). What is
-        not ours belongs to other router replicas; it counts against the free slots until the
-        next observation. Between polls a router may admit into slots another router just
-        took: those requests wait in Serve's queue for that engine (Serve never sends an engine
-        more than max_num_seqs), so engines are never overfilled."""
-        previous_others, previous_kv = self.others_in_flight[group_id], self.kv_cache_usage.get(group_id, 0.0)
-        self.others_in_flight[group_id] = max(0, engine_in_flight - self.in_flight[group_id])
+    def expected_tokens(self, max_tokens: int | None) -> int:
+        if max_tokens is None:
+            return max(1, round(self.unbounded_tokens))
+        return max(1, round(max_tokens * self.completion_ratio))
+
+    def observe_usage(self, max_tokens: int | None, completion_tokens: int) -> None:
+        """Learn how long answers run (from a finished request's usage)."""
+        if max_tokens:
+            self.completion_ratio += OUTPUT_EWMA_ALPHA * (min(1.0, completion_tokens / max_tokens) - self.completion_ratio)
+        else:
+            self.unbounded_tokens += OUTPUT_EWMA_ALPHA * (completion_tokens - self.unbounded_tokens)
+
+    def observe_engine_load(self, group_id: str, sequences: int, kv_cache_usage: float = 0.0,
+                            itl_ms: float | None = None, ttft_ms: float | None = None) -> None:
+        """Fold in the engines' own count of sequences in flight (what is not ours belongs to other
+        router replicas), their KV-cache use and their measured step times."""
+        self.others_in_flight[group_id] = max(0, sequences - self.in_flight[group_id])
         self.kv_cache_usage[group_id] = kv_cache_usage
-        if self.others_in_flight[group_id] < previous_others or kv_cache_usage < previous_kv:
+        speed = self.speed[group_id]
+        if itl_ms:
+            speed.itl_ms = itl_ms
+        if ttft_ms:
+            speed.ttft_ms = ttft_ms
+        self.pump()
+
+    def set_capacity(self, group_id: str, capacity: int) -> None:
+        """Sequences the group's healthy replicas run at once (0: none is healthy)."""
+        if self.capacity.get(group_id) != capacity:
+            self.capacity[group_id] = capacity
             self.pump()
 
-    def _has_alternative(self, ticket: QueuedRequest, views: list[ReplicaView]) -> bool:
-        request, exclude, _ = ticket.payload
-        return any(
-            v.site_rank > 0 and v.healthy and request.data_class <= v.trusted_up_to and v.replica_id not in exclude
-            for v in views
-        )
-
     def has_candidate(self, request: RequestView, exclude: frozenset[str] = frozenset()) -> bool:
-        """Whether any group not excluded may ever run this request (residency), busy or not."""
-        return any(
-            request.data_class <= g.trusted_up_to for g in self.groups.values() if g.group_id not in exclude
-        )
+        """Whether any group may ever run this request (residency), busy or not."""
+        return any(request.data_class <= g.trusted_up_to for g in self.groups.values() if g.group_id not in exclude)
 
-    def views(self) -> list[ReplicaView]:
-        now = self._clock()
+    def views(self) -> list[GroupView]:
         return [
-            ReplicaView(
-                replica_id=g.group_id,
-                model=g.model,
-                site=g.site,
-                site_rank=g.site_rank,
-                trusted_up_to=g.trusted_up_to,
-                slots=g.slots,
+            GroupView(
+                group_id=g.group_id, model=g.model, site=g.site, site_rank=g.site_rank,
+                trusted_up_to=g.trusted_up_to, capacity=self.capacity[g.group_id],
                 in_flight=self.in_flight[g.group_id] + self.others_in_flight[g.group_id],
-                healthy=self._unhealthy_until.get(g.group_id, 0.0) <= now,
-                kv_cache_usage=self.kv_cache_usage.get(g.group_id, 0.0),
+                healthy=self.capacity[g.group_id] > 0, kv_cache_usage=self.kv_cache_usage.get(g.group_id, 0.0),
                 cost_per_1k_tokens=g.cost_per_1k_tokens,
             )
             for g in self.groups.values()
         ]
 
-    def predicted_preferred_wait_ms(self) -> float:
-        preferred = [v for v in self.views() if v.site_rank == 0 and v.healthy]
-        return predicted_wait_ms(
-            queued_ahead=len(self.queue),
-            free_slots=sum(v.free_slots for v in preferred),
-            total_slots=sum(v.slots for v in preferred),
-            mean_service_ms=self.mean_service_ms,
-        )
+    def _may_leave_preferred(self, request: RequestView, exclude: frozenset[str]) -> bool:
+        return any(g.site_rank > 0 and request.data_class <= g.trusted_up_to and g.group_id not in exclude
+                   for g in self.groups.values())
 
-    # ---- dispatch --------------------------------------------------------------------
+    # ---- dispatch ----------------------------------------------------------------------------
 
     def pump(self) -> None:
-        """Hand free slots to queued requests, most urgent first, until none fits."""
-        while len(self.queue):
-            spill_open = self.gate.update(self.predicted_preferred_wait_ms())
-            views = self.views()
-            decisions: dict[int, tuple] = {}
+        """Grant queued requests the room there is: the preferred site first, then spill whatever
+        would miss its budget there, then arm a timer for the next deadline."""
+        if not len(self.queue):
+            self._disarm()
+            return
+        now = self._clock()
+        views = self._grant_preferred(now, self.views())
+        if len(self.queue) and self._room_elsewhere(views):
+            self._spill_scan(now, views)
+        else:
+            self._disarm()
 
-            def can_run(ticket: QueuedRequest) -> bool:
-                request, exclude, future = ticket.payload
-                if future.done():
-                    return True  # cancelled meanwhile: drop it from the queue
-                candidates = [v for v in views if v.replica_id not in exclude]
-                decision = self.pipeline.place(replace(request, allow_spill=spill_open or bool(exclude)), candidates)
-                if decision.replica is None:
+    def _grant_preferred(self, now: float, views: list[GroupView]) -> list[GroupView]:
+        preferred_free = sum(v.free for v in views if v.site_rank == 0 and v.healthy)
+        if not preferred_free and not self._retries:
+            return views
+        elsewhere = self._room_elsewhere(views)
+        while len(self.queue):
+            decisions: dict[int, Decision] = {}
+
+            def fits(queued: QueuedRequest) -> bool:
+                ticket: Ticket = queued.payload
+                if ticket.future.done():
+                    return True  # cancelled meanwhile: drop it
+                decision = self._place(ticket, views, allow_spill=ticket.retry)
+                if decision is None:
                     return False
-                decisions[id(ticket)] = (decision, request, exclude)
+                decisions[id(queued)] = decision
                 return True
 
-            ticket = None
-            if spill_open:
-                # Under pressure, a freed preferred-site slot goes first to a request that may run
-                # nowhere else (residency); requests that may spill have the other sites.
-                ticket = self.queue.pop_best(lambda t: not self._has_alternative(t, views) and can_run(t))
-            if ticket is None:
-                ticket = self.queue.pop_best(can_run)
-            if ticket is None:
-                return
-            future = ticket.payload[2]
-            if future.done():
+            queued = self.queue.pop_best(lambda q: q.payload.pinned and fits(q)) if elsewhere else None
+            if queued is None:
+                queued = self.queue.pop_best(fits)
+            if queued is None:
+                break
+            if not queued.payload.future.done():
+                self._grant(queued, decisions[id(queued)], now)
+                views = self.views()
+        return views
+
+    def _spill_scan(self, now: float, views: list[GroupView]) -> None:
+        preferred = [g for g in self.groups.values() if g.site_rank == 0 and self.capacity[g.group_id] > 0]
+        speed = self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
+        simulation = self.predictor.simulate(now, self._free_at(now, preferred))
+        budget_s, real_budget_s = self.gate.budget_ms() / 1000, self.spill.spill_after_ms / 1000
+        pressure_s = self.spill.spill_after_ms * self.spill.close_ratio / 1000
+        spilled_on_prediction = pressure = False
+        next_deadline = float("inf")
+        for queued in self.queue.ordered()[:self.spill.max_scan]:
+            ticket: Ticket = queued.payload
+            if ticket.future.done():
                 continue
-            decision, request, exclude = decisions[id(ticket)]
-            group = self.groups[decision.replica.replica_id]
-            self.in_flight[group.group_id] += 1
-            now = self._clock()
-            if decision.reason == "spill":
-                reason = SPILL_REASON_FAILOVER if exclude else SPILL_REASON_WAIT
-                self.spilled[reason] += 1
+            sequences = ticket.request.sequences
+            service_ms = speed.ttft_ms + ticket.expected_tokens * speed.itl_ms
+            if ticket.pinned:
+                simulation.take(sequences, service_ms)
+                continue
+            start = simulation.start(sequences)
+            deadline = queued.enqueued_at + budget_s
+            pressure |= start - queued.enqueued_at > pressure_s
+            if start > deadline or now >= deadline:
+                decision = self._place(ticket, views, allow_spill=True)
+                if decision is not None and decision.group.site_rank > 0:
+                    ticket.late = now - queued.enqueued_at > real_budget_s
+                    spilled_on_prediction |= now < deadline
+                    self.queue.remove(queued)
+                    self._grant(queued, decision, now)
+                    views = self.views()
+                    if not self._room_elsewhere(views):
+                        break
+                    continue
             else:
-                reason = SPILL_REASON_NONE
-            future.set_result(Slot(group, ticket.waited_ms(now), reason, now))
+                next_deadline = min(next_deadline, deadline)
+            simulation.take(sequences, service_ms)
+        self.gate.update(spilled_on_prediction, pressure)
+        if self._room_elsewhere(views) and next_deadline < float("inf"):
+            self._arm(next_deadline)
+        else:
+            self._disarm()
+
+    def _free_at(self, now: float, groups: list[EngineGroup]) -> list[float]:
+        """When each sequence of ``groups`` frees: our leases from their progress, other routers'
+        sequences after half a typical service, free ones now. Sequences over capacity (routers
+        overshooting between load polls) wait in the engine for the first that frees."""
+        times: list[float] = []
+        for group in groups:
+            speed = self.speed[group.group_id]
+            mine = [now + self._remaining_ms(lease, now, speed) / 1000
+                    for lease in self._leases[group.group_id] for _ in range(lease.sequences)]
+            typical_ms = speed.ttft_ms + self.expected_tokens(None) * speed.itl_ms
+            others = [now + typical_ms / 2000] * self.others_in_flight[group.group_id]
+            busy = sorted(mine + others)
+            capacity = self.capacity[group.group_id]
+            slots = busy[:capacity] + [now] * max(0, capacity - len(busy))
+            for _ in busy[capacity:]:
+                slots.sort()
+                slots[0] += typical_ms / 1000
+            times += slots
+        return times
+
+    @staticmethod
+    def _remaining_ms(lease: Lease, now: float, speed: Speed) -> float:
+        elapsed_ms = (now - lease.acquired_at) * 1000
+        if lease.streaming and lease.first_token_at is not None:
+            done = lease.tokens_out
+        else:
+            done = max(0.0, elapsed_ms - speed.ttft_ms) / speed.itl_ms
+        prefill_left = max(0.0, speed.ttft_ms - elapsed_ms) if lease.first_token_at is None else 0.0
+        return prefill_left + max(1.0, lease.expected_tokens - done) * speed.itl_ms
+
+    def _place(self, ticket: Ticket, views: list[GroupView], allow_spill: bool) -> Decision | None:
+        candidates = [v for v in views if v.group_id not in ticket.exclude]
+        decision = self.pipeline.place(replace(ticket.request, allow_spill=allow_spill), candidates)
+        return decision if decision.group is not None else None
+
+    def _grant(self, queued: QueuedRequest, decision: Decision, now: float) -> None:
+        ticket: Ticket = queued.payload
+        group = self.groups[decision.group.group_id]
+        if group.site_rank == 0:
+            reason = SPILL_REASON_NONE
+        else:
+            reason = SPILL_REASON_FAILOVER if ticket.retry else SPILL_REASON_WAIT
+            self.spilled[reason] += 1
+        if not ticket.pinned and not ticket.retry:
+            self.spillable += 1
+            self.budget_misses += ticket.late
+        lease = Lease(self, group, ticket.request.sequences, queued.waited_ms(now), reason, now,
+                      ticket.expected_tokens, budget_miss=ticket.late)
+        self.in_flight[group.group_id] += lease.sequences
+        self._leases[group.group_id].add(lease)
+        ticket.future.set_result(lease)
+
+    def _room_elsewhere(self, views: list[GroupView]) -> bool:
+        return any(v.site_rank > 0 and v.healthy and v.free > 0 for v in views)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None and self._timer_at <= at:
+            return
+        self._disarm()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # synchronous unit use: the caller pumps
+            return
+        self._timer_at = at
+        self._timer = loop.call_later(max(0.0, at - self._clock()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        self.pump()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
+
+    # ---- reports -------------------------------------------------------------------------------
+
+    def predicted_preferred_wait_ms(self) -> float:
+        """How long a request arriving now would wait for the preferred site (no spill assumed)."""
+        now = self._clock()
+        preferred = [g for g in self.groups.values() if g.site_rank == 0 and self.capacity[g.group_id] > 0]
+        if not preferred:
+            return float("inf")
+        speed = self.speed[preferred[0].group_id]
+        simulation: SiteSimulation = self.predictor.simulate(now, self._free_at(now, preferred))
+        for queued in self.queue.ordered()[:self.spill.max_scan]:
+            ticket: Ticket = queued.payload
+            simulation.take(ticket.request.sequences, speed.ttft_ms + ticket.expected_tokens * speed.itl_ms)
+        return (simulation.start(1) - now) * 1000
+
+    def report(self) -> dict:
+        return {
+            "queued": len(self.queue),
+            "spill_gate_open": self.gate.is_open,
+            "spilled": dict(self.spilled),
+            "spillable_admitted": self.spillable,
+            "budget_misses": self.budget_misses,
+            "completion_ratio": round(self.completion_ratio, 3),
+            "groups": {
+                v.group_id: {"site": v.site, "capacity": v.capacity, "in_flight": v.in_flight,
+                             "others_in_flight": self.others_in_flight[v.group_id], "healthy": v.healthy,
+                             "itl_ms": round(self.speed[v.group_id].itl_ms, 2),
+                             "ttft_ms": round(self.speed[v.group_id].ttft_ms, 1)}
+                for v in self.views()
+            },
+        }

@@ -60,18 +60,25 @@ class RouterMetrics:
             description="Cost of the tokens served, per model and site (site.cost_per_1k_tokens; currency units).",
             tag_keys=("model", "site"),
         )
+        self._budget_misses = metrics.Counter(
+            "spillway_budget_miss_total",
+            description="Spillable requests that waited in the router past their model's spill_after_ms while a group "
+            "elsewhere had room for them.",
+            tag_keys=("model",),
+        )
         self._kv_cache = metrics.Gauge(
             "spillway_engine_kv_cache_usage",
             description="KV-cache use (0-1) of an engine group's replica, as last polled by the router.",
             tag_keys=("model", "site"),
         )
 
-    def admitted(self, model: str, site: str, queue_ms: float, spill_reason: str, queued: int, in_flight: int) -> None:
+    def admitted(self, model: str, site: str, queue_ms: float, spill_reason: str) -> None:
         self._queue_wait.observe(queue_ms, tags={"model": model})
-        self._queue_depth.set(queued, tags={"model": model})
-        self._in_flight.set(in_flight, tags={"model": model, "site": site})
         if spill_reason != "none":
             self._spills.inc(tags={"model": model, "reason": spill_reason})
+
+    def budget_miss(self, model: str) -> None:
+        self._budget_misses.inc(tags={"model": model})
 
     def finished(self, model: str, site: str, outcome: str) -> None:
         self._requests.inc(tags={"model": model, "site": site, "outcome": outcome})

@@ -72,7 +72,7 @@ class LocalCluster:
         pids = []
         env = dict(os.environ)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        env.update(self.config.http.direct_ingress_env(self.config.router.replicas))
+        env.update(self.config.http.ingress_env(self.config.router.replicas))
         log_dir = self.state_file.parent / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -108,6 +108,9 @@ class LocalCluster:
         if not state:
             log("no local cluster recorded; nothing to stop")
             return False
+        # Every process of the cluster shares the session of its `ray start` process, also those
+        # that made process groups of their own (HAProxy, vLLM's engine processes): reap them all.
+        sessions = {sid for sid in (_session_of(pid) for pid in state["pids"]) if sid is not None}
         # Workers first, then the head: stop in reverse start order.
         for pid in reversed(state["pids"]):
             _signal_group(pid, signal.SIGTERM)
@@ -117,6 +120,7 @@ class LocalCluster:
         for pid in state["pids"]:
             if _alive(pid):
                 _signal_group(pid, signal.SIGKILL)
+        _reap_sessions(sessions)
         self.state_file.unlink(missing_ok=True)
         log("local cluster stopped")
         return True
@@ -173,6 +177,38 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _reap_sessions(sessions: set[int], timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every process left in ``sessions``."""
+    import psutil
+
+    def left() -> list:
+        procs = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) in sessions and proc.pid != os.getpid():
+                    procs.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return procs
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in left():
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(left(), timeout=timeout_s)
+        if not alive:
+            return
 
 
 def _port_in_use(port: int) -> bool:

@@ -49,8 +49,8 @@ def _prepare_builtin_models(config) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from serve_app.deploy import deploy
-    from serve_app.local_cluster import LocalCluster
+    from serve_app.ops.deploy import deploy
+    from serve_app.ops.local_cluster import LocalCluster
 
     config = load_config(args.config)
     if not args.local:
@@ -89,15 +89,15 @@ model='{model}', messages=[{{'role': 'user', 'content': 'Hello'}}], max_tokens=3
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from serve_app.local_cluster import LocalCluster
+    from serve_app.ops.local_cluster import LocalCluster
 
     LocalCluster(load_config(args.config)).stop(log=_log)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from serve_app.deploy import status
-    from serve_app.local_cluster import LocalCluster
+    from serve_app.ops.deploy import status
+    from serve_app.ops.local_cluster import LocalCluster
 
     config = load_config(args.config)
     address = args.address or LocalCluster(config).address

@@ -1,0 +1,65 @@
+"""Spillway's HTTP routes: OpenAI's API plus a few operator endpoints. Routes only: each one hands
+its request to the gateway (``serve_app/pipeline/gateway.py``) or reads one of its reports."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.errors import ModelNotFound
+from serve_app.http import errors
+from serve_app.http.owner import RequestOwner, owned
+from serve_app.pipeline.gateway import Gateway
+from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS
+
+
+def build_api(gateway: Gateway):
+    """The ASGI app serving ``gateway``: FastAPI routes inside the request owner."""
+    api = FastAPI(title="Spillway", docs_url=None, redoc_url=None, openapi_url=None)
+    errors.install(api, gateway.router_site)
+    site = {errors.HEADER_SITE: gateway.router_site}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.handle(request, ENDPOINT_CHAT, owned(request))
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.handle(request, ENDPOINT_COMPLETIONS, owned(request))
+
+    @api.get("/v1/models")
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": gateway.models()}, headers=site)
+
+    @api.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        for model in gateway.models():
+            if model["id"] == model_id:
+                return JSONResponse({k: model[k] for k in ("id", "object", "created", "owned_by")}, headers=site)
+        raise ModelNotFound(f"The model '{model_id[:256]}' does not exist", param="model")
+
+    @api.get("/health")
+    async def health() -> Response:
+        healthy, report = await gateway.health()
+        return JSONResponse(report, status_code=200 if healthy else 503, headers=site)
+
+    @api.get("/v1/spillway/scheduler")
+    async def scheduler_state() -> Response:
+        """This router replica's view: queues, engine groups, spill gate, direct dispatch."""
+        return JSONResponse(gateway.scheduler_report(), headers=site)
+
+    @api.get("/v1/spillway/splits")
+    async def split_stats() -> Response:
+        """Per-variant counters of this router replica."""
+        return JSONResponse(gateway.split_report(), headers=site)
+
+    @api.get("/v1/spillway/debug/spans")
+    async def debug_spans() -> Response:
+        """Finished spans of this router replica, only with ``tracing.exporter: memory``."""
+        if gateway.tracing.memory is None:
+            raise StarletteHTTPException(404)
+        return JSONResponse({"router_replica": gateway.replica_tag, "spans": gateway.tracing.memory.finished_spans()},
+                            headers=site)
+
+    return RequestOwner(api)

@@ -1,0 +1,192 @@
+"""The request path: the stages in order, what they share, and the answer they produce.
+
+    parse+validate -> [auth] -> resolve model -> classify -> [limits, budget, cache]
+        -> (pow2 baseline, benchmark mode only) -> admit -> dispatch -> answer (relay for streams)
+    and, however the request ends, the outcome sink (metrics, splits, trace; later usage, audit).
+
+Bracketed stages come with the governance issues; each is one module plus its place in
+``stages`` below. A stage that produces the answer itself (the baseline, later a cache hit) ends
+the walk. The ``Gateway`` holds no per-request state: any router replica serves any request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+
+from serve_app.config import SpillwayConfig
+from serve_app.errors import InvalidRequest, SpillwayError
+from serve_app.http.headers import read_headers
+from serve_app.observe.tracing import Tracing
+from serve_app.pipeline.admit import AdmitStage
+from serve_app.pipeline.baselines import Pow2BaselineStage
+from serve_app.pipeline.classify import ClassifyStage
+from serve_app.pipeline.context import (
+    OUTCOME_CANCELLED,
+    OUTCOME_OK,
+    STATUS_CLIENT_CLOSED,
+    RequestContext,
+    RequestHeaders,
+)
+from serve_app.pipeline.dispatch import DispatchStage
+from serve_app.pipeline.outcome import OutcomeSink
+from serve_app.pipeline.parse import ParseStage
+from serve_app.pipeline.relay import relay
+from serve_app.pipeline.resolve import ResolveStage
+from serve_app.pipeline.scan import ScanSpec
+from serve_app.pipeline.scanner import Scanner
+from serve_app.pipeline.schema import ShapeLimits
+from serve_app.policy.classify import DataClass
+from serve_app.policy.splits import TrafficSplit, Variant
+from serve_app.router.fleet import Fleet
+from serve_app.router.placement import build_schedulers, build_targets
+
+HEADER_SITE = "x-spillway-site"
+HEADER_MODEL = "x-spillway-model"
+HEADER_DATA_CLASS = "x-spillway-data-class"
+HEADER_SPILL_REASON = "x-spillway-spill-reason"
+HEADER_QUEUE_MS = "x-spillway-queue-ms"
+HEADER_VARIANT = "x-spillway-variant"
+SSE_MEDIA_TYPE = "text/event-stream"
+PROMPT_PREVIEW_CHARS = 8_192
+HEALTH_PROBE_TIMEOUT_S = 5.0
+
+
+class Gateway:
+    def __init__(self, config: SpillwayConfig, handles: dict[str, dict[str, Any]], *, metrics=None,
+                 directory=None, tracing: Tracing | None = None, clock=time.monotonic):
+        router = config.router
+        self.config = config
+        self.targets = build_targets(config, handles)
+        self.schedulers = build_schedulers(config, self.targets, clock)
+        if metrics is None:
+            from serve_app.observe.metrics import RouterMetrics
+
+            metrics = RouterMetrics()
+        self.metrics = metrics
+        self.tracing = tracing or Tracing(config.tracing)
+        self.fleet = Fleet(config, self.targets, self.schedulers, metrics, directory=directory, clock=clock)
+        self.scanner = Scanner(ScanSpec(
+            ShapeLimits(router.max_n, router.max_prompts, router.max_messages), router.max_json_depth,
+            tuple(router.pii_detectors),
+            tuple((name, tuple(sorted(params.items()))) for name, params in sorted(router.policy_params.items())
+                  if name in router.pii_detectors),
+            PROMPT_PREVIEW_CHARS if config.tracing.record_content else 0,
+        ), router.inline_scan_max_bytes, router.scan_workers)
+        self.splits = {alias: TrafficSplit(alias, [Variant(model, weight) for model, weight in split.variants.items()])
+                       for alias, split in router.splits.items()}
+        self.sink = OutcomeSink(config, metrics, self.schedulers)
+        admit = AdmitStage(self.schedulers, self.targets)
+        self.stages: list[Any] = [
+            ParseStage(self.scanner, router.max_body_bytes),
+            # auth: API key -> tenant and key policy (Governance I)
+            ResolveStage({m.id: m for m in config.models}, self.splits),
+            ClassifyStage(DataClass[router.default_data_class], DataClass[router.opaque_data_class]),
+            # limits (rpm/tpm), budget (reserve), cache (lookup) (Governance I and II)
+        ]
+        if router.benchmark_modes:
+            self.stages.append(Pow2BaselineStage(self.targets))
+        self.stages += [admit, DispatchStage(self.fleet, admit, self.schedulers, router.max_dispatch_attempts,
+                                             router.first_response_timeout_s)]
+        self.router_site = config.router_site.name
+        self.replica_tag = uuid.uuid4().hex[:8]
+        self.created = int(time.time())
+        self._warm: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Background work on the running loop (idempotent; called on every request)."""
+        self.fleet.start()
+        if self._warm is None:
+            self._warm = asyncio.get_running_loop().create_task(self.scanner.warm())
+
+    async def close(self) -> None:
+        """Stop pollers, close pooled engine connections, the scan helpers and the span exporter."""
+        await self.fleet.close()
+        await self.scanner.close()
+        self.tracing.shutdown()
+
+    async def handle(self, request, endpoint: str, owner: list) -> Response:
+        """One OpenAI request; ``owner`` (the HTTP edge's) closes its context when the request ends."""
+        self.start()
+        error = None
+        try:
+            headers = read_headers(request.headers, self.config.router.benchmark_modes)
+        except InvalidRequest as exc:
+            headers, error = RequestHeaders(request_id=uuid.uuid4().hex), exc
+        trace = self.tracing.start_request(request.headers, {
+            "spillway.endpoint": endpoint, "spillway.tenant": headers.tenant, "spillway.request_id": headers.request_id})
+        ctx = RequestContext(endpoint, headers, trace, request=request, _sink=self.sink)
+        owner.append(ctx)
+        try:
+            if error is not None:
+                raise error
+            for stage in self.stages:
+                await stage.run(ctx)
+                if ctx.reply is not None:
+                    break
+        except SpillwayError as exc:
+            ctx.finish(exc.status, exc.code or f"http_{exc.status}")
+            raise
+        except ClientDisconnect:
+            ctx.finish(STATUS_CLIENT_CLOSED, OUTCOME_CANCELLED)
+            raise
+        except Exception:
+            ctx.finish(500, "internal_error")
+            raise
+        return self._answer(ctx)
+
+    def _answer(self, ctx: RequestContext) -> Response:
+        reply, lease = ctx.reply, ctx.lease
+        headers = {
+            HEADER_SITE: lease.group.site if lease is not None else ctx.site,
+            HEADER_MODEL: ctx.model,
+            HEADER_DATA_CLASS: ctx.classification.data_class.name,
+            HEADER_SPILL_REASON: lease.spill_reason if lease is not None else ctx.headers.routing_mode,
+            HEADER_QUEUE_MS: f"{lease.queue_ms:.1f}" if lease is not None else "0.0",
+        }
+        if ctx.split is not None:
+            headers[HEADER_VARIANT] = ctx.model
+        if reply.stream is None:
+            ctx.summary.first_at = time.monotonic()
+            if lease is not None:
+                lease.release()  # the engine is done: its sequences go to the next request now
+            ctx.finish(reply.status, OUTCOME_OK if reply.status == 200 else f"http_{reply.status}")
+            return Response(reply.body, status_code=reply.status, media_type="application/json", headers=headers)
+        return StreamingResponse(relay(ctx), media_type=SSE_MEDIA_TYPE, headers=headers)
+
+    # ---- reports ---------------------------------------------------------------------------------
+
+    async def health(self) -> tuple[bool, dict]:
+        self.start()
+        report = await self.fleet.engine_report(HEALTH_PROBE_TIMEOUT_S)
+        healthy = all(any(site["healthy"] for site in sites.values()) for sites in report.values())
+        return healthy, {"status": "ok" if healthy else "degraded", "models": report}
+
+    def models(self) -> list[dict]:
+        data = [{"id": m.id, "object": "model", "created": self.created, "owned_by": "spillway",
+                 "max_model_len": m.engine.max_model_len, "sites": sorted(s for s, n in m.replicas.items() if n > 0)}
+                for m in self.config.models]
+        data += [{"id": alias, "object": "model", "created": self.created, "owned_by": "spillway",
+                  "variants": {v.model: v.weight for v in split.variants}} for alias, split in self.splits.items()]
+        return data
+
+    def scheduler_report(self) -> dict:
+        self.start()
+        models = {}
+        for model_id, scheduler in self.schedulers.items():
+            wait = scheduler.predicted_preferred_wait_ms()
+            models[model_id] = {**scheduler.report(),
+                                "predicted_preferred_wait_ms": round(wait, 1) if wait != float("inf") else None}
+        return {"router_replica": self.replica_tag, "models": models, "direct_dispatch": self.fleet.report(),
+                "scan": {"offloaded": self.scanner.offloaded}}
+
+    def split_report(self) -> dict:
+        return {"router_replica": self.replica_tag, "splits": {
+            alias: {model: {"requests": st.requests, "errors": st.errors, "mean_ttft_ms": st.mean_ttft_ms,
+                            "output_tokens": st.output_tokens} for model, st in split.stats.items()}
+            for alias, split in self.splits.items()}}

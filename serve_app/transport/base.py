@@ -1,0 +1,91 @@
+"""How a request reaches an engine: one interface, several transports.
+
+- ``direct`` (``transport/direct.py``): a frame over a pooled TCP connection to one engine replica's
+  port; the default, no Ray call per request;
+- ``serve_call`` (``transport/serve_call.py``): one Ray Serve streaming call, Serve picking the
+  replica; the fallback for a replica the router does not know yet;
+- an external OpenAI-compatible API will be a third.
+
+Every transport answers an ``EngineReply`` (a complete body, or a stream whose first event has
+not been read yet) or raises ``TransportError``: the target could not take or finish the request
+and nothing reached the client, so the caller may try another replica. A reply with any status,
+4xx and 5xx included, is the request's own answer and says nothing about the engine's health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Callable
+
+EVENT_END = b"\n\n"
+
+
+class TransportError(Exception):
+    """The target could not take or finish the request; nothing reached the client.
+    ``replica``: the replica that failed, when known (it is then held out for a while)."""
+
+    def __init__(self, message: str, replica: str | None = None):
+        super().__init__(message)
+        self.replica = replica
+
+
+@dataclass
+class EngineRequest:
+    endpoint: str
+    body: bytes
+    request_id: str
+    stream: bool
+    trace_headers: dict[str, str] | None = None
+
+
+@dataclass
+class EngineStream:
+    """The router's end of an engine's token stream. A direct stream has ``release``, which returns
+    its connection to the pool when the stream ended cleanly (``[DONE]``) and closes it otherwise
+    (which aborts the request in the engine); a claimed stream (Serve-call path) holds its ``call``,
+    which keeps the request counted on its replica until the stream is over. ``head`` holds what
+    ``read_first`` read ahead. Closing twice does nothing."""
+
+    reader: Any  # asyncio.StreamReader, or anything with ``async read(n) -> bytes`` (b"" at the end)
+    writer: asyncio.StreamWriter | None
+    replica: str
+    call: Any = None
+    release: Callable[[bool], None] | None = None
+    head: bytes = b""
+    closed: bool = False
+
+    async def read_first(self, read_bytes: int = 1 << 16) -> None:
+        """Read until the first complete event: an engine that dies before its first token is then
+        a ``TransportError`` (the caller may fail over), not a broken stream for the client."""
+        while EVENT_END not in self.head:
+            try:
+                chunk = await self.reader.read(read_bytes)
+            except (ConnectionError, OSError) as exc:
+                raise TransportError(f"stream broke before its first event: {exc!r}", self.replica) from exc
+            if not chunk:
+                raise TransportError("stream ended before its first event", self.replica)
+            self.head += chunk
+
+    def close(self, reusable: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.release is not None:
+            self.release(reusable)
+        elif self.writer is not None and not self.writer.is_closing():
+            self.writer.close()
+        if self.call is not None and not reusable:
+            self.call.cancel()
+
+
+@dataclass
+class EngineReply:
+    status: int
+    replica: str
+    body: bytes | None = None
+    stream: EngineStream | None = None
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
