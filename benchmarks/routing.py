@@ -8,8 +8,17 @@ the requests is confidential (header), so residency violations are counted.
     .venv/bin/python benchmarks/routing.py                 # starts its own two-site cluster
     .venv/bin/python benchmarks/routing.py --url http://127.0.0.1:8800   # against a running one
 
-Prints a table (p50/p99 TTFT, output tokens/s, on-prem share, residency violations, cost) and
-writes a PNG of TTFT and on-prem share over time.
+Prints a table (p50/p99 TTFT, output tokens/s, on-prem share, residency violations, cost, and
+for Spillway the TTFT budget misses), then the two figures the spill-over is judged by:
+
+- budget-miss share: spillable (not confidential) requests that waited in the router past the
+  model's ``spill_after_ms`` while a group elsewhere had room for them, as counted by the router
+  (``/v1/spillway/scheduler``), over all spillable requests it admitted in the burst; goal at most
+  1 %. The client-side upper bound is printed beside it: spillable requests served on-prem after
+  a queue wait past the budget, room elsewhere or not;
+- burst p99 TTFT of Spillway against on-prem only, on the same engines; goal 0.5x.
+
+It also writes a PNG of TTFT and on-prem share over time.
 """
 
 from __future__ import annotations
@@ -18,7 +27,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,7 @@ class Sample:
     data_class: str | None
     confidential: bool
     status: int
+    queue_ms: float = 0.0
 
 
 async def sse_events(resp: httpx.Response):
@@ -69,6 +78,7 @@ async def one_request(http: httpx.AsyncClient, model: str, mode_header: str | No
     try:
         async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp:
             site, data_class = resp.headers.get("x-spillway-site"), resp.headers.get("x-spillway-data-class")
+            queue_ms = float(resp.headers.get("x-spillway-queue-ms") or 0)
             if resp.status_code != 200:
                 await resp.aread()
                 return Sample(mode, phase, started - t0, None, 0, site, data_class, confidential, resp.status_code)
@@ -80,13 +90,25 @@ async def one_request(http: httpx.AsyncClient, model: str, mode_header: str | No
                     ttft = time.monotonic() - started
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-        return Sample(mode, phase, started - t0, ttft, tokens, site, data_class, confidential, 200)
+        return Sample(mode, phase, started - t0, ttft, tokens, site, data_class, confidential, 200, queue_ms)
     except httpx.HTTPError:
         return Sample(mode, phase, started - t0, None, 0, None, None, confidential, 599)
 
 
+async def scheduler_counts(http: httpx.AsyncClient, model: str, routers: int) -> dict[str, int]:
+    """Spillable requests admitted and budget misses, summed over the router replicas (each answer
+    comes from one replica; ask until every one has answered)."""
+    seen: dict[str, dict] = {}
+    for _ in range(50 * routers):
+        report = (await http.get("/v1/spillway/scheduler")).json()
+        seen[report["router_replica"]] = report["models"][model]
+        if len(seen) >= routers:
+            break
+    return {key: sum(m[key] for m in seen.values()) for key in ("spillable_admitted", "budget_misses")}
+
+
 async def run_phase(base_url: str, model: str, mode: str, phase: str, users: int, duration_s: float,
-                    max_tokens: int, confidential_share: float, t0: float) -> tuple[list[Sample], float]:
+                    max_tokens: int, confidential_share: float, t0: float, routers: int) -> tuple[list[Sample], float, dict]:
     samples: list[Sample] = []
     deadline = time.monotonic() + duration_s
     rng = random.Random(hash((mode, phase)) & 0xFFFF)
@@ -97,9 +119,12 @@ async def run_phase(base_url: str, model: str, mode: str, phase: str, users: int
                                              max_tokens, t0, mode, phase))
 
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+        before = await scheduler_counts(http, model, routers)
         started = time.monotonic()
         await asyncio.gather(*(user() for _ in range(users)))
-        return samples, time.monotonic() - started
+        elapsed = time.monotonic() - started
+        after = await scheduler_counts(http, model, routers)
+        return samples, elapsed, {k: after[k] - before[k] for k in after}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -109,11 +134,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def summarize(samples: list[Sample], elapsed_s: float, prices: dict[str, float]) -> dict:
+def summarize(samples: list[Sample], elapsed_s: float, prices: dict[str, float], counts: dict,
+              spill_after_ms: float) -> dict:
     ok = [s for s in samples if s.status == 200]
     ttfts = [s.ttft_s * 1000 for s in ok if s.ttft_s is not None]
     tokens = sum(s.tokens for s in ok)
     onprem = sum(1 for s in ok if s.site == "onprem")
+    spillable = [s for s in ok if not s.confidential]
     return {
         "requests": len(samples),
         "errors": len(samples) - len(ok),
@@ -123,19 +150,28 @@ def summarize(samples: list[Sample], elapsed_s: float, prices: dict[str, float])
         "onprem_share": onprem / len(ok) if ok else 0.0,
         "violations": sum(1 for s in ok if s.confidential and s.site != "onprem"),
         "cost": sum(s.tokens / 1000 * prices.get(s.site or "", 0.0) for s in ok),
+        "budget_misses": counts["budget_misses"],
+        "spillable_admitted": counts["spillable_admitted"],
+        "waited_past_budget": sum(1 for s in spillable if s.site == "onprem" and s.queue_ms > spill_after_ms),
+        "spillable": len(spillable),
     }
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "-"
 
 
 def print_table(rows: list[tuple[str, str, dict]]) -> None:
     header = f"{'policy':12s} {'phase':7s} {'reqs':>5s} {'err':>4s} {'TTFT p50':>9s} {'TTFT p99':>9s} " \
-             f"{'tok/s':>7s} {'on-prem':>8s} {'violations':>10s} {'cost':>8s}"
+             f"{'tok/s':>7s} {'on-prem':>8s} {'violations':>10s} {'cost':>8s} {'budget misses':>14s}"
     print(header)
     print("-" * len(header))
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     for mode, phase, r in rows:
         print(f"{mode:12s} {phase:7s} {r['requests']:5d} {r['errors']:4d} {fmt(r['ttft_p50_ms']):>9s} "
               f"{fmt(r['ttft_p99_ms']):>9s} {r['tokens_per_s']:7.0f} {r['onprem_share']:8.0%} "
-              f"{r['violations']:10d} {r['cost']:8.4f}")
+              f"{r['violations']:10d} {r['cost']:8.4f} "
+              f"{_share(r['budget_misses'], r['spillable_admitted']) if mode == 'spillway' else '-':>14s}")
 
 
 def plot(samples: list[Sample], path: Path) -> None:
@@ -169,24 +205,36 @@ def plot(samples: list[Sample], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-async def benchmark(args, base_url: str, prices: dict[str, float]) -> None:
+async def benchmark(args, base_url: str, prices: dict[str, float], spill_after_ms: float, routers: int) -> None:
     t0 = time.monotonic()
     rows, all_samples = [], []
     phases = [("steady", args.steady_users), ("burst", args.burst_users)]
     for round_index in range(args.rounds):
         for mode in MODES:
             for phase, users in phases:
-                samples, elapsed = await run_phase(base_url, args.model, mode, phase, users, args.duration_s,
-                                                   args.max_tokens, args.confidential_share, t0)
+                samples, elapsed, counts = await run_phase(base_url, args.model, mode, phase, users, args.duration_s,
+                                                           args.max_tokens, args.confidential_share, t0, routers)
                 all_samples += samples
                 if round_index == args.rounds - 1 or args.rounds == 1:
-                    rows.append((mode, phase, summarize(samples, elapsed, prices)))
+                    rows.append((mode, phase, summarize(samples, elapsed, prices, counts, spill_after_ms)))
                 await asyncio.sleep(args.pause_s)  # let queues drain and the spill gate settle
     print()
     print(f"model {args.model}; {args.steady_users} users steady, {args.burst_users} users burst; "
           f"{args.duration_s:.0f}s per phase; {args.max_tokens} output tokens; "
-          f"{args.confidential_share:.0%} confidential; prices per 1k tokens {prices}")
+          f"{args.confidential_share:.0%} confidential; spill_after_ms {spill_after_ms:.0f}; "
+          f"prices per 1k tokens {prices}")
     print_table(rows)
+    by = {(mode, phase): r for mode, phase, r in rows}
+    burst = by[("spillway", "burst")]
+    print(f"\nbudget-miss share, burst (router's count; goal <= 1 %): "
+          f"{_share(burst['budget_misses'], burst['spillable_admitted'])} "
+          f"({burst['budget_misses']} of {burst['spillable_admitted']} spillable requests)")
+    print(f"  upper bound seen by the client (served on-prem after waiting past the budget, room elsewhere or not): "
+          f"{_share(burst['waited_past_budget'], burst['spillable'])}")
+    ours, onprem_only = burst["ttft_p99_ms"], by[("onprem-only", "burst")]["ttft_p99_ms"]
+    if ours and onprem_only:
+        print(f"burst p99 TTFT, Spillway vs on-prem only (goal 0.5x): {ours:.0f} / {onprem_only:.0f} ms = "
+              f"{ours / onprem_only:.2f}x")
     png = Path(args.png)
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(all_samples, png)
@@ -212,8 +260,10 @@ def main() -> None:
 
     config = load_config(args.config)
     prices = {site.name: site.cost_per_1k_tokens for site in config.sites}
+    spill_after_ms = config.model(args.model).spill_after_ms
+    routers = config.router.replicas
     if args.url:
-        asyncio.run(benchmark(args, args.url, prices))
+        asyncio.run(benchmark(args, args.url, prices, spill_after_ms, routers))
         return
     from serve_app.ops.deploy import deploy
     from serve_app.ops.local_cluster import LocalCluster
@@ -222,7 +272,7 @@ def main() -> None:
     cluster.start()
     try:
         deploy(config, cluster.address)
-        asyncio.run(benchmark(args, f"http://{config.http.host}:{config.http.port}", prices))
+        asyncio.run(benchmark(args, f"http://{config.http.host}:{config.http.port}", prices, spill_after_ms, routers))
     finally:
         import ray
 

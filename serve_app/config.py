@@ -360,13 +360,13 @@ class HttpConfig(Strict):
         """Every port the ingress takes besides `port`, by name (for clash checks)."""
         if self.ingress == "proxy":
             return {}
-        ports = {"http.router_ports (first)": self.router_ports(router_replicas)[0],
-                 "http.router_ports (last)": self.router_ports(router_replicas)[-1]}
-        if self.ingress == "haproxy":
-            ports.update({"http.fallback_proxy_port": self.fallback_proxy_port or self.port + 150,
-                          "http.haproxy_metrics_port": self.haproxy_metrics_port or self.port + 151,
-                          "http.haproxy_stats_port": self.haproxy_stats_port or self.port + 152})
-        return ports
+        ports = self.router_ports(router_replicas)
+        if self.ingress == "direct":  # the routers' range starts at `port` itself
+            return {"http.router_ports (last)": ports[-1], "http.proxy_port": self.proxy_port(router_replicas)}
+        return {"http.router_ports (first)": ports[0], "http.router_ports (last)": ports[-1],
+                "http.fallback_proxy_port": self.fallback_proxy_port or self.port + 150,
+                "http.haproxy_metrics_port": self.haproxy_metrics_port or self.port + 151,
+                "http.haproxy_stats_port": self.haproxy_stats_port or self.port + 152}
 
     def ingress_env(self, router_replicas: int) -> dict[str, str]:
         """Environment every Ray node needs for this ingress (empty for the Python proxy)."""

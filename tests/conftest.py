@@ -15,7 +15,7 @@ from serve_app.config import DEFAULT_CONFIG_PATH, load_config
 
 E2E_RAY_PORT = int(os.environ.get("SPILLWAY_TEST_RAY_PORT", "6390"))
 E2E_HTTP_PORT = int(os.environ.get("SPILLWAY_TEST_HTTP_PORT", "8700"))
-E2E_MAX_BODY_BYTES = 262_144
+E2E_MAX_BODY_BYTES = 1_048_576
 E2E_DENSE_SLOTS = 8
 E2E_METRICS_PORT = 8710  # outside Ray worker ports (10002-19999)
 E2E_SPLIT_ALIAS = "spillway-chat"

@@ -27,7 +27,7 @@ def _config() -> dict:
     dense["engine"]["max_num_seqs"] = 8
     raw["models"] = [dense]
     raw["router"]["replicas"] = 1
-    raw["http"] = {"host": "127.0.0.1", "port": HTTP_PORT, "direct_ingress": True}
+    raw["http"] = {"host": "127.0.0.1", "port": HTTP_PORT, "ingress": "direct"}
     raw["local_cluster"] = {"ray_port": 6392, "dashboard_port": 8292, "metrics_export_port": 8770,
                             "nodes": [{"site": "onprem", "num_cpus": 8}]}
     return raw

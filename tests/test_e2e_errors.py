@@ -115,3 +115,103 @@ def test_vllm_request_checks_are_400_and_do_not_fail_the_engine(http):
 
 def test_cluster_still_serves_after_bad_input(client):
     assert client.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=2).choices
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"model": "spillway-dense", "messages": 5}', "messages"),
+    (b'{"model": "spillway-dense", "messages": [{"role": "assistant", "tool_calls": true}]}', "tool_calls"),
+    (b'{"model": "spillway-dense", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "NaN"),
+    (b'{"model": "spillway-dense", "messages": [{"role": "user", "content": "\xc3\x28"}]}', "UTF-8"),
+    (b'{"model": "spillway-dense", "x": ' + b"[" * 950 + b"]" * 950 + b"}", "nested"),
+    (b"[" * 200_000 + b"]" * 200_000, "nested"),
+])
+def test_malformed_bodies_are_400_and_the_engines_stay_healthy(http, raw, words):
+    error = _assert_openai_error(http.post("/v1/chat/completions", content=raw,
+                                           headers={"content-type": "application/json"}), 400)
+    assert words in error["message"] or words in (error["param"] or "")
+    # Nothing of it reached an engine: a normal request right after is served on-prem, no spill.
+    ok = http.post("/v1/chat/completions", json={"model": DENSE, "messages": HELLO, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["x-spillway-site"] == "onprem" and ok.headers["x-spillway-spill-reason"] == "none"
+
+
+def test_chunked_bodies_are_bounded_while_read(http):
+    def chunks():
+        for _ in range(E2E_MAX_BODY_BYTES // 1000 + 50):  # no content-length: the router counts
+            yield b"x" * 1000
+
+    resp = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert "limit" in _assert_openai_error(resp, 413)["message"]
+
+
+@pytest.mark.parametrize("headers, param", [
+    ({"x-request-id": "not valid"}, "x-request-id"),
+    ({"x-request-id": "r" * 200}, "x-request-id"),
+    ({"x-session-id": "s" * 1000}, "x-session-id"),
+])
+def test_bad_header_values_are_400(http, headers, param):
+    resp = http.post("/v1/chat/completions", json={"model": DENSE, "messages": HELLO, "max_tokens": 2}, headers=headers)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+
+
+def test_a_pathological_prompt_does_not_delay_other_requests(base_url):
+    """400 KB of e-mail-like characters once froze a router replica for 110 s (its e-mail pattern
+    backtracked). Now it costs a concurrent request less than 100 ms, on whichever router it lands."""
+    import statistics
+    import threading
+    import time
+
+    small = {"model": DENSE, "messages": HELLO, "max_tokens": 2}
+    hostile = {"model": DENSE, "messages": [{"role": "user", "content": "a." * 200_000}], "max_tokens": 2}
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        def latency() -> float:
+            started = time.perf_counter()
+            assert client.post("/v1/chat/completions", json=small).status_code == 200
+            return time.perf_counter() - started
+
+        alone = statistics.median([latency() for _ in range(7)])
+        answers = []
+
+        def send_hostile():
+            with httpx.Client(base_url=base_url, timeout=60) as other:
+                answers.append(other.post("/v1/chat/completions", json=hostile))
+
+        delays = []
+        for _ in range(4):
+            thread = threading.Thread(target=send_hostile)
+            thread.start()
+            time.sleep(0.005)  # the hostile body is being read and scanned now
+            delays.append(latency() - alone)
+            thread.join()
+    assert all(a.status_code == 400 and "context length" in a.json()["error"]["message"] for a in answers)
+    assert max(delays) < 0.100, (alone, delays)
+
+
+@pytest.mark.parametrize("content, detector", [
+    ("mail john\u200b@example.com", "email"),
+    ("mail john\uff20example.com", "email"),
+    ("IBAN DE89\u200d3704\u200d0044\u200d0532\u200d0130\u200d00", "iban"),
+    ("card 4111.1111.1111.1111", "card"),
+])
+def test_hidden_pii_is_found_and_kept_on_prem(http, content, detector):
+    resp = http.post("/v1/chat/completions", json={"model": DENSE, "max_tokens": 2,
+                                                   "messages": [{"role": "user", "content": content}]})
+    assert resp.status_code == 200
+    assert resp.headers["x-spillway-data-class"] == "confidential" and resp.headers["x-spillway-site"] == "onprem"
+
+
+def test_pii_in_a_tool_definition_and_token_id_prompts_are_confidential(http):
+    tool = {"type": "function", "function": {"name": "lookup", "description": "ask bob@corp.example",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    resp = http.post("/v1/chat/completions", json={"model": DENSE, "messages": HELLO, "max_tokens": 2, "tools": [tool]})
+    assert resp.status_code == 200 and resp.headers["x-spillway-data-class"] == "confidential"
+    ids = http.post("/v1/completions", json={"model": DENSE, "prompt": [72, 105], "max_tokens": 2})
+    assert ids.status_code == 200 and ids.headers["x-spillway-data-class"] == "confidential"
+    declared = http.post("/v1/completions", json={"model": DENSE, "prompt": [72, 105], "max_tokens": 2},
+                         headers={"x-data-classification": "public"})
+    assert declared.status_code == 200 and declared.headers["x-spillway-data-class"] == "public"
+
+
+def test_n_beyond_what_an_engine_runs_is_400(http):
+    resp = http.post("/v1/completions", json={"model": DENSE, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"  # 9 sequences; dense runs 8 per engine

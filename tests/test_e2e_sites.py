@@ -47,7 +47,7 @@ def test_every_engine_runs_on_a_node_of_its_site(base_url, e2e_cluster):
 def test_status_cli_shows_sites_deployments_and_replicas(e2e_cluster):
     config_path = e2e_cluster[1]
     out = subprocess.run(
-        [sys.executable, "-m", "serve_app.cli", "status", "--config", str(config_path), "--json"],
+        [sys.executable, "-m", "serve_app.ops.cli", "status", "--config", str(config_path), "--json"],
         capture_output=True, text=True, timeout=120, check=True,
     )
     report = json.loads(out.stdout)

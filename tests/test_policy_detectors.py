@@ -150,3 +150,9 @@ def test_detector_class_is_configurable_and_unknown_names_fail():
     with pytest.raises(ConfigError, match="invalid parameters"):
         DetectorSet.from_names(["card"], {"card": {"threshold": 3}})
     assert set(DEFAULT_DETECTORS) == set(PiiDetector.registered())
+
+
+def test_separate_strings_never_combine_into_a_match():
+    detectors = DetectorSet.from_names()
+    assert detectors.scan(["card 4111 1111", "1111 1111 end"]) == ()  # one card number only when joined
+    assert [f.detector for f in detectors.scan(["x", "card 4111 1111 1111 1111", "y"])] == ["card"]

@@ -17,6 +17,7 @@ from serve_app.router.scheduler import (
     SPILL_REASON_WAIT,
     EngineGroup,
     ModelScheduler,
+    NoHealthyEngine,
     QueueTimeout,
 )
 
@@ -258,12 +259,30 @@ def test_a_group_with_no_healthy_replica_takes_nothing_and_retries_go_elsewhere_
         sched.set_capacity("m@onprem", 0)  # its only replica is cooling down after a failure
         retry = await sched.acquire(req(0), retry=True)
         assert retry.group.site == "cloud" and retry.spill_reason == SPILL_REASON_FAILOVER
-        confidential = asyncio.create_task(sched.acquire(req(2, DataClass.confidential)))
-        await settle()
-        assert not confidential.done()  # never to the cloud, even with on-prem down
+        with pytest.raises(NoHealthyEngine) as info:  # never to the cloud; a clear 503, not a wait
+            await sched.acquire(req(2, DataClass.confidential))
+        assert info.value.status == 503 and info.value.retry_after_s >= 1 and len(sched.queue) == 0
+        waiting = asyncio.create_task(sched.acquire(req(3, DataClass.confidential)))
         sched.set_capacity("m@onprem", 2)  # the cooldown ended
         await settle()
-        assert confidential.result().group.site == "onprem"
+        assert waiting.result().group.site == "onprem"
+
+    asyncio.run(main())
+
+
+def test_queued_requests_wait_out_a_cooldown_that_starts_while_they_wait():
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem=1, cloud=0, spill_after_ms=10**9)
+        held = await sched.acquire(req(0))
+        waiting = asyncio.create_task(sched.acquire(req(1, DataClass.confidential)))
+        await settle()
+        sched.set_capacity("m@onprem", 0)
+        held.release()
+        await settle()
+        assert not waiting.done()  # admitted before the failure: it keeps its place
+        sched.set_capacity("m@onprem", 1)
+        await settle()
+        assert waiting.result().group.site == "onprem"
 
     asyncio.run(main())
 

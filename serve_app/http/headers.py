@@ -7,6 +7,7 @@ the session and tenant labels, and the benchmark routing mode (only where benchm
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from typing import Mapping
@@ -53,9 +54,16 @@ def read_headers(headers: Mapping[str, str], benchmark_modes: bool = False) -> R
         priority=_priority(headers.get(HEADER_PRIORITY)),
         declared_class=DataClass.parse(declared) if declared else None,
         session=session,
-        tenant=tenant or "anonymous",
+        tenant=tenant or _key_fingerprint(headers.get("authorization", "")),
         routing_mode=mode,
     )
+
+
+def _key_fingerprint(authorization: str) -> str:
+    """A label for traces until keys map to tenants: a fingerprint of the API key, never the key."""
+    if authorization[:7].lower() == "bearer " and authorization[7:].strip():
+        return "key-" + hashlib.sha256(authorization[7:].strip().encode()).hexdigest()[:12]
+    return "anonymous"
 
 
 def _priority(value: str | None) -> int:

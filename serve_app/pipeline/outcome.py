@@ -46,6 +46,8 @@ class OutcomeSink:
         attributes = {"ttft_ms": _round(ttft_ms), "itl_ms": _round(itl_ms)}
         if lease is not None:
             attributes.update(site=site, queue_wait_ms=round(lease.queue_ms, 1), spill_reason=lease.spill_reason)
+        if reply is not None:
+            attributes.update(replica=reply.replica)
         if summary.usage is not None:
             attributes.update(input_tokens=summary.usage[0], output_tokens=summary.usage[1])
         if ok and reply is not None and reply.body is not None and ctx.trace.recording:

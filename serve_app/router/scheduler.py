@@ -13,6 +13,8 @@ one (model, site) deployment; its capacity is the sequences its healthy replicas
   (``policy/spill.py``), and at the latest when the budget runs out.
 - A request that may run nowhere else (residency) gets freed preferred sequences first while
   others have room elsewhere.
+- A request none of whose groups has a healthy replica gets a 503 at once (Retry-After), rather
+  than a wait for an engine Serve is still replacing.
 
 Counted for the routing benchmark and the ``spillway_budget_miss_total`` metric: spillable
 requests, and those that waited past ``spill_after_ms`` although a group elsewhere had room for
@@ -38,6 +40,7 @@ SPILL_REASON_NONE = "none"
 SPILL_REASON_WAIT = "onprem_wait_over_budget"
 SPILL_REASON_FAILOVER = "failover"
 RETRY_PRIORITY_BOOST = 1_000
+NO_HEALTHY_RETRY_AFTER_S = 5.0
 OUTPUT_EWMA_ALPHA = 0.1
 
 
@@ -76,6 +79,12 @@ class Ticket:
     retry: bool = False
     exclude: frozenset[str] = frozenset()
     late: bool = False  # waited past its budget while a group elsewhere had room for it
+
+
+class NoHealthyEngine(EngineUnavailable):
+    """Every group the request may use has no healthy replica: answered at once, not queued."""
+
+    code = "engine_unavailable"
 
 
 class QueueTimeout(EngineUnavailable):
@@ -119,6 +128,12 @@ class ModelScheduler:
                       retry: bool = False, exclude: frozenset[str] = frozenset()) -> Lease:
         """Wait for room for this request. Raises ``RateLimited`` (queue full) or ``QueueTimeout``
         (waited too long); the edge turns them into 429 / 503."""
+        eligible = [g.group_id for g in self.groups.values()
+                    if request.data_class <= g.trusted_up_to and g.group_id not in exclude]
+        if eligible and not any(self.capacity[g] > 0 for g in eligible):
+            raise NoHealthyEngine(
+                f"no healthy engine can take this request for model '{self.model}' now; retry later",
+                retry_after_s=NO_HEALTHY_RETRY_AFTER_S)
         loop = asyncio.get_running_loop()
         ticket = Ticket(request, loop.create_future(), self.expected_tokens(max_tokens),
                         pinned=not self._may_leave_preferred(request, exclude), retry=retry, exclude=exclude)
