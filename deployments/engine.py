@@ -145,6 +145,7 @@ class Opened:
     body: bytes | None = None
     events: AsyncIterator[str] | None = None
     pending: "asyncio.Future[tuple[int, bytes, bool]] | None" = None
+    full: bool = False  # refused: it would take the engine past max_num_seqs sequences
 
 
 class EngineServer:
@@ -165,6 +166,7 @@ class EngineServer:
         self._in_flight = 0
         self._sequences = 0
         self._aborted = 0
+        self._refused_full = 0
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -206,6 +208,7 @@ class EngineServer:
             "sequences": self._sequences,
             # Streams closed before their end (client or router gone, or a failure): vLLM aborted them.
             "aborted_streams": self._aborted,
+            "refused_full": self._refused_full,
             "kv_cache_usage": self.load.kv_cache_usage,
             "itl_ms": self.load.itl_ms,
             "ttft_ms": self.load.ttft_ms,
@@ -225,12 +228,14 @@ class EngineServer:
             self._engine.shutdown()
             self._engine = None
 
-    async def open(self, endpoint: str, body: bytes, request_id: str,
-                   trace_headers: dict[str, str] | None = None) -> Opened:
+    async def open(self, endpoint: str, body: bytes, request_id: str, trace_headers: dict[str, str] | None = None,
+                   admit_sequences: int | None = None) -> Opened:
         """Start one OpenAI request (see the module docstring for what comes back).
 
         ``trace_headers`` (traceparent/tracestate) reach vLLM as request headers, so its own
-        request span becomes a child of the router's generation span."""
+        request span becomes a child of the router's generation span. With ``admit_sequences``
+        (a router's direct request) a request that would take the engine past ``max_num_seqs``
+        sequences is refused (``full``) instead of queued inside vLLM."""
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -257,6 +262,9 @@ class EngineServer:
             # validator: the client's error, never the engine's (no failover, no cooldown).
             return self._error(400, f"invalid request: {exc}", getattr(exc, "parameter", None))
         sequences = sequences_of(endpoint, fields)
+        if admit_sequences is not None and self._sequences + sequences > self.model.engine.max_num_seqs:
+            self._refused_full += 1
+            return Opened(503, self.replica_id, full=True)  # no await since the count: exact on this loop
         self._enter(sequences)
         if not request.stream:
             pending = asyncio.ensure_future(self._complete(create, request, trace_headers))

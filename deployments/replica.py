@@ -80,6 +80,7 @@ class EngineReplica:
         return {**self._server.stats(), "port": port}
 
     async def open(self, endpoint: str, body: bytes, request_id: str, trace_headers: dict | None = None):
+        # (Serve's own max_ongoing_requests bounds this path: no "full" refusal here.)
         """The Serve-call fallback, a streaming call. A non-streamed request yields ``{"accepted"}``,
         then ``{"status", "body", "engine_dead"}``; cancelling the call aborts it. A stream yields
         the address of the parked stream, which the router claims on the port; the call then

@@ -21,7 +21,12 @@ Lifecycle of a request:
 - non-streamed: ``{"accepted": true}`` once vLLM has the request, then ``{"status", "replica",
   "length"}`` and the body. A router that closes the connection meanwhile aborts the request;
 - a draining replica, or one that is not the deployment named, answers ``{"status": 503,
-  "retry": true}``, and the router sends the request another way.
+  "retry": true}``, and the router sends the request another way;
+- a request that would take the engine past ``max_num_seqs`` sequences is answered ``{"full":
+  true}`` at once: several routers share an engine, and between two load polls they may each
+  admit into the same free sequences. The engine, the one place that knows, refuses the
+  overflow, and the router queues the request again (or spills it): nothing waits in an engine
+  that is full.
 
 The engine starts a parked stream at once: parking pulls its first event in the background (vLLM
 adds the request to its scheduler on the iterator's first step), so prefill runs while the reply
@@ -46,8 +51,8 @@ CLAIM_TIMEOUT_S = 30.0
 DONE_EVENT = b"data: [DONE]\n\n"
 ERROR_EVENT_PREFIX = b'data: {"error"'
 
-# (endpoint, body bytes, request_id, trace_headers) -> Opened (deployments/engine.py)
-RequestHandler = Callable[[str, bytes, str, "dict | None"], Awaitable[Any]]
+# (endpoint, body bytes, request_id, trace_headers, sequences to admit) -> Opened (deployments/engine.py)
+RequestHandler = Callable[[str, bytes, str, "dict | None", "int | None"], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,8 @@ class StreamServer:
         """Take no new requests; wait up to ``timeout_s`` for those running. True if none is left."""
         self.draining = True
         try:
-            await asyncio.wait_for(self._direct_idle.wait(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._direct_idle.wait()
         except asyncio.TimeoutError:
             return False
         return True
@@ -171,7 +177,8 @@ class StreamServer:
     async def _serve_frame(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one frame; False when the connection must close."""
         try:
-            header = await asyncio.wait_for(reader.readexactly(wire.HEADER.size), self._limits.idle_timeout_s)
+            async with asyncio.timeout(self._limits.idle_timeout_s):
+                header = await reader.readexactly(wire.HEADER.size)
         except asyncio.TimeoutError:
             self.refused["idle"] += 1
             return False
@@ -184,7 +191,8 @@ class StreamServer:
             logger.warning("refused a frame on the engine port: %s", exc)
             return False
         try:
-            payload = await asyncio.wait_for(reader.readexactly(length), self._limits.read_timeout_s)
+            async with asyncio.timeout(self._limits.read_timeout_s):
+                payload = await reader.readexactly(length)
         except asyncio.TimeoutError:
             self.refused["idle"] += 1
             return False
@@ -215,6 +223,8 @@ class StreamServer:
             meta, body = wire.split_request(payload)
             endpoint, request_id = str(meta["endpoint"]), str(meta["request_id"])
             trace_headers = meta.get("trace_headers")
+            sequences = meta.get("sequences")
+            sequences = int(sequences) if sequences is not None else None
         except (ValueError, KeyError, TypeError):
             self.refused["bad_frame"] += 1
             logger.warning("malformed request frame; closing the connection")
@@ -226,7 +236,11 @@ class StreamServer:
         self._direct_active += 1
         self._direct_idle.clear()
         try:
-            opened = await self._handler(endpoint, body, request_id, trace_headers)
+            opened = await self._handler(endpoint, body, request_id, trace_headers, sequences)
+            if getattr(opened, "full", False):
+                writer.write(wire.header_line(status=503, replica=opened.replica, full=True, length=0))
+                await writer.drain()
+                return True
             if opened.pending is not None:
                 return await self._finish_pending(opened, reader, writer)
             if opened.events is None:
@@ -252,7 +266,7 @@ class StreamServer:
             opened.pending.cancel()
             gone.cancel()
             raise
-        gone.cancel()
+        await _stop(gone)
         if not opened.pending.done():
             opened.pending.cancel()
             await asyncio.wait({opened.pending})
@@ -292,6 +306,12 @@ class StreamServer:
             await _close(self._parked.pop(token))
 
 
+async def _stop(watcher: asyncio.Future) -> None:
+    """Cancel a read watcher and wait until it has let go of the reader (the next frame reads it)."""
+    watcher.cancel()
+    await asyncio.wait({watcher})
+
+
 async def _first_unless_gone(events: AsyncIterator[str], reader: asyncio.StreamReader) -> str | None:
     """The stream's first event; ``ConnectionError`` when the router closes the connection first
     (it sends nothing while a stream runs, so anything read means it is gone)."""
@@ -300,7 +320,7 @@ async def _first_unless_gone(events: AsyncIterator[str], reader: asyncio.StreamR
     try:
         await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
+        await _stop(gone)
         if not first.done():
             first.cancel()
             await asyncio.wait({first})

@@ -69,23 +69,28 @@ class FakeOpened:
     body: bytes | None = None
     events: object = None
     pending: object = None
+    full: bool = False
 
 
 class FakeEngine:
     """A FAKE engine: a stream for stream=true, else a pending result after ``generate_s``."""
 
     def __init__(self, delay_s=0.0, fail_after=None, tokens=3, generate_s=0.0, accept_s=0.0, first=None,
-                 replica="r-1"):
+                 replica="r-1", max_sequences=None):
         self.calls: list[tuple[str, dict, str]] = []
         self.streams: list[FakeEngineEvents] = []
         self.pending: list[asyncio.Future] = []
         self.delay_s, self.fail_after, self.tokens = delay_s, fail_after, tokens
         self.generate_s, self.accept_s, self.first, self.replica = generate_s, accept_s, first, replica
+        self.max_sequences, self.refused = max_sequences, 0
 
-    async def __call__(self, endpoint, body: bytes, request_id, trace_headers):
+    async def __call__(self, endpoint, body: bytes, request_id, trace_headers, sequences=None):
         fields = json.loads(body)
         self.calls.append((endpoint, fields, request_id))
         await asyncio.sleep(self.accept_s)
+        if sequences is not None and self.max_sequences is not None and self.running() + sequences > self.max_sequences:
+            self.refused += 1
+            return FakeOpened(503, self.replica, full=True)
         if fields.get("invalid"):
             return FakeOpened(400, self.replica, body=b'{"error":{"message":"bad","type":"invalid_request_error"}}')
         if not fields.get("stream"):
@@ -96,6 +101,9 @@ class FakeEngine:
         stream = FakeEngineEvents(events, delay_s=self.delay_s, fail_after=self.fail_after)
         self.streams.append(stream)
         return FakeOpened(200, self.replica, events=stream)
+
+    def running(self) -> int:
+        return sum(not s.closed for s in self.streams) + sum(not p.done() for p in self.pending)
 
     async def _generate(self, fields, request_id):
         await asyncio.sleep(self.generate_s)

@@ -89,8 +89,8 @@ def config(onprem_replicas=2, slots=4) -> SpillwayConfig:
         "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem"},
                   {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1}],
         "models": [{"id": MODEL, "source": "builtin:dense", "replicas": {"onprem": onprem_replicas, "cloud": 1},
-                    "engine": {"max_num_seqs": slots}, "spill_after_ms": 10_000, "queue": {"max_wait_ms": 1_000}}],
-        "router": {"load_poll_interval_ms": 60_000, "replica_cooldown_s": 30, "first_response_timeout_s": 5,
+                    "engine": {"max_num_seqs": slots}, "spill_after_ms": 10_000, "queue": {"max_wait_ms": 30_000}}],
+        "router": {"load_poll_interval_ms": 60_000, "replica_cooldown_s": 30, "first_response_timeout_s": 30,
                    "inline_scan_max_bytes": 1 << 20},
     })
 
@@ -123,9 +123,9 @@ class Cluster:
         scheduler: ModelScheduler = self.gateway.schedulers[MODEL]
         original = scheduler.release
 
-        def counting_release(lease):
-            self.releases[id(lease)] += 1
-            original(lease)
+        def counting_release(lease, engine_full=False):
+            self.releases[lease] += 1  # keyed by the lease itself: an id can be reused once it is collected
+            original(lease, engine_full)
 
         scheduler.release = counting_release
         self.app = build_api(self.gateway)
@@ -385,3 +385,26 @@ def test_router_shutdown_closes_pollers_and_pooled_connections():
     assert pooled and all(writer.is_closing() for writer in pooled)
     assert tasks and all(task.done() for task in tasks)
     assert all(gate.idle == [] for gate in gates)
+
+
+def test_an_engine_that_is_full_sends_requests_back_to_the_queue_not_to_failure():
+    """The router believes the group has 4 sequences free; the engine has 2 (another router holds
+    the rest). The overflow is refused at once, waits in this router's queue with its arrival
+    time, and is served when sequences free: no failure, no cooldown, nothing queued in the engine."""
+
+    async def main():
+        fakes = {"onprem-0": FakeEngine(delay_s=0.05, tokens=4, max_sequences=2), "cloud-0": FakeEngine()}
+        async with Cluster(fakes, config(onprem_replicas=1)) as cluster:
+            exchanges = await asyncio.gather(*(Exchange(chat(stream=True), headers={
+                "x-data-classification": "confidential"}).run(cluster.app) for _ in range(4)))
+            gate = cluster.directory.gates(APP, "engine-onprem")[0]
+            return cluster, exchanges, fakes["onprem-0"], gate
+
+    cluster, exchanges, engine, gate = run(main())
+    assert all(e.status == 200 and e.body.endswith(b"data: [DONE]\n\n") for e in exchanges), [
+        (e.status, e.body[-200:]) for e in exchanges]
+    assert engine.refused >= 2 and len(engine.streams) == 4  # never more than two ran at once
+    assert gate.available(gate.clock()) and cluster.scheduler.capacity["m@onprem"] == 4  # not held against it
+    queued = [float(e.response_headers["x-spillway-queue-ms"]) for e in exchanges]
+    assert sorted(queued)[-1] > 100  # the refused ones waited for the first two, in the router
+    assert cluster.all_released_once()

@@ -29,9 +29,9 @@ class AdmitStage:
         return RequestView(ctx.request_id, ctx.model, ctx.classification.data_class, affinity_key=affinity_key(ctx),
                            sequences=ctx.shape.sequences)
 
-    async def acquire(self, ctx: RequestContext, retry: bool) -> Lease:
+    async def acquire(self, ctx: RequestContext, retry: bool, arrived_at: float | None = None) -> Lease:
         """A lease for the request; ``retry`` after a failed attempt jumps the queue and may go to
-        any group residency allows."""
+        any group residency allows; ``arrived_at`` keeps a re-queued request's place."""
         exclude = frozenset()
         if ctx.headers.routing_mode == ROUTING_ONPREM_ONLY:
             exclude = frozenset(g for g, t in self._targets[ctx.model].items() if t.group.site_rank > 0)
@@ -39,7 +39,7 @@ class AdmitStage:
             try:
                 lease = await self._schedulers[ctx.model].acquire(
                     self.request_view(ctx), ctx.headers.priority, max_tokens=ctx.shape.max_tokens, retry=retry,
-                    exclude=exclude)
+                    exclude=exclude, arrived_at=arrived_at)
             except QueueTimeout as exc:
                 ctx.budget_miss = exc.budget_miss
                 raise

@@ -10,7 +10,9 @@ confidential request only ever retries on-prem). A stream's first event is read 
 the response starts, so a failure before the first token never reaches the client.
 
 Any engine answer, 4xx or 5xx, is the request's own and never counts against the engine; only a
-5xx from a dead engine fails over (the engine says so).
+5xx from a dead engine fails over (the engine says so). An engine that is full (other routers
+took its sequences since this router's last load poll) is no failure either: the request goes
+back to the queue with its original arrival time, so it keeps its place and its TTFT budget.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from serve_app.pipeline.admit import AdmitStage
 from serve_app.pipeline.context import RequestContext
 from serve_app.router.fleet import Fleet
 from serve_app.router.scheduler import ModelScheduler
-from serve_app.transport.base import EngineRequest, TransportError
+from serve_app.transport.base import EngineFull, EngineRequest, TransportError
 
 logger = logging.getLogger("spillway.dispatch")
 
 RETRY_AFTER_UNAVAILABLE_S = 5
+MAX_FULL_BOUNCES = 50  # a request turned away by full engines this often gets a 503
 
 
 class DispatchStage:
@@ -44,23 +47,33 @@ class DispatchStage:
     async def run(self, ctx: RequestContext) -> None:
         body = ctx.engine_body()
         failures: list[str] = []
-        for attempt in range(1, self._max_attempts + 1):
-            ctx.attempts = attempt
-            if ctx.lease is None:
-                if not self._schedulers[ctx.model].has_candidate(self._admit.request_view(ctx)):
-                    break
-                ctx.lease = await self._admit.acquire(ctx, retry=True)
+        bounces = 0
+        while ctx.attempts < self._max_attempts:
+            ctx.attempts += 1
             lease = ctx.lease
             target = self._fleet.targets[ctx.model][lease.group.group_id]
             trace_headers = ctx.trace.start_generation(site=lease.group.site, engine_group=lease.group.group_id,
-                                                       attempt=attempt)
-            request = EngineRequest(ctx.endpoint, body, ctx.request_id, ctx.stream, trace_headers)
+                                                       attempt=ctx.attempts)
+            request = EngineRequest(ctx.endpoint, body, ctx.request_id, ctx.stream, trace_headers, ctx.shape.sequences)
             try:
                 ctx.reply = await self._fleet.send(target, request, self._timeout_s)  # the context owns it now
                 if ctx.reply.stream is not None:
                     lease.streaming = True
                     await ctx.reply.stream.read_first()
                     ctx.summary.first_at = lease.first_token_at = time.monotonic()
+            except EngineFull:
+                # Other routers filled the group since our last load poll: nothing started, and
+                # nothing failed. Back in the queue, with its place and budget (it may spill now).
+                ctx.lease = None
+                lease.release(engine_full=True)
+                ctx.trace.end_generation(outcome="engine_full")
+                ctx.attempts -= 1
+                bounces += 1
+                if bounces > MAX_FULL_BOUNCES:
+                    break
+                ctx.lease = await self._admit.acquire(ctx, retry=False,
+                                                      arrived_at=lease.acquired_at - lease.queue_ms / 1000)
+                continue
             except TransportError as exc:
                 if ctx.reply is not None:
                     ctx.reply.close()
@@ -72,9 +85,13 @@ class DispatchStage:
                 logger.warning("request %s: %s failed before its first byte: %s", ctx.request_id,
                                lease.group.group_id, exc)
                 failures.append(f"{lease.group.site}: {exc}")
+                if ctx.attempts >= self._max_attempts or not self._schedulers[ctx.model].has_candidate(
+                        self._admit.request_view(ctx)):
+                    break
+                ctx.lease = await self._admit.acquire(ctx, retry=True)
                 continue
             ctx.trace.set_generation(replica=ctx.reply.replica, status=ctx.reply.status)
             return
         raise EngineUnavailable(
-            f"no engine could take the request for model '{ctx.model}' ({'; '.join(failures) or 'none eligible'}); "
+            f"no engine could take the request for model '{ctx.model}' ({'; '.join(failures) or 'all full'}); "
             "retry later", retry_after_s=RETRY_AFTER_UNAVAILABLE_S)

@@ -106,6 +106,9 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop pollers, close pooled engine connections, the scan helpers and the span exporter."""
+        if self._warm is not None:
+            self._warm.cancel()
+            await asyncio.gather(self._warm, return_exceptions=True)
         await self.fleet.close()
         await self.scanner.close()
         self.tracing.shutdown()

@@ -72,12 +72,13 @@ class _Helper:
         self._proc = None
 
     async def aclose(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+        async with self._lock:  # after a scan or a start under way (the warm-up) has settled
+            proc, self._proc = self._proc, None
+            if proc is None:
+                return
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
 
 
 class Scanner:

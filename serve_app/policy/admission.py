@@ -72,10 +72,12 @@ class AdmissionQueue:
     def __len__(self) -> int:
         return len(self._live)
 
-    def offer(self, request: QueuedRequest) -> Rejection | None:
+    def offer(self, request: QueuedRequest, arrived_at: float | None = None) -> Rejection | None:
+        """Queue ``request``; ``arrived_at`` (default now) is when it first arrived, so a request
+        queued again keeps its age, priority and deadline."""
         if len(self._live) >= self.params.max_queue_len:
             return Rejection("queue_full", self.retry_after_s(), 429)
-        now = self._clock()
+        now = self._clock() if arrived_at is None else arrived_at
         request.enqueued_at = now
         # Effective priority at time t: priority + (t - enqueued_at) / aging. Ordering by
         # priority - enqueued_at / aging is the same at every t.

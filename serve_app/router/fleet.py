@@ -23,8 +23,8 @@ from typing import Any, Callable
 from serve_app.config import SpillwayConfig
 from serve_app.router.placement import EngineTarget
 from serve_app.router.scheduler import ModelScheduler
-from serve_app.transport.base import EngineReply, EngineRequest
-from serve_app.transport.direct import GateDirectory, GateUnavailable
+from serve_app.transport.base import EngineFull, EngineReply, EngineRequest
+from serve_app.transport.direct import GateDirectory, GateFull, GateUnavailable
 from serve_app.transport.serve_call import ServeCallTransport
 
 logger = logging.getLogger("spillway.router.fleet")
@@ -120,14 +120,19 @@ class Fleet:
 
     async def send(self, target: EngineTarget, request: EngineRequest, timeout_s: float) -> EngineReply:
         """Raises ``TransportError`` (naming the replica when known) when the request failed before
-        anything reached the client."""
+        anything reached the client, ``EngineFull`` when every replica tried is full."""
         refused: set[str] = set()
+        full = False
         while self.directory is not None:
             gate = self.directory.pick(target.app, target.deployment, skip=frozenset(refused))
             if gate is None:
                 break
             try:
                 reply = await gate.request(target.deployment, request, timeout_s)
+            except GateFull:
+                refused.add(gate.replica)
+                full = True
+                continue
             except GateUnavailable as exc:
                 logger.info("request %s: %s refused (%s); trying another way", request.request_id, gate.replica, exc)
                 refused.add(gate.replica)
@@ -138,6 +143,8 @@ class Fleet:
                 continue
             self.directory.direct += 1
             return reply
+        if full:
+            raise EngineFull(f"{target.group.group_id}: every replica is full")
         if self.directory is not None:
             self.directory.fallback += 1
         return await self.serve_call.send(target.handle, request, timeout_s)
@@ -172,7 +179,8 @@ class Fleet:
                 reports = [r for r in reports if isinstance(r, dict)]
                 scale = 1
             else:  # no replica known yet: one replica answers through Serve; scale it to the group
-                reports = [await asyncio.wait_for(target.handle.stats.remote(), timeout=timeout_s)]
+                async with asyncio.timeout(timeout_s):
+                    reports = [await target.handle.stats.remote()]
                 scale = target.group.replicas
         except Exception:  # noqa: BLE001 - an engine that does not answer keeps its last figures
             return
@@ -192,7 +200,8 @@ class Fleet:
         """Each engine group's health and live load, for /health (one replica per group answers)."""
         async def probe(target: EngineTarget) -> dict[str, Any]:
             try:
-                stats = await asyncio.wait_for(target.handle.stats.remote(), timeout=timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    stats = await target.handle.stats.remote()
                 return {"healthy": not stats.get("engine_dead"), **stats}
             except Exception as exc:  # noqa: BLE001 - any failure means unhealthy for this probe
                 return {"healthy": False, "error": type(exc).__name__}

@@ -32,12 +32,14 @@ class Lease:
         self.budget_miss = budget_miss
         self.released = False
 
-    def release(self) -> bool:
-        """Give the sequences back (and hand them to the next queued request). True the first time."""
+    def release(self, engine_full: bool = False) -> bool:
+        """Give the sequences back (and hand them to the next queued request). True the first time.
+        ``engine_full``: the engine refused the request because other routers fill it; the group
+        counts as full until its next load report."""
         if self.released:
             return False
         self.released = True
-        self._scheduler.release(self)
+        self._scheduler.release(self, engine_full)
         return True
 
     def __repr__(self) -> str:

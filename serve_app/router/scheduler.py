@@ -41,6 +41,7 @@ SPILL_REASON_WAIT = "onprem_wait_over_budget"
 SPILL_REASON_FAILOVER = "failover"
 RETRY_PRIORITY_BOOST = 1_000
 NO_HEALTHY_RETRY_AFTER_S = 5.0
+LATE_TOLERANCE_S = 0.005  # a timer that fires this late is not a budget miss
 OUTPUT_EWMA_ALPHA = 0.1
 
 
@@ -116,6 +117,7 @@ class ModelScheduler:
         self.unbounded_tokens = float(spill.assumed_output_tokens)  # output of requests without max_tokens
         self._leases: dict[str, set[Lease]] = {g.group_id: set() for g in groups}
         self._retries = 0
+        self._room_since: float | None = None  # since when a group elsewhere has had room
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self.spilled: Counter[str] = Counter()
@@ -125,9 +127,11 @@ class ModelScheduler:
     # ---- admission -------------------------------------------------------------------------
 
     async def acquire(self, request: RequestView, priority: int = 0, *, max_tokens: int | None = None,
-                      retry: bool = False, exclude: frozenset[str] = frozenset()) -> Lease:
+                      retry: bool = False, exclude: frozenset[str] = frozenset(),
+                      arrived_at: float | None = None) -> Lease:
         """Wait for room for this request. Raises ``RateLimited`` (queue full) or ``QueueTimeout``
-        (waited too long); the edge turns them into 429 / 503."""
+        (waited too long); the edge turns them into 429 / 503. ``arrived_at``: a request queued
+        again (its engine was full) keeps its place and its budget."""
         eligible = [g.group_id for g in self.groups.values()
                     if request.data_class <= g.trusted_up_to and g.group_id not in exclude]
         if eligible and not any(self.capacity[g] > 0 for g in eligible):
@@ -138,15 +142,17 @@ class ModelScheduler:
         ticket = Ticket(request, loop.create_future(), self.expected_tokens(max_tokens),
                         pinned=not self._may_leave_preferred(request, exclude), retry=retry, exclude=exclude)
         queued = QueuedRequest(request.request_id, priority + (RETRY_PRIORITY_BOOST if retry else 0), ticket)
-        rejection = self.queue.offer(queued)
+        rejection = self.queue.offer(queued, arrived_at)
         if rejection is not None:
             raise RateLimited(f"model '{self.model}' has {len(self.queue)} requests waiting (the limit); retry later",
                               retry_after_s=rejection.retry_after_s)
         self._retries += retry
         try:
             self.pump()
-            return await asyncio.wait_for(asyncio.shield(ticket.future),
-                                          timeout=self.queue.params.max_queue_wait_ms / 1000)
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can lose a cancellation that
+            # arrives as the awaited future completes, and a client gone must cancel its request.
+            async with asyncio.timeout(self.queue.params.max_queue_wait_ms / 1000):
+                return await asyncio.shield(ticket.future)
         except asyncio.TimeoutError:
             if ticket.future.done():  # granted in the same instant
                 return ticket.future.result()
@@ -163,11 +169,14 @@ class ModelScheduler:
         finally:
             self._retries -= retry
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, engine_full: bool = False) -> None:
         """Called by ``Lease.release`` only (exactly once per lease)."""
         group_id = lease.group.group_id
         self.in_flight[group_id] -= lease.sequences
         self._leases[group_id].discard(lease)
+        if engine_full:  # what this router thought free, other routers hold: full until the next report
+            self.others_in_flight[group_id] = max(self.others_in_flight[group_id],
+                                                  self.capacity[group_id] - self.in_flight[group_id])
         self.pump()
 
     def expected_tokens(self, max_tokens: int | None) -> int:
@@ -231,10 +240,15 @@ class ModelScheduler:
             return
         now = self._clock()
         views = self._grant_preferred(now, self.views())
-        if len(self.queue) and self._room_elsewhere(views):
+        room = self._room_elsewhere(views)
+        if room and self._room_since is None:
+            self._room_since = now  # (every release and load change pumps: "now" is when it appeared)
+        if len(self.queue) and room:
             self._spill_scan(now, views)
         else:
             self._disarm()
+        if not self._room_elsewhere(self.views()):
+            self._room_since = None
 
     def _grant_preferred(self, now: float, views: list[GroupView]) -> list[GroupView]:
         preferred_free = sum(v.free for v in views if v.site_rank == 0 and v.healthy)
@@ -287,7 +301,9 @@ class ModelScheduler:
             if start > deadline or now >= deadline:
                 decision = self._place(ticket, views, allow_spill=True)
                 if decision is not None and decision.group.site_rank > 0:
-                    ticket.late = now - queued.enqueued_at > real_budget_s
+                    # Late: it waited past its budget while room elsewhere was there (since then).
+                    since = max(queued.enqueued_at + real_budget_s, self._room_since or now)
+                    ticket.late = now - since > LATE_TOLERANCE_S
                     spilled_on_prediction |= now < deadline
                     self.queue.remove(queued)
                     self._grant(queued, decision, now)

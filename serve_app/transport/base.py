@@ -21,6 +21,11 @@ from typing import Any, Callable
 EVENT_END = b"\n\n"
 
 
+class EngineFull(Exception):
+    """Every replica the request could go to answered that it is full (other routers filled it
+    since this router's last load poll). Nothing started: queue the request again."""
+
+
 class TransportError(Exception):
     """The target could not take or finish the request; nothing reached the client.
     ``replica``: the replica that failed, when known (it is then held out for a while)."""
@@ -37,6 +42,7 @@ class EngineRequest:
     request_id: str
     stream: bool
     trace_headers: dict[str, str] | None = None
+    sequences: int = 1
 
 
 @dataclass

@@ -32,6 +32,10 @@ MAX_IDLE_PER_GATE = 64
 SKIP_AFTER_REFUSAL_S = 5.0  # a replica that asked to retry elsewhere (draining) is skipped this long
 
 
+class GateFull(Exception):
+    """The replica runs ``max_num_seqs`` sequences already; nothing was started."""
+
+
 class GateUnavailable(Exception):
     """The replica refused before anything started (draining, another deployment, or nothing
     listens: ``gone``); send the request another way. Not a failure of the request."""
@@ -62,7 +66,7 @@ class Gate:
         """Send one request. Raises ``GateUnavailable`` when nothing was started, ``TransportError``
         when the replica failed to accept it within ``timeout_s`` or broke before answering."""
         meta = {"deployment": deployment, "endpoint": request.endpoint, "request_id": request.request_id,
-                "trace_headers": request.trace_headers}
+                "trace_headers": request.trace_headers, "sequences": request.sequences}
         frame = wire.pack(wire.KIND_REQUEST, self.secret, wire.request_payload(meta, request.body))
         self.in_flight += 1
         try:
@@ -70,6 +74,9 @@ class Gate:
         except BaseException:
             self.in_flight -= 1
             raise
+        if header.get("full"):
+            self._done(reader, writer, True)
+            raise GateFull(f"{self.replica} is full")
         try:
             if header.get("accepted"):
                 header = await self._result_header(reader)  # generation: bounded by the client, not a timeout
@@ -78,7 +85,8 @@ class Gate:
                 # Failures are held against this gate's replica (its key in the shared list).
                 return EngineReply(status, replica, stream=EngineStream(
                     reader, writer, self.replica, release=lambda reusable: self._done(reader, writer, reusable)))
-            body = await asyncio.wait_for(reader.readexactly(int(header["length"])), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                body = await reader.readexactly(int(header["length"]))
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, KeyError) as exc:
             self._done(reader, writer, False)
             raise TransportError(f"{self.host}:{self.port}: broke before answering: {exc!r}", self.replica) from exc
@@ -92,7 +100,8 @@ class Gate:
         """The replica's live load, over a pooled connection."""
         reader, writer, header = await self._send(wire.pack(wire.KIND_STATS, self.secret), timeout_s)
         try:
-            data = await asyncio.wait_for(reader.readexactly(int(header["length"])), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                data = await reader.readexactly(int(header["length"]))
         except BaseException:
             writer.close()
             raise
@@ -114,13 +123,14 @@ class Gate:
                 reader, writer = pooled
             else:
                 try:
-                    reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
-                                                            timeout=min(timeout_s, CONNECT_TIMEOUT_S))
+                    async with asyncio.timeout(min(timeout_s, CONNECT_TIMEOUT_S)):
+                        reader, writer = await asyncio.open_connection(self.host, self.port)
                 except (OSError, asyncio.TimeoutError) as exc:
                     raise GateUnavailable(f"{self.host}:{self.port}: {exc!r}", gone=True) from exc
             try:
                 writer.write(frame)
-                line = await asyncio.wait_for(reader.readline(), timeout=timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    line = await reader.readline()
             except asyncio.TimeoutError as exc:
                 writer.close()
                 raise TransportError(f"{self.host}:{self.port}: no answer within {timeout_s:.0f}s", self.replica) from exc

@@ -30,7 +30,8 @@ class ServeCallTransport:
         call = handle.options(stream=True).open.remote(request.endpoint, request.body, request.request_id,
                                                         request.trace_headers)
         try:
-            reply = await asyncio.wait_for(call.__anext__(), timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                reply = await call.__anext__()
             if reply.get("accepted"):
                 reply = await call.__anext__()  # generation: bounded by the client, not a timeout
         except _call_failures() as exc:
@@ -53,8 +54,8 @@ class ServeCallTransport:
         try:
             if secret is None:
                 raise TransportError("the cluster's secret is not known yet", reply["replica"])
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(reply["host"], reply["port"]),
-                                                    timeout=CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(reply["host"], reply["port"])
         except (OSError, asyncio.TimeoutError) as exc:
             call.cancel()  # the engine closes the parked stream when its call is cancelled
             raise TransportError(f"could not claim the stream: {exc!r}", reply["replica"]) from exc

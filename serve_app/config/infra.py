@@ -1,0 +1,166 @@
+"""What surrounds the router: tracing, the HTTP ingress, the engines' port, the local cluster."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from serve_app.config.base import Strict
+
+
+TracingExporter = Literal["none", "console", "otlp-http", "otlp-grpc", "memory"]
+
+
+class TracingConfig(Strict):
+    """OpenTelemetry traces: one span tree per request (router, classification, admission,
+    generation), joined by vLLM's own spans when the exporter is OTLP."""
+
+    exporter: TracingExporter = Field(
+        default="none",
+        description="'otlp-http' / 'otlp-grpc' send to `endpoint`; 'console' prints spans to the replica log; "
+        "'memory' keeps the last spans in the router (served at /v1/spillway/debug/spans, for tests); 'none' is off.",
+    )
+    endpoint: str | None = Field(
+        default=None, description="OTLP collector, e.g. http://otel-collector:4318/v1/traces (http) or host:4317 (grpc)."
+    )
+    sample_ratio: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="Share of traces sampled at the router (parent-based: a sampled incoming traceparent is kept). "
+        "Set explicitly; Ray Serve's own default would be 1%.",
+    )
+    record_content: bool = Field(
+        default=False, description="Put prompt (and non-streamed completion) text on spans. Off: spans carry no text."
+    )
+    engine_spans: bool = Field(
+        default=True, description="vLLM exports its own request spans into the same trace (needs an OTLP endpoint)."
+    )
+    engine_endpoint: str | None = Field(
+        default=None, description="OTLP endpoint for vLLM's spans; default: `endpoint` when the exporter is OTLP.",
+    )
+    engine_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        default=None, description="Protocol of `engine_endpoint`; default: the exporter's (grpc unless otlp-http).",
+    )
+    export_interval_ms: int = Field(default=1000, gt=0, description="How often batched spans are exported.")
+    service_name: str = Field(default="spillway", description="OpenTelemetry service.name of router spans.")
+
+    @model_validator(mode="after")
+    def _endpoint_for_otlp(self) -> "TracingConfig":
+        if self.exporter.startswith("otlp") and not self.endpoint:
+            raise ValueError(f"tracing.exporter {self.exporter!r} needs tracing.endpoint")
+        return self
+
+    @property
+    def engine_otlp_endpoint(self) -> str | None:
+        if not self.engine_spans:
+            return None
+        if self.engine_endpoint:
+            return self.engine_endpoint
+        return self.endpoint if self.exporter.startswith("otlp") else None
+
+    @property
+    def engine_otlp_protocol(self) -> str:
+        if self.engine_protocol:
+            return self.engine_protocol
+        return "http/protobuf" if self.exporter == "otlp-http" else "grpc"
+
+
+IngressKind = Literal["haproxy", "direct", "proxy"]
+
+
+class HttpConfig(Strict):
+    host: str = Field(default="127.0.0.1", description="Address clients connect to.")
+    port: int = Field(default=8000, gt=0, lt=65536, description="Port clients connect to.")
+    ingress: IngressKind = Field(
+        default="haproxy",
+        description="haproxy: Ray Serve's HAProxy listens on `port` and balances over the router replicas, which "
+        "serve HTTP themselves (direct ingress): no Python proxy touches a token, and any number of routers share "
+        "one port. direct: router replicas listen themselves, the first on `port` (one port per replica; put a "
+        "balancer in front of several). proxy: Ray Serve's Python proxy (one more process on every token). Every "
+        "Ray node needs the environment `ingress_env` gives; `spillway up --local` sets it.",
+    )
+    router_port_base: int | None = Field(
+        default=None, gt=0, lt=65536,
+        description="haproxy: first port of the router replicas' range (default port + 100).",
+    )
+    fallback_proxy_port: int | None = Field(
+        default=None, gt=0, lt=65536,
+        description="haproxy: Serve's head-node proxy, HAProxy's backup when no router is up (default port + 150).",
+    )
+    haproxy_metrics_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="haproxy: HAProxy's Prometheus port (default port + 151).")
+    haproxy_stats_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="haproxy: HAProxy's stats page port (default port + 152).")
+
+    def router_ports(self, router_replicas: int) -> range:
+        """Where router replicas listen (direct and haproxy ingress)."""
+        first = self.port if self.ingress == "direct" else (self.router_port_base or self.port + 100)
+        return range(first, first + router_replicas + 8)
+
+    def extra_ports(self, router_replicas: int) -> dict[str, int]:
+        """Every port the ingress takes besides `port`, by name (for clash checks)."""
+        if self.ingress == "proxy":
+            return {}
+        ports = self.router_ports(router_replicas)
+        if self.ingress == "direct":  # the routers' range starts at `port` itself
+            return {"http.router_ports (last)": ports[-1], "http.proxy_port": self.proxy_port(router_replicas)}
+        return {"http.router_ports (first)": ports[0], "http.router_ports (last)": ports[-1],
+                "http.fallback_proxy_port": self.fallback_proxy_port or self.port + 150,
+                "http.haproxy_metrics_port": self.haproxy_metrics_port or self.port + 151,
+                "http.haproxy_stats_port": self.haproxy_stats_port or self.port + 152}
+
+    def ingress_env(self, router_replicas: int) -> dict[str, str]:
+        """Environment every Ray node needs for this ingress (empty for the Python proxy)."""
+        if self.ingress == "proxy":
+            return {}
+        ports = self.router_ports(router_replicas)
+        env = {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports[0]),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ports[-1]),
+        }
+        if self.ingress == "haproxy":
+            extra = self.extra_ports(router_replicas)
+            env.update({
+                "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(extra["http.fallback_proxy_port"]),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(extra["http.haproxy_metrics_port"]),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(extra["http.haproxy_stats_port"]),
+            })
+        return env
+
+    def proxy_port(self, router_replicas: int) -> int:
+        """The port of Serve's own proxy (HAProxy takes `port` itself in haproxy mode). With direct
+        ingress Serve still starts a head-node proxy: it gets the port after the routers' range."""
+        if self.ingress == "direct":
+            return self.router_ports(router_replicas)[-1] + 1
+        return self.port
+
+
+class EnginePortConfig(Strict):
+    """The engine replicas' direct port (deployments/stream_server.py), which routers call."""
+
+    max_frame_bytes: int = Field(
+        default=8 << 20, gt=0, description="Largest request frame accepted; must hold router.max_body_bytes.")
+    max_connections: int = Field(default=1024, gt=0, description="Connections served at once; more are closed.")
+    idle_timeout_s: float = Field(default=60.0, gt=0, description="A connection idle this long between frames is closed.")
+    read_timeout_s: float = Field(default=10.0, gt=0, description="A frame's payload must arrive within this.")
+
+
+class LocalNodeConfig(Strict):
+    site: str = Field(description="Site this local Ray node stands in for.")
+    num_cpus: int = Field(gt=0, description="Logical CPUs the node declares to Ray (may exceed real cores).")
+    memory_gib: float | None = Field(default=None, gt=0, description="Memory the node declares to Ray.")
+
+
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default --min/max-worker-port
+FRAME_OVERHEAD_BYTES = 64 << 10
+
+
+class LocalClusterConfig(Strict):
+    nodes: list[LocalNodeConfig] = Field(description="Ray nodes started on this machine, the first is the head.")
+    dashboard_port: int = Field(default=8265, gt=0, lt=65536)
+    ray_port: int = Field(default=6379, gt=0, lt=65536)
+    metrics_export_port: int = Field(
+        default=8090, gt=0, lt=65500, description="Prometheus port of the first node; node i uses this + i."
+    )
