@@ -107,7 +107,9 @@ class FakeEngine:
 
     async def _generate(self, fields, request_id):
         await asyncio.sleep(self.generate_s)
-        return 200, json.dumps({"id": request_id, "echo": fields.get("messages")}).encode(), False
+        answer = {"id": request_id, "echo": fields.get("messages"), "text": "réponse ✓",
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+        return 200, json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode(), False
 
 
 async def serve(engine, deployment=DEPLOYMENT, limits=PortLimits(), engine_dead=lambda: False) -> StreamServer:
@@ -248,7 +250,7 @@ def test_bodies_streams_and_load_reports_share_one_pooled_connection():
         return first, received, ctx, stats, third, connection, pooled, gate, engine
 
     first, received, ctx, stats, third, connection, pooled, gate, engine = run(main())
-    assert (first.status, first.replica, json.loads(first.body)) == (200, "r-1", {"id": "a", "echo": ["hi"]})
+    assert (first.status, first.replica, json.loads(first.body)["echo"]) == (200, "r-1", ["hi"])
     assert received == ("".join(token_event(i) for i in range(3)) + DONE).encode()
     assert ctx.summary.usage == (7, 3) and not ctx.summary.failed and ctx.outcome == "ok"
     assert stats == {"sequences": 2}
@@ -639,3 +641,14 @@ def test_engine_counts_a_stream_once_and_tells_finished_from_cancelled():
         return closes
 
     assert asyncio.run(main()) == [True, False, False, False]
+
+
+def test_usage_is_read_after_non_ascii_text_and_with_any_spacing():
+    from serve_app.pipeline.relay import usage_of
+
+    body = json.dumps({"choices": [{"message": {"content": "é€😀" * 50}}],
+                       "usage": {"prompt_tokens": 21, "completion_tokens": 4}}, ensure_ascii=False).encode()
+    assert usage_of(body) == (21, 4)  # a byte offset used on the decoded text missed it
+    assert usage_of(b'{"usage" :{"prompt_tokens":1}}') is None  # (not the key vLLM writes)
+    assert usage_of(b'{"usage":  {"prompt_tokens": 2, "completion_tokens": 3}}') == (2, 3)
+    assert usage_of(b'{"usage":null}') is None and usage_of(None) is None

@@ -228,6 +228,8 @@ def test_streamed_and_plain_answers_release_their_lease_exactly_once():
     assert plain.status == 200 and json.loads(plain.body)["echo"] == [{"role": "user", "content": "hi"}]
     assert len(cluster.releases) == 2 and cluster.all_released_once()
     assert cluster.metrics.count("finished") == 2 and cluster.metrics.count("admitted") == 2
+    usages = [call[5] for call in cluster.metrics.calls if call[0] == "served"]
+    assert usages == [(7, 3), (5, 2)]  # both answers report their tokens (metrics, cost, the predictor)
 
 
 def test_a_client_gone_before_the_stream_body_ever_ran_frees_everything():

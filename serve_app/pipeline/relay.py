@@ -37,8 +37,9 @@ def usage_of(payload: bytes | None) -> tuple[int, int] | None:
     at = payload.rfind(USAGE_KEY)
     if at < 0:
         return None
+    tail = payload[at + len(USAGE_KEY):].decode("utf-8", "replace").lstrip()  # a byte offset: slice, then decode
     try:
-        usage, _ = _JSON.raw_decode(payload.decode("utf-8", "replace"), at + len(USAGE_KEY))
+        usage, _ = _JSON.raw_decode(tail)
     except ValueError:
         return None
     if not isinstance(usage, dict):
