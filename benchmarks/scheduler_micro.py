@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from serve_app.policy.admission import AdmissionParams  # noqa: E402
 from serve_app.policy.classify import DataClass  # noqa: E402
-from serve_app.policy.pipeline import PlacementPipeline, RequestView, SpillParams  # noqa: E402
+from serve_app.policy.placement import PlacementPipeline, RequestView  # noqa: E402
+from serve_app.policy.spill import SpillParams  # noqa: E402
 from serve_app.router.scheduler import EngineGroup, ModelScheduler  # noqa: E402
 
 SLOTS_PER_REPLICA = 32
@@ -42,14 +43,14 @@ def make_scheduler(groups: int, replicas: int) -> ModelScheduler:
         onprem = i % 3 == 0
         engine_groups.append(EngineGroup(
             f"m@g{i}", "m", "onprem" if onprem else "cloud", 0 if onprem else 1,
-            DataClass.restricted if onprem else DataClass.internal, SLOTS_PER_REPLICA * per_group,
+            DataClass.restricted if onprem else DataClass.internal, per_group, SLOTS_PER_REPLICA,
             0.0 if onprem else 0.5,
         ))
     scheduler = ModelScheduler("m", engine_groups, PlacementPipeline.from_names(),
                                AdmissionParams(max_queue_len=10_000, max_queue_wait_ms=60_000),
                                SpillParams(spill_after_ms=1_000, close_ratio=0.5, min_hold_ms=1_000))
-    for group in engine_groups:  # half the fleet's slots are taken by other routers
-        scheduler.observe_engine_load(group.group_id, group.slots // 2)
+    for group in engine_groups:  # half the fleet's sequences are taken by other routers
+        scheduler.observe_engine_load(group.group_id, group.capacity // 2)
     return scheduler
 
 
@@ -61,8 +62,8 @@ async def measure(groups: int, replicas: int, decisions: int) -> list[float]:
     for _ in range(max(1, decisions // BATCH)):
         started = time.perf_counter()
         for request in requests:
-            slot = await scheduler.acquire(request)
-            scheduler.release(slot)
+            lease = await scheduler.acquire(request, max_tokens=64)
+            lease.release()
         per_decision_us.append((time.perf_counter() - started) * 1e6 / BATCH)
     return per_decision_us
 

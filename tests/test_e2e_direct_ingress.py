@@ -1,4 +1,4 @@
-"""End to end: `http.direct_ingress: true` on its own small cluster. The router replica itself
+"""End to end: `http.ingress: direct` on its own small cluster. The router replica itself
 listens on http.port (Serve's head proxy is moved past the routers' port range), so clients reach
 the router with no proxy hop; streams, non-streamed answers and errors behave as through the proxy."""
 

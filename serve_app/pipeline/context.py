@@ -111,6 +111,12 @@ class RequestContext:
         """Register something to give back when the request ends (run in reverse order)."""
         self._closers.append(closer)
 
+    def engine_done(self) -> None:
+        """The engine is done with the request: its sequences go to the next request now, before
+        the answer has been written out. (``close`` would give them back in any case, once.)"""
+        if self.lease is not None:
+            self.lease.release()
+
     def finish(self, status: int, outcome: str) -> None:
         if not self.outcome:
             self.status, self.outcome = status, outcome

@@ -156,8 +156,7 @@ class Gateway:
             headers[HEADER_VARIANT] = ctx.model
         if reply.stream is None:
             ctx.summary.first_at = time.monotonic()
-            if lease is not None:
-                lease.release()  # the engine is done: its sequences go to the next request now
+            ctx.engine_done()
             ctx.finish(reply.status, OUTCOME_OK if reply.status == 200 else f"http_{reply.status}")
             return Response(reply.body, status_code=reply.status, media_type="application/json", headers=headers)
         return StreamingResponse(relay(ctx), media_type=SSE_MEDIA_TYPE, headers=headers)

@@ -89,8 +89,7 @@ async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
         raise
     finally:
         stream.close(reusable=done_seen and not pending and not summary.failed)
-        if lease is not None:
-            lease.release()  # the engine is done with it: the next queued request goes now
+        ctx.engine_done()
         ctx.finish(200, OUTCOME_STREAM_FAILED if summary.failed else OUTCOME_OK)
 
 

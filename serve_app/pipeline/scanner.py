@@ -39,11 +39,14 @@ class _Helper:
     def __init__(self, spec_frame: bytes):
         self._spec_frame = spec_frame
         self._proc: asyncio.subprocess.Process | None = None
+        self._killed: list[asyncio.subprocess.Process] = []  # reaped at close
         self._lock = asyncio.Lock()
         self.waiting = 0
 
     async def _ensure(self) -> asyncio.subprocess.Process:
-        if self._proc is None or self._proc.returncode is not None:
+        if self._proc is not None and self._proc.returncode is not None:
+            self.kill()  # it died on its own: reaped at close like a killed one
+        if self._proc is None:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "serve_app.pipeline.scan_worker",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 16)
@@ -67,18 +70,17 @@ class _Helper:
             self.waiting -= 1
 
     def kill(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.kill()
+        if self._proc is not None:
+            if self._proc.returncode is None:
+                self._proc.kill()
+            self._killed.append(self._proc)
         self._proc = None
 
     async def aclose(self) -> None:
         async with self._lock:  # after a scan or a start under way (the warm-up) has settled
-            proc, self._proc = self._proc, None
-            if proc is None:
-                return
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+            self.kill()
+            killed, self._killed = self._killed, []
+            await asyncio.gather(*(proc.wait() for proc in killed))
 
 
 class Scanner:

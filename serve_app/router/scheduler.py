@@ -237,6 +237,7 @@ class ModelScheduler:
         would miss its budget there, then arm a timer for the next deadline."""
         if not len(self.queue):
             self._disarm()
+            self._room_since = None  # no one waits: whatever room there is, nobody missed it
             return
         now = self._clock()
         views = self._grant_preferred(now, self.views())
@@ -244,10 +245,10 @@ class ModelScheduler:
         if room and self._room_since is None:
             self._room_since = now  # (every release and load change pumps: "now" is when it appeared)
         if len(self.queue) and room:
-            self._spill_scan(now, views)
+            room = self._spill_scan(now, views)
         else:
             self._disarm()
-        if not self._room_elsewhere(self.views()):
+        if not room:
             self._room_since = None
 
     def _grant_preferred(self, now: float, views: list[GroupView]) -> list[GroupView]:
@@ -278,7 +279,8 @@ class ModelScheduler:
                 views = self.views()
         return views
 
-    def _spill_scan(self, now: float, views: list[GroupView]) -> None:
+    def _spill_scan(self, now: float, views: list[GroupView]) -> bool:
+        """Spill what would miss its deadline on the preferred site; whether room elsewhere is left."""
         preferred = [g for g in self.groups.values() if g.site_rank == 0 and self.capacity[g.group_id] > 0]
         speed = self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
         simulation = self.predictor.simulate(now, self._free_at(now, preferred))
@@ -315,10 +317,12 @@ class ModelScheduler:
                 next_deadline = min(next_deadline, deadline)
             simulation.take(sequences, service_ms)
         self.gate.update(spilled_on_prediction, pressure)
-        if self._room_elsewhere(views) and next_deadline < float("inf"):
+        room = self._room_elsewhere(views)
+        if room and next_deadline < float("inf"):
             self._arm(next_deadline)
         else:
             self._disarm()
+        return room
 
     def _free_at(self, now: float, groups: list[EngineGroup]) -> list[float]:
         """When each sequence of ``groups`` frees: our leases from their progress, other routers'
