@@ -144,16 +144,16 @@ class Spillway(Target):
         from serve_app.ops.deploy import deploy
         from serve_app.ops.local_cluster import LocalCluster
 
+        import ray
+
         config = self.config()
         self.cluster = LocalCluster(config, state_file=RESULTS / f"peers-{self.name}-cluster.json")
         self.cluster.start(log=lambda *a: None)
         deploy(config, self.cluster.address, log=lambda *a: None)
+        ray.shutdown()  # the next Spillway variant deploys onto a cluster of its own
 
     def stop(self) -> None:
         if self.cluster is not None:
-            import ray
-
-            ray.shutdown()
             self.cluster.stop(log=lambda *a: None)
 
 
@@ -421,8 +421,8 @@ def main() -> None:
         if not args.no_start:
             for target in targets.values():
                 print(f"starting {target.name} on {target.url} ...", flush=True)
+                started.append(target)  # stopped in any case, also when its start fails half-way
                 target.start(model_path)
-                started.append(target)
                 # One at a time: engines loading side by side on 2 cores would slow each other down.
                 asyncio.run(wait_ready(target.url, START_TIMEOUT_S, getattr(target, "proc", None)))
                 print(f"  {target.name} ready", flush=True)
