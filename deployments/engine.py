@@ -167,6 +167,10 @@ class EngineServer:
         self._sequences = 0
         self._aborted = 0
         self._refused_full = 0
+        # Bumped whenever sequences free up; routers wait on it (``released_since``) to hear of
+        # other routers' releases at once instead of at their next poll.
+        self.releases = 0
+        self._released: asyncio.Future | None = None
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -209,6 +213,7 @@ class EngineServer:
             # Streams closed before their end (client or router gone, or a failure): vLLM aborted them.
             "aborted_streams": self._aborted,
             "refused_full": self._refused_full,
+            "releases": self.releases,
             "kv_cache_usage": self.load.kv_cache_usage,
             "itl_ms": self.load.itl_ms,
             "ttft_ms": self.load.ttft_ms,
@@ -290,6 +295,23 @@ class EngineServer:
         self._in_flight -= 1
         self._sequences -= sequences
         self._aborted += int(aborted)
+        self.releases += 1
+        if self._released is not None and not self._released.done():
+            self._released.set_result(None)
+        self._released = None
+
+    async def released_since(self, after: int, wait_s: float) -> None:
+        """Return once sequences were released since the ``releases`` count ``after``, or after
+        ``wait_s`` (on the event loop that runs requests; waiters share one future)."""
+        if self.releases != after or wait_s <= 0:
+            return
+        if self._released is None:
+            self._released = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(self._released)
+        except TimeoutError:
+            pass
 
     async def _create(self, create, request, trace_headers):
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response

@@ -55,7 +55,7 @@ class EngineReplica:
             secret_bytes(await self._kv_call(cluster_secret)),
             PortLimits(port.max_frame_bytes, port.max_connections, port.idle_timeout_s, port.read_timeout_s),
             deployment=context.deployment, handler=self._server.open, stats=self.report,
-            engine_dead=lambda: self._server.engine_dead,
+            engine_dead=lambda: self._server.engine_dead, wait_release=self._server.released_since,
         )
         await self._port.start(ray.util.get_node_ip_address())
         gate = (context.app_name, context.deployment, replica_id, self._port.host, self._port.port)

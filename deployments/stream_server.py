@@ -48,6 +48,7 @@ logger = logging.getLogger("spillway.engine.port")
 
 TOKEN_BYTES = 16
 CLAIM_TIMEOUT_S = 30.0
+MAX_STATS_WAIT_S = 5.0  # a router's load watch is answered within this, released or not
 DONE_EVENT = b"data: [DONE]\n\n"
 ERROR_EVENT_PREFIX = b'data: {"error"'
 
@@ -84,7 +85,8 @@ async def _next_event(events: AsyncIterator[str]) -> str | None:
 class StreamServer:
     def __init__(self, secret: bytes, limits: PortLimits = PortLimits(), deployment: str | None = None,
                  handler: RequestHandler | None = None, stats: Callable[[], dict] | None = None,
-                 engine_dead: Callable[[], bool] = lambda: False, claim_timeout_s: float = CLAIM_TIMEOUT_S):
+                 engine_dead: Callable[[], bool] = lambda: False, claim_timeout_s: float = CLAIM_TIMEOUT_S,
+                 wait_release: Callable[[int, float], Awaitable[None]] | None = None):
         self._secret = secret
         self._limits = limits
         self._deployment = deployment
@@ -92,6 +94,7 @@ class StreamServer:
         self._stats = stats
         self._engine_dead = engine_dead
         self._claim_timeout_s = claim_timeout_s
+        self._wait_release = wait_release
         self._parked: dict[str, _Parked] = {}
         self._server: asyncio.base_events.Server | None = None
         self._connections = 0
@@ -197,6 +200,7 @@ class StreamServer:
             self.refused["idle"] += 1
             return False
         if kind == wire.KIND_STATS:
+            await self._wait_for_release(payload)
             stats = json.dumps(self._stats() if self._stats else {}).encode()
             writer.write(wire.header_line(length=len(stats)) + stats)
             await writer.drain()
@@ -205,6 +209,20 @@ class StreamServer:
             await self._serve_claim(payload, writer)
             return False
         return await self._serve_request(payload, reader, writer)
+
+    async def _wait_for_release(self, payload: bytes) -> None:
+        """A stats frame may ask to wait: ``{"after": releases, "wait_ms": ms}`` is answered once
+        sequences were released since ``after``, or after ``wait_ms`` (at most ``MAX_STATS_WAIT_S``).
+        An empty or unreadable payload is answered at once."""
+        if not payload or len(payload) > 256 or self._wait_release is None:
+            return
+        try:
+            ask = json.loads(payload)
+            after, wait_s = int(ask["after"]), float(ask["wait_ms"]) / 1000
+        except (ValueError, TypeError, KeyError, OverflowError):
+            return
+        if wait_s == wait_s:  # not NaN
+            await self._wait_release(after, min(max(wait_s, 0.0), MAX_STATS_WAIT_S))
 
     async def _serve_claim(self, payload: bytes, writer: asyncio.StreamWriter) -> None:
         parked = self._parked.pop(payload.decode("ascii", "replace"), None)

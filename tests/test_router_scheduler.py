@@ -263,6 +263,28 @@ def test_queue_bounds_give_429_and_503_with_retry_after():
     asyncio.run(main())
 
 
+def test_a_request_queued_again_waits_no_longer_in_all_than_the_queue_allows():
+    """A request an engine turned away as full is queued again with its arrival time; its wait is
+    bounded from that first arrival, however often it bounces."""
+    async def main():
+        clock = FakeClock()
+        sched = make_scheduler(clock, onprem=1, cloud=0, max_wait_ms=60_000)
+        await sched.acquire(req(0))
+        arrived = clock.now - 59.999  # it has waited almost the whole minute before it bounced
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(QueueTimeout):
+            await sched.acquire(req(1), arrived_at=arrived)
+        late_s = asyncio.get_running_loop().time() - started
+        clock.now += 0.001
+        fresh = asyncio.create_task(sched.acquire(req(2)))  # a new arrival still gets the whole minute
+        await settle()
+        still_waiting = not fresh.done()
+        fresh.cancel()
+        return late_s, still_waiting
+
+    late_s, still_waiting = asyncio.run(main())
+    assert late_s < 5 and still_waiting
+
 def test_a_group_with_no_healthy_replica_takes_nothing_and_retries_go_elsewhere_within_residency():
     async def main():
         sched = make_scheduler(FakeClock())

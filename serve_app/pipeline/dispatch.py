@@ -30,7 +30,9 @@ from serve_app.transport.base import EngineFull, EngineRequest, TransportError
 logger = logging.getLogger("spillway.dispatch")
 
 RETRY_AFTER_UNAVAILABLE_S = 5
-MAX_FULL_BOUNCES = 50  # a request turned away by full engines this often gets a 503
+# A loop guard: a request turned away by full engines this often gets a 503. What bounds its wait
+# is the queue's max_wait_ms, counted from its first arrival however often it is queued again.
+MAX_FULL_BOUNCES = 1000
 
 
 class DispatchStage:

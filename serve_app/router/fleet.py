@@ -7,8 +7,9 @@
   that names no replica (a Serve call that broke before answering) holds the whole group out.
 - Capacity: a group runs ``max_num_seqs`` sequences per available replica; the schedulers get it
   whenever it changes (discovery, a cooldown starting or ending).
-- Load: every ``load_poll_interval_ms`` each known replica reports its sequences in flight (all
-  routers'), KV-cache use and step times over its port; the schedulers fold them in.
+- Load: each known replica reports its sequences in flight (all routers'), KV-cache use and step
+  times over its port, at once when sequences were released (a load watch) and at the latest
+  every ``load_poll_interval_ms``; the schedulers fold them in.
 - ``send`` dispatches one request: straight to the least loaded available replica, or through
   one Serve call when the router knows none (or all of them refused).
 """
@@ -30,6 +31,7 @@ from serve_app.transport.serve_call import ServeCallTransport
 logger = logging.getLogger("spillway.router.fleet")
 
 DISCOVERY_INTERVAL_S = 2.0
+MIN_REPORT_GAP_S = 0.01  # a replica's load watch reports at most this often to one router
 
 
 class Fleet:
@@ -52,6 +54,9 @@ class Fleet:
         self._group_down_until: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
+        # Load watches per group, one per known replica, and each replica's latest report.
+        self._watches: dict[str, dict[tuple, asyncio.Task]] = {}
+        self._reports: dict[str, dict[tuple, dict]] = {}
 
     def _all_targets(self) -> list[EngineTarget]:
         return [t for by_group in self.targets.values() for t in by_group.values()]
@@ -70,10 +75,11 @@ class Fleet:
             self._tasks.append(loop.create_task(self._discover()))
 
     async def close(self) -> None:
-        for task in [*self._tasks, *self._background]:
+        watches = [task for by_key in self._watches.values() for task in by_key.values()]
+        for task in [*self._tasks, *self._background, *watches]:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
-        self._tasks, self._background = [], set()
+        await asyncio.gather(*self._tasks, *self._background, *watches, return_exceptions=True)
+        self._tasks, self._background, self._watches = [], set(), {}
         if self.directory is not None:
             self.directory.close()
 
@@ -161,31 +167,79 @@ class Fleet:
             await asyncio.sleep(DISCOVERY_INTERVAL_S)
 
     async def _poll_load(self) -> None:
+        """Keep a load watch on every known replica (``_watch``); poll through Serve the groups
+        whose replicas this router does not know yet."""
         interval_s = self._config.router.load_poll_interval_ms / 1000
         timeout_s = max(1.0, 4 * interval_s)
         while True:
-            await asyncio.gather(*(self._poll_group(model_id, target, timeout_s)
-                                   for model_id, by_group in self.targets.items() for target in by_group.values()))
+            unwatched = self._reconcile_watches(interval_s, timeout_s)
+            await asyncio.gather(*(self._poll_group(model_id, target, timeout_s) for model_id, target in unwatched))
             if self._metrics is not None:
                 for model_id, scheduler in self._schedulers.items():
                     self._metrics.queue(model_id, len(scheduler.queue))
             await asyncio.sleep(interval_s)
 
+    def _reconcile_watches(self, interval_s: float, timeout_s: float) -> list[tuple[str, EngineTarget]]:
+        """One watch task per known replica: start the missing ones, stop those of replicas that
+        left (and forget their figures). Returns the groups with no replica known."""
+        unwatched = []
+        for model_id, by_group in self.targets.items():
+            for target in by_group.values():
+                group_id = target.group.group_id
+                gates = (self.directory.gates(target.app, target.deployment)
+                         if self.directory is not None and self.directory.secret is not None else [])
+                if not gates:
+                    unwatched.append((model_id, target))
+                watches = self._watches.setdefault(group_id, {})
+                reports = self._reports.setdefault(group_id, {})
+                live = {(g.replica, g.host, g.port): g for g in gates}
+                for key in [k for k in watches if k not in live]:
+                    watches.pop(key).cancel()
+                    if reports.pop(key, None) is not None and reports:
+                        self._apply(model_id, target, list(reports.values()))
+                for key, gate in live.items():
+                    if key not in watches or watches[key].done():
+                        watches[key] = asyncio.get_running_loop().create_task(
+                            self._watch(model_id, target, gate, key, interval_s, timeout_s))
+        return unwatched
+
+    async def _watch(self, model_id: str, target: EngineTarget, gate, key: tuple, interval_s: float,
+                     timeout_s: float) -> None:
+        """One replica's load, as soon as it changes: the engine answers a watch once sequences
+        were released since the ``releases`` count of its last report (another router's request
+        ended), and at the latest after ``interval_s``. A router that waits for room hears of
+        other routers' releases at once, not at its next poll; at most one report per
+        ``MIN_REPORT_GAP_S`` per replica."""
+        reports = self._reports.setdefault(target.group.group_id, {})
+        after: int | None = None
+        while True:
+            asked_at = time.monotonic()
+            try:
+                report = await gate.stats(timeout_s, after=after, wait_s=interval_s if after is not None else 0.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - an engine that does not answer keeps its last figures
+                after = None
+                await asyncio.sleep(interval_s)
+                continue
+            reports[key] = report
+            self._apply(model_id, target, list(reports.values()))
+            releases = report.get("releases")
+            # An engine that cannot wait (no count, or the same count at once) is polled instead.
+            waited = after is not None and releases == after and time.monotonic() - asked_at < interval_s / 2
+            after = releases if isinstance(releases, int) else None
+            await asyncio.sleep(interval_s if after is None or waited else MIN_REPORT_GAP_S)
+
     async def _poll_group(self, model_id: str, target: EngineTarget, timeout_s: float) -> None:
-        gates = self.directory.gates(target.app, target.deployment) if self.directory is not None else []
+        """No replica of the group is known: one replica answers through Serve, scaled to the group."""
         try:
-            if gates and self.directory.secret is not None:
-                reports = await asyncio.gather(*(g.stats(timeout_s) for g in gates), return_exceptions=True)
-                reports = [r for r in reports if isinstance(r, dict)]
-                scale = 1
-            else:  # no replica known yet: one replica answers through Serve; scale it to the group
-                async with asyncio.timeout(timeout_s):
-                    reports = [await target.handle.stats.remote()]
-                scale = target.group.replicas
+            async with asyncio.timeout(timeout_s):
+                report = await target.handle.stats.remote()
         except Exception:  # noqa: BLE001 - an engine that does not answer keeps its last figures
             return
-        if not reports:
-            return
+        self._apply(model_id, target, [report], scale=target.group.replicas)
+
+    def _apply(self, model_id: str, target: EngineTarget, reports: list[dict], scale: int = 1) -> None:
         sequences = scale * sum(int(r.get("sequences", r.get("in_flight", 0))) for r in reports)
         kv = max(float(r.get("kv_cache_usage", 0.0)) for r in reports)
         itl = _mean(r.get("itl_ms") for r in reports)

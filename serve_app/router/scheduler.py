@@ -151,7 +151,9 @@ class ModelScheduler:
             self.pump()
             # asyncio.timeout, not wait_for: in Python 3.11 wait_for can lose a cancellation that
             # arrives as the awaited future completes, and a client gone must cancel its request.
-            async with asyncio.timeout(self.queue.params.max_queue_wait_ms / 1000):
+            # A request queued again (its engine was full) waits no longer in all than one queued once.
+            waited_s = 0.0 if arrived_at is None else max(0.0, self._clock() - arrived_at)
+            async with asyncio.timeout(max(0.0, self.queue.params.max_queue_wait_ms / 1000 - waited_s)):
                 return await asyncio.shield(ticket.future)
         except asyncio.TimeoutError:
             if ticket.future.done():  # granted in the same instant

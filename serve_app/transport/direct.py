@@ -96,9 +96,12 @@ class Gate:
         self._done(reader, writer, True)
         return EngineReply(status, replica, body=body)
 
-    async def stats(self, timeout_s: float) -> dict[str, Any]:
-        """The replica's live load, over a pooled connection."""
-        reader, writer, header = await self._send(wire.pack(wire.KIND_STATS, self.secret), timeout_s)
+    async def stats(self, timeout_s: float, after: int | None = None, wait_s: float = 0.0) -> dict[str, Any]:
+        """The replica's live load, over a pooled connection. With ``after`` (the ``releases``
+        count of its last report), the engine answers once sequences were released since, or
+        after ``wait_s``."""
+        payload = b"" if after is None else json.dumps({"after": after, "wait_ms": wait_s * 1000}).encode()
+        reader, writer, header = await self._send(wire.pack(wire.KIND_STATS, self.secret, payload), timeout_s + wait_s)
         try:
             async with asyncio.timeout(timeout_s):
                 data = await reader.readexactly(int(header["length"]))
