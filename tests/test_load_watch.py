@@ -34,6 +34,13 @@ async def engine_port(book: EngineServer) -> StreamServer:
     return server
 
 
+async def watched_engine() -> tuple[EngineServer, StreamServer, Gate]:
+    """An engine's book behind its port, and a router's gate to it."""
+    book = engine_book()
+    server = await engine_port(book)
+    return book, server, Gate("r-1", "127.0.0.1", server.port, SECRET)
+
+
 async def until(condition, timeout_s: float = 5.0) -> float:
     """Seconds until ``condition()`` held (fails past ``timeout_s``)."""
     start = time.monotonic()
@@ -49,9 +56,7 @@ def run(coro):
 
 def test_a_watch_is_answered_when_sequences_are_released():
     async def main():
-        book = engine_book()
-        server = await engine_port(book)
-        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
+        book, server, gate = await watched_engine()
         book._enter(2)
         first = await gate.stats(5, after=None)  # no watch: answered at once
         watch = asyncio.ensure_future(gate.stats(5, after=first["releases"], wait_s=30))
@@ -72,9 +77,7 @@ def test_a_watch_is_answered_when_sequences_are_released():
 
 def test_a_watch_is_answered_at_once_when_it_is_stale_and_after_its_wait_otherwise():
     async def main():
-        book = engine_book()
-        server = await engine_port(book)
-        gate = Gate("r-1", "127.0.0.1", server.port, SECRET)
+        book, server, gate = await watched_engine()
         book._enter(1)
         book._leave(1)  # releases is 1 now: a watch from 0 missed it and returns at once
         started = time.monotonic()
