@@ -269,9 +269,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from serve_app.config import load_config
+    from serve_app.governance.cost import CostModel
 
     config = load_config(args.config)
-    prices = {site.name: site.cost_per_1k_tokens for site in config.sites}
+    costs = CostModel(config)  # price of 1,000 output tokens per site, from the config's cost model
+    prices = {site: costs.per_1k_output(args.model, site) for site in config.model(args.model).replicas}
     spill_after_ms = config.model(args.model).spill_after_ms
     routers = config.router.replicas
     if args.url:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from serve_app.config.base import DataClassName, Strict
+from serve_app.config.cost import HOURLY_BASES
 from serve_app.config.infra import (
     FRAME_OVERHEAD_BYTES,
     RAY_WORKER_PORTS,
@@ -61,6 +62,14 @@ class SpillwayConfig(Strict):
             unknown = set(model.replicas) - set(site_names)
             if unknown:
                 raise ValueError(f"model {model.id!r} names unknown site(s) {sorted(unknown)}; known: {site_names}")
+            unknown = set(model.site_throughput) - set(site_names)
+            if unknown:
+                raise ValueError(f"model {model.id!r}: site_throughput names unknown site(s) {sorted(unknown)}")
+            for site_name in model.replicas:
+                cost = self.site(site_name).cost
+                if cost is not None and cost.basis in HOURLY_BASES and model.throughput_on(site_name) is None:
+                    raise ValueError(f"model {model.id!r}: site {site_name!r} is priced per hour ({cost.basis}); "
+                                     "give models[].throughput (tokens/s per replica) to price its tokens")
             if sum(model.replicas.values()) == 0:
                 raise ValueError(f"model {model.id!r} has no replica on any site")
         if self.router.site is not None and self.router.site not in site_names:

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from serve_app.config.base import Strict
+from serve_app.config.cost import ThroughputConfig
 
 
 class EngineConfig(Strict):
@@ -87,6 +88,22 @@ class ModelConfig(Strict):
         default=250.0, gt=0,
         description="Time to first token the spill predictor assumes until the engines report their own.",
     )
+
+    throughput: ThroughputConfig | None = Field(
+        default=None,
+        description="Tokens per second of one replica at full batch: turns a site's price per hour into a price "
+        "per token (needed on sites with an amortised or cloud cost).")
+    site_throughput: dict[str, ThroughputConfig] = Field(
+        default_factory=dict, description="Throughput per site name where a site's hardware differs (overrides).")
+
+    def throughput_on(self, site: str) -> ThroughputConfig | None:
+        return self.site_throughput.get(site, self.throughput)
+
+    def accelerators_per_replica(self, site: str) -> float:
+        throughput = self.throughput_on(site)
+        if throughput is not None and throughput.accelerators_per_replica is not None:
+            return throughput.accelerators_per_replica
+        return self.resources.num_gpus * self.engine.workers_per_replica or 1.0
 
     @field_validator("replicas")
     @classmethod

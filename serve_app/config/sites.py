@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from enum import Enum
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from serve_app.config.base import DataClassName, Strict
+from serve_app.config.cost import SiteCost
 
 
 class SiteKind(str, Enum):
@@ -33,7 +34,13 @@ class SiteConfig(Strict):
         description="Most sensitive data class this site may process. Default: restricted for onprem, "
         "internal for cloud and external sites (so confidential data never leaves on-prem).",
     )
-    cost_per_1k_tokens: float = Field(default=0.0, ge=0, description="Price of 1,000 tokens served here (cost model).")
+    cost_per_1k_tokens: float = Field(
+        default=0.0, ge=0,
+        description="Price of 1,000 tokens served here: the simple cost model (or give `cost` instead).")
+    cost: SiteCost | None = Field(
+        default=None,
+        description="The site's cost basis: amortised (own hardware), cloud (per accelerator-hour), api (per "
+        "million tokens) or per_1k_tokens. See serve_app/config/cost.py.")
     engine_env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment for every engine replica on this site, over the model's env (e.g. CPU binding).",
@@ -44,6 +51,12 @@ class SiteConfig(Strict):
         if self.trusted_up_to is not None:
             return self.trusted_up_to
         return "restricted" if self.kind == SiteKind.onprem else "internal"
+
+    @model_validator(mode="after")
+    def _one_cost_form(self) -> "SiteConfig":
+        if self.cost is not None and self.cost_per_1k_tokens:
+            raise ValueError(f"site {self.name!r}: give either cost_per_1k_tokens or cost, not both")
+        return self
 
     @field_validator("name")
     @classmethod

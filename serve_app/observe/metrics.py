@@ -57,7 +57,7 @@ class RouterMetrics:
         )
         self._cost = metrics.Counter(
             "spillway_cost_total",
-            description="Cost of the tokens served, per model and site (site.cost_per_1k_tokens; currency units).",
+            description="Cost of the requests served, per model and site (the site's cost model; currency units).",
             tag_keys=("model", "site"),
         )
         self._budget_misses = metrics.Counter(
@@ -85,7 +85,7 @@ class RouterMetrics:
 
     def served(
         self, model: str, site: str, ttft_ms: float | None, itl_ms: float | None,
-        usage: tuple[int, int] | None, cost_per_1k_tokens: float,
+        usage: tuple[int, int] | None, cost: float,
     ) -> None:
         tags = {"model": model, "site": site}
         if ttft_ms is not None:
@@ -98,8 +98,8 @@ class RouterMetrics:
                 self._tokens.inc(prompt, tags={**tags, "direction": "in"})
             if completion:
                 self._tokens.inc(completion, tags={**tags, "direction": "out"})
-            if cost_per_1k_tokens and prompt + completion:
-                self._cost.inc((prompt + completion) * cost_per_1k_tokens / 1000, tags=tags)
+            if cost:
+                self._cost.inc(cost, tags=tags)
 
     def engine_load(self, model: str, site: str, kv_cache_usage: float, in_flight: int) -> None:
         tags = {"model": model, "site": site}

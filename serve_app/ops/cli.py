@@ -1,4 +1,4 @@
-"""``spillway`` command line: models, local cluster, deploy, status."""
+"""``spillway`` command line: models, local cluster, deploy, status, cost."""
 
 from __future__ import annotations
 
@@ -117,6 +117,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from serve_app.governance.cost import cost_report
+
+    if args.utilisation is not None and not 0 < args.utilisation <= 1:
+        print("spillway: --utilisation must be in (0, 1]", file=sys.stderr)
+        return 2
+    report = cost_report(load_config(args.config), args.utilisation)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print("site         kind      basis           per accelerator-hour  planning utilisation")
+    for s in report["sites"]:
+        hourly = "-" if s["per_accelerator_hour"] is None else f"{s['per_accelerator_hour']:.4f}"
+        share = "-" if s["planning_utilisation"] is None else f"{s['planning_utilisation']:.0%}"
+        print(f"{s['site']:12s} {s['kind']:9s} {s['basis']:15s} {hourly:>20s}  {share:>20s}")
+    print("\nmodel                site         utilisation  per 1M input  per 1M output")
+    for m in report["models"]:
+        share = "-" if m["utilisation"] is None else f"{m['utilisation']:.0%}"
+        print(f"{m['model']:20s} {m['site']:12s} {share:>11s}  {m['per_million_input']:12.4f}  "
+              f"{m['per_million_output']:13.4f}")
+    if report["break_even"]:
+        print()
+    for b in report["break_even"]:
+        share = b["utilisation"]
+        verdict = ("never (even at 100 %)" if share > 1 else f"above {share:.1%} utilisation")
+        print(f"{b['model']}: {b['owned_site']} is cheaper than {b['other_site']} {verdict}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spillway", description="Spillway: hybrid on-prem/cloud LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--address", help="Ray address (default: the local cluster's)")
     stat.add_argument("--json", action="store_true")
     stat.set_defaults(func=cmd_status)
+
+    cost = with_config(sub.add_parser("cost", help="the cost model: price per site, per million tokens, break-even"))
+    cost.add_argument("--utilisation", type=float, help="utilisation of owned (amortised) sites, 0-1 "
+                      "(default: each site's planning utilisation)")
+    cost.add_argument("--json", action="store_true")
+    cost.set_defaults(func=cmd_cost)
     return parser
 
 

@@ -7,6 +7,7 @@ It runs once per request, from ``RequestContext.close``, whatever the outcome.
 from __future__ import annotations
 
 from serve_app.config import SpillwayConfig
+from serve_app.governance.cost import CostModel
 from serve_app.pipeline.context import OUTCOME_OK, RequestContext
 from serve_app.pipeline.relay import usage_of
 from serve_app.router.scheduler import ModelScheduler
@@ -16,7 +17,7 @@ NO_SITE = "none"
 
 class OutcomeSink:
     def __init__(self, config: SpillwayConfig, metrics, schedulers: dict[str, ModelScheduler]):
-        self._config = config
+        self._costs = CostModel(config)
         self._metrics = metrics
         self._schedulers = schedulers
 
@@ -36,7 +37,7 @@ class OutcomeSink:
         if (lease is not None and lease.budget_miss) or ctx.budget_miss:
             self._metrics.budget_miss(model)
         self._metrics.finished(model, site, ctx.outcome)
-        cost = self._config.site(site).cost_per_1k_tokens if site != NO_SITE else 0.0
+        cost = self._costs.request_cost(model, site, summary.usage)
         self._metrics.served(model, site, ttft_ms, itl_ms, summary.usage, cost)
         if ctx.split is not None and ctx.model:
             ctx.split.record(ctx.model, error=not ok, ttft_ms=ttft_ms,
@@ -49,7 +50,7 @@ class OutcomeSink:
         if reply is not None:
             attributes.update(replica=reply.replica)
         if summary.usage is not None:
-            attributes.update(input_tokens=summary.usage[0], output_tokens=summary.usage[1])
+            attributes.update(input_tokens=summary.usage[0], output_tokens=summary.usage[1], cost=cost)
         if ok and reply is not None and reply.body is not None and ctx.trace.recording:
             ctx.trace.record_content("gen_ai.completion", reply.body.decode("utf-8", "replace"))
         ctx.trace.finish(ctx.outcome, ctx.status, **attributes)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from serve_app.config import SiteConfig, SiteKind, SpillwayConfig
+from serve_app.governance.cost import CostModel
 from serve_app.policy.admission import AdmissionParams
 from serve_app.policy.classify import DataClass
 from serve_app.policy.placement import PlacementPipeline
@@ -39,6 +40,7 @@ def site_order_key(site: SiteConfig) -> tuple:
 def build_targets(config: SpillwayConfig, handles: dict[str, dict[str, Any]]) -> dict[str, dict[str, EngineTarget]]:
     """``{model: {group_id: target}}``; a group's rank is its site's place in the model's site order."""
     targets: dict[str, dict[str, EngineTarget]] = {}
+    costs = CostModel(config)
     for model_id, by_site in handles.items():
         model = config.model(model_id)
         sites = sorted((config.site(name) for name in by_site), key=site_order_key)
@@ -52,7 +54,7 @@ def build_targets(config: SpillwayConfig, handles: dict[str, dict[str, Any]]) ->
                 trusted_up_to=DataClass[site.trust],
                 replicas=model.replicas[site.name],
                 max_num_seqs=model.engine.max_num_seqs,
-                cost_per_1k_tokens=site.cost_per_1k_tokens,
+                cost_per_1k_tokens=costs.per_1k_output(model_id, site.name),
             )
             targets[model_id][group.group_id] = EngineTarget(group, by_site[site.name])
     return targets
