@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serve_app.config import SpillwayConfig
-from serve_app.config.cost import HOURLY_BASES, ApiCost, FlatCost
+from serve_app.config.cost import HOURLY_BASES, AmortisedCost, ApiCost, FlatCost
 
 SECONDS_PER_HOUR = 3600.0
 
@@ -70,11 +70,9 @@ class CostModel:
         utilisation (hourly bases only)."""
         site_config = self._config.site(site)
         cost = site_config.cost
-        if cost is None:
-            flat = site_config.cost_per_1k_tokens / 1000
+        if cost is None or isinstance(cost, FlatCost):  # no `cost`: the cost_per_1k_tokens shorthand
+            flat = (site_config.cost_per_1k_tokens if cost is None else cost.per_1k_tokens) / 1000
             return Price(flat, flat)
-        if isinstance(cost, FlatCost):
-            return Price(cost.per_1k_tokens / 1000, cost.per_1k_tokens / 1000)
         if isinstance(cost, ApiCost):
             return Price(cost.input_per_million / 1e6, cost.output_per_million / 1e6)
         model = self._config.model(model_id)
@@ -126,12 +124,12 @@ def cost_report(config: SpillwayConfig, utilisation: float | None = None) -> dic
     models = []
     for model in config.models:
         for site_name in model.replicas:
-            owned = getattr(config.site(site_name).cost, "basis", None) == "amortised"
-            at = utilisation if owned and utilisation is not None else None
-            price = costs.price(model.id, site_name, utilisation=at)
-            models.append({"model": model.id, "site": site_name,
-                           "utilisation": at if at is not None else getattr(config.site(site_name).cost,
-                                                                           "utilisation", None),
+            site_cost = config.site(site_name).cost
+            share = getattr(site_cost, "utilisation", None)  # None: priced per token
+            if utilisation is not None and isinstance(site_cost, AmortisedCost):
+                share = utilisation
+            price = costs.price(model.id, site_name, utilisation=share)
+            models.append({"model": model.id, "site": site_name, "utilisation": share,
                            "per_million_input": price.per_million_input,
                            "per_million_output": price.per_million_output})
     break_even = []
