@@ -43,10 +43,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 MODEL_ID = "spillway-dense"
-PORTS = {"vllm": 8801, "spillway": 8802, "rayllm": 8803, "spillway-direct": 8806, "spillway-proxy": 8820}
+PORTS = {"vllm": 8801, "spillway": 8802, "rayllm": 8803, "spillway-direct": 8806, "spillway-proxy": 8820,
+         "spillway-governed": 8840}
 # Each Spillway variant is its own local Ray cluster: (ray port, dashboard port, metrics port).
 SPILLWAY_PORTS = {"spillway": (6396, 8296, 8830), "spillway-direct": (6393, 8293, 8833),
-                  "spillway-proxy": (6394, 8294, 8836)}
+                  "spillway-proxy": (6394, 8294, 8836), "spillway-governed": (6397, 8297, 8843)}
+# Governance on: every request carries a key with limits and a budget far above what the run uses,
+# so each one goes through the key check, one ledger admission and a settlement.
+GOVERNED_RULES = {"rpm": 1_000_000, "tpm": 1_000_000_000, "budgets": [{"period": "day", "limit": 1_000_000.0}]}
 # The same engine for every target (the Spillway side reads them from benchmarks/peers.yaml).
 ENGINE = {"max_model_len": 2048, "max_num_seqs": 64, "dtype": "bfloat16", "enforce_eager": True}
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -61,6 +65,7 @@ START_TIMEOUT_S = 600
 
 class Target:
     name: str
+    headers: dict[str, str] = {}
 
     @property
     def url(self) -> str:
@@ -136,6 +141,11 @@ class Spillway(Target):
             raw["http"]["ingress"] = self.ingress
             if self.ingress == "direct":
                 raw["router"]["replicas"] = 1  # direct ingress: one router per port
+        # Its own ledger, empty: no keys (governance off: the open router), unless the variant makes some.
+        ledger = RESULTS / f"peers-{self.name}-ledger.sqlite3"
+        for stale in RESULTS.glob(ledger.name + "*"):
+            stale.unlink()
+        raw["governance"] = {"store": {"path": str(ledger)}}
         ray_port, dashboard_port, metrics_port = SPILLWAY_PORTS[self.name]
         raw["local_cluster"].update(ray_port=ray_port, dashboard_port=dashboard_port, metrics_export_port=metrics_port)
         return load_config(raw)
@@ -157,6 +167,27 @@ class Spillway(Target):
             self.cluster.stop(log=lambda *a: None)
 
 
+class SpillwayGoverned(Spillway):
+    """The default Spillway with governance on: a tenant and a key with limits and a budget."""
+
+    name = "spillway-governed"
+
+    def start(self, model_path: str) -> None:
+        import secrets
+
+        import httpx
+
+        admin_key = os.environ.setdefault("SPILLWAY_ADMIN_KEY", "bench-admin-" + secrets.token_hex(16))
+        super().start(model_path)
+        admin = {"authorization": f"Bearer {admin_key}"}
+        resp = httpx.put(f"{self.url}/v1/spillway/admin/tenants/bench", json=GOVERNED_RULES, headers=admin, timeout=60)
+        resp.raise_for_status()
+        resp = httpx.post(f"{self.url}/v1/spillway/admin/keys", json={"tenant": "bench", **GOVERNED_RULES},
+                          headers=admin, timeout=60)
+        resp.raise_for_status()
+        self.headers = {"authorization": f"Bearer {resp.json()['key']}"}
+
+
 class SpillwayDirect(Spillway):
     name, ingress = "spillway-direct", "direct"
 
@@ -166,7 +197,7 @@ class SpillwayProxy(Spillway):
 
 
 TARGETS = {"vllm": DirectVllm, "spillway": Spillway, "rayllm": RayServeLlm, "spillway-direct": SpillwayDirect,
-           "spillway-proxy": SpillwayProxy}
+           "spillway-proxy": SpillwayProxy, "spillway-governed": SpillwayGoverned}
 
 
 def ensure_peer_venv() -> None:
@@ -251,14 +282,15 @@ async def noop_once(session, url: str) -> float | None:
         return (time.perf_counter() - start) * 1000 if resp.status == 200 else None
 
 
-def _session(concurrency: int):
+def _session(concurrency: int, headers: dict[str, str] | None = None):
     import aiohttp
 
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 8),
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 8), headers=headers,
                                  timeout=aiohttp.ClientTimeout(total=600))
 
 
-async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int) -> dict:
+async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int,
+                   headers: dict[str, str] | None = None) -> dict:
     """Closed loop: ``concurrency`` clients send back to back; requests that start after the
     warm-up and end before the deadline count."""
     results: list[Result] = []
@@ -271,7 +303,7 @@ async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: floa
             results.append(await stream_once(session, url, max_tokens, f"peer benchmark client {i} request {n}"))
             n += 1
 
-    async with _session(concurrency) as session:
+    async with _session(concurrency, headers) as session:
         await asyncio.gather(*(client(i) for i in range(concurrency)))
     counted = [r for r in results if r.start >= measure_from and r.end <= deadline]
     ok = [r for r in counted if r.ok]
@@ -287,8 +319,8 @@ async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: floa
     }
 
 
-async def run_noop(url: str, requests: int) -> float | None:
-    async with _session(1) as session:
+async def run_noop(url: str, requests: int, headers: dict[str, str] | None = None) -> float | None:
+    async with _session(1, headers) as session:
         for _ in range(3):
             await noop_once(session, url)
         times = [await noop_once(session, url) for _ in range(requests)]
@@ -362,10 +394,11 @@ async def benchmark(args, targets: dict[str, Target]) -> None:
     for rnd in range(args.rounds):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
-            noop[name].append({"p50": await run_noop(targets[name].url, args.noop_requests)})
+            noop[name].append({"p50": await run_noop(targets[name].url, args.noop_requests, targets[name].headers)})
         for c in args.concurrency:
             for name in order:
-                cell = await run_cell(targets[name].url, c, args.duration_s, args.warmup_s, args.max_tokens)
+                cell = await run_cell(targets[name].url, c, args.duration_s, args.warmup_s, args.max_tokens,
+                                      targets[name].headers)
                 cells[name][c].append(cell)
                 print(f"round {rnd + 1} c{c:<3} {name:<9} ttft p50 {cell['ttft_p50_ms'] or 0:7.0f} ms  "
                       f"p99 {cell['ttft_p99_ms'] or 0:7.0f} ms  itl p50 {cell['itl_p50_ms'] or 0:6.1f} ms  "

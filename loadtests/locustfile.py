@@ -23,7 +23,8 @@ queue depth sampled every second, and the report (table and PNG plots, see loadt
 Settings (environment variables): ``SPILLWAY_MODEL`` (spillway-dense), ``SPILLWAY_MAX_TOKENS`` and
 ``SPILLWAY_PROMPT_WORDS`` (length distributions, see loadtests/distributions.py; default 64 and 32),
 ``SPILLWAY_IGNORE_EOS`` (1: generate exactly the sampled length), ``SPILLWAY_TENANTS``
-(``name=key,...``), ``SPILLWAY_ONPREM_SITES`` (sites where sensitive data may go; onprem).
+(``name=key,...``; keys that ``spillway keys create`` gave, once the cluster has keys),
+``SPILLWAY_API_KEY`` (the key of every other user), ``SPILLWAY_ONPREM_SITES`` (sites where sensitive data may go; onprem).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class SpillwayUser(HttpUser):
     abstract = True
     wait_time = between(0.0, 0.2)
     tenant: str | None = None
-    api_key: str | None = None
+    api_key: str | None = os.environ.get("SPILLWAY_API_KEY") or None  # where the cluster has keys
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         headers = dict(extra or {})

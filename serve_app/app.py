@@ -4,7 +4,8 @@
 (model, site) with at least one replica, each pinned to its site by the site's
 custom resource on *every* placement-group bundle, behind one Router
 deployment (the ingress), which runs on a trusted (on-prem) site because it
-sees every prompt.
+sees every prompt, beside the governance ledger (one replica: keys, limits,
+budgets, usage).
 
 ``app_builder(args)`` is the entry point for ``serve deploy`` / ``serve run``:
 ``import_path: serve_app.app:app_builder`` with ``args: {config: <path>}``.
@@ -22,6 +23,7 @@ from ray.serve import Application
 from deployments.engine import validate_engine_args
 from deployments.replica import EngineReplica, engine_env
 from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SpillwayConfig, load_config
+from serve_app.governance.service import LedgerService
 from serve_app.ingress import Router
 
 # A sliver of the site resource: enough to pin a bundle to the site's nodes without
@@ -33,6 +35,7 @@ SITE_RESOURCE_PER_BUNDLE = 0.001
 LEAN_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 30.0
+LEDGER_MAX_ONGOING_REQUESTS = 100_000  # every router's admission calls; each is answered from memory
 PROJECT_ROOT = DEFAULT_CONFIG_PATH.parent.parent
 
 
@@ -97,6 +100,18 @@ def build_app(config: SpillwayConfig) -> Application:
                 config, model, config.site(site_name), replicas
             )
     router_site = config.router_site
+    # One ledger per cluster (limits and budgets hold for the sum over router replicas), on the
+    # router's site: it holds tenants' keys and spend.
+    ledger = serve.deployment(LedgerService).options(
+        name="ledger",
+        num_replicas=1,
+        max_ongoing_requests=LEDGER_MAX_ONGOING_REQUESTS,
+        ray_actor_options={
+            "num_cpus": 0,
+            "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},
+            "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
+        },
+    ).bind(config.model_dump(mode="json"))
     router = serve.deployment(Router).options(
         name="router",
         num_replicas=config.router.replicas,
@@ -107,7 +122,7 @@ def build_app(config: SpillwayConfig) -> Application:
             "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
         },
     )
-    return router.bind(config.model_dump(mode="json"), engines)
+    return router.bind(config.model_dump(mode="json"), engines, ledger)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -17,11 +17,13 @@ class SpillwayError(Exception):
     type: str = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = None):
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.status, code=self.code, param=self.param)
@@ -38,13 +40,22 @@ class InvalidRequest(SpillwayError):
     type = "invalid_request_error"
 
 
+class AuthenticationFailed(SpillwayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(SpillwayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "model_not_allowed"
 
 
 class ModelNotFound(SpillwayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
-
 
 
 class PayloadTooLarge(SpillwayError):
@@ -57,6 +68,22 @@ class RateLimited(SpillwayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(SpillwayError):
+    """A budget is spent (OpenAI's own type and code for it)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class GovernanceUnavailable(SpillwayError):
+    """The ledger cannot be reached: keyed requests fail closed."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "governance_unavailable"
 
 
 class EngineUnavailable(SpillwayError):

@@ -5,6 +5,7 @@ their own so they never touch a cluster a developer is running."""
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from typing import Callable
 
@@ -20,9 +21,32 @@ E2E_DENSE_SLOTS = 8
 E2E_METRICS_PORT = 8710  # outside Ray worker ports (10002-19999)
 E2E_SPLIT_ALIAS = "spillway-chat"
 E2E_OTLP_PORT = 8720  # the test's stand-in OpenTelemetry collector (vLLM's spans)
+E2E_ADMIN_KEY = "e2e-admin-" + secrets.token_hex(16)
+E2E_TENANT = "e2e"
+E2E_LOAD_TENANTS = ("alpha", "beta", "gamma")
+# Filled by the e2e_cluster fixture: the health report before any key existed, and the session's
+# API key. Once a key exists every request needs one, so every end-to-end test sends it (auth()).
+E2E_STATE: dict = {}
 
 
-def e2e_raw_config() -> dict:
+def auth() -> dict:
+    """The session API key's header (every end-to-end request goes through governance)."""
+    return {"authorization": f"Bearer {e2e_api_key()}"}
+
+
+def e2e_api_key() -> str:
+    return E2E_STATE["key"]["key"]
+
+
+def e2e_key_id() -> str:
+    return E2E_STATE["key"]["id"]
+
+
+def admin_headers() -> dict:
+    return {"authorization": f"Bearer {E2E_ADMIN_KEY}"}
+
+
+def e2e_raw_config(root=None) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["name"] = "spillway-test"
     raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT}
@@ -37,6 +61,7 @@ def e2e_raw_config() -> dict:
     # Few on-prem slots and a tight TTFT budget for dense, so tests can saturate on-prem cheaply.
     raw["models"][0]["engine"]["max_num_seqs"] = E2E_DENSE_SLOTS
     raw["models"][0]["spill_after_ms"] = 300
+    raw["governance"] = {"store": {"path": str(root / "ledger.sqlite3")}} if root is not None else {}
     raw["router"]["splits"] = {E2E_SPLIT_ALIAS: {"variants": {"spillway-dense": 70, "spillway-moe": 30}}}
     # Router spans stay in memory (read back over HTTP); vLLM sends its spans to the test's receiver.
     raw["tracing"] = {
@@ -80,7 +105,8 @@ def e2e_cluster(tmp_path_factory, otlp_receiver):
 
     root = tmp_path_factory.mktemp("spillway-e2e")
     config_path = root / "config.yaml"
-    config_path.write_text(yaml.safe_dump(e2e_raw_config()))
+    config_path.write_text(yaml.safe_dump(e2e_raw_config(root)))
+    os.environ[load_config(config_path).governance.admin_key_env] = E2E_ADMIN_KEY  # ray start passes it on
     config = load_config(config_path)
     cluster = LocalCluster(config, state_file=root / "cluster.json")
     cluster.start(log=print)
@@ -89,12 +115,33 @@ def e2e_cluster(tmp_path_factory, otlp_receiver):
     os.environ["RAY_ADDRESS"] = cluster.address
     try:
         deploy(config, cluster.address, log=print)
-        yield config, config_path, f"http://127.0.0.1:{E2E_HTTP_PORT}"
+        base_url = f"http://127.0.0.1:{E2E_HTTP_PORT}"
+        _create_session_keys(base_url)
+        yield config, config_path, base_url
     finally:
         import ray
 
         ray.shutdown()
         cluster.stop(log=print)
+
+
+def _create_session_keys(base_url: str) -> None:
+    """Record that the fresh cluster was open, then create the session's key (and the load
+    test's tenants' keys): from here on, every request needs a key."""
+    import httpx
+
+    E2E_STATE["health_before_keys"] = httpx.get(f"{base_url}/health", timeout=60).json()
+    admin = f"{base_url}/v1/spillway/admin"
+
+    def create(tenant: str) -> dict:
+        resp = httpx.post(f"{admin}/keys", json={"tenant": tenant, "name": "e2e session"}, headers=admin_headers(),
+                          timeout=60)
+        assert resp.status_code == 201, resp.text
+        return resp.json()
+
+    E2E_STATE["key"] = create(E2E_TENANT)
+    os.environ["SPILLWAY_API_KEY"] = e2e_api_key()  # the load-test subprocesses' users
+    os.environ["SPILLWAY_TENANTS"] = ",".join(f"{t}={create(t)['key']}" for t in E2E_LOAD_TENANTS)
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +153,21 @@ def base_url(e2e_cluster):
 def client(base_url):
     import openai
 
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=e2e_api_key(), max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="session")
 def aclient(base_url):
     import openai
 
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=e2e_api_key(), max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback for the whole session (tests/pg_server.py)."""
+    from tests.pg_server import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()

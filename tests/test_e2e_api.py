@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import router_dispatch_views
+from tests.conftest import auth, router_dispatch_views
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +75,7 @@ def test_request_id_from_client_is_kept(base_url):
     resp = httpx.post(
         f"{base_url}/v1/chat/completions",
         json={"model": DENSE, "messages": HELLO, "max_tokens": 2},
-        headers={"x-request-id": "my-trace-123"},
+        headers={"x-request-id": "my-trace-123", **auth()},
         timeout=60,
     )
     assert resp.status_code == 200
@@ -205,7 +205,7 @@ def test_client_disconnect_mid_stream_frees_the_engine(base_url, client):
         time.sleep(0.2)
     assert all(s["in_flight"] == 0 for s in before.values()), before
     aborted_before = {site: s["aborted_streams"] for site, s in before.items()}
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(headers=auth(), timeout=60) as http:
         with http.stream(
             "POST", f"{base_url}/v1/chat/completions",
             json={"model": DENSE, "messages": HELLO, "max_tokens": 1500, "stream": True, "ignore_eos": True},

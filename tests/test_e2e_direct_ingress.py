@@ -18,7 +18,7 @@ HTTP_PORT = 8750
 DENSE = "spillway-dense"
 
 
-def _config() -> dict:
+def _config(root) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["name"] = "spillway-direct"
     raw["sites"] = [s for s in raw["sites"] if s["name"] == "onprem"]
@@ -27,6 +27,7 @@ def _config() -> dict:
     dense["engine"]["max_num_seqs"] = 8
     raw["models"] = [dense]
     raw["router"]["replicas"] = 1
+    raw["governance"] = {"store": {"path": str(root / "ledger.sqlite3")}}  # its own ledger: open, no keys
     raw["http"] = {"host": "127.0.0.1", "port": HTTP_PORT, "ingress": "direct"}
     raw["local_cluster"] = {"ray_port": 6392, "dashboard_port": 8292, "metrics_export_port": 8770,
                             "nodes": [{"site": "onprem", "num_cpus": 8}]}
@@ -57,7 +58,7 @@ def direct_cluster(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("spillway-direct")
     path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(_config()))
+    path.write_text(yaml.safe_dump(_config(root)))
     config = load_config(path)
     state = root / "cluster.json"
     try:

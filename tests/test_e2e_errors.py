@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import E2E_MAX_BODY_BYTES
+from tests.conftest import E2E_MAX_BODY_BYTES, auth
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,7 @@ def _assert_openai_error(resp: httpx.Response, status: int) -> dict:
 
 @pytest.fixture(scope="module")
 def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=60) as http:
+    with httpx.Client(headers=auth(), base_url=base_url, timeout=60) as http:
         yield http
 
 
@@ -163,7 +163,7 @@ def test_a_pathological_prompt_does_not_delay_other_requests(base_url):
 
     small = {"model": DENSE, "messages": HELLO, "max_tokens": 2}
     hostile = {"model": DENSE, "messages": [{"role": "user", "content": "a." * 200_000}], "max_tokens": 2}
-    with httpx.Client(base_url=base_url, timeout=60) as client:
+    with httpx.Client(headers=auth(), base_url=base_url, timeout=60) as client:
         def latency() -> float:
             started = time.perf_counter()
             assert client.post("/v1/chat/completions", json=small).status_code == 200
@@ -173,7 +173,7 @@ def test_a_pathological_prompt_does_not_delay_other_requests(base_url):
         answers = []
 
         def send_hostile():
-            with httpx.Client(base_url=base_url, timeout=60) as other:
+            with httpx.Client(headers=auth(), base_url=base_url, timeout=60) as other:
                 answers.append(other.post("/v1/chat/completions", json=hostile))
 
         delays = []

@@ -12,12 +12,11 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import E2E_METRICS_PORT
+from tests.conftest import E2E_METRICS_PORT, E2E_TENANT, auth, e2e_api_key, e2e_key_id
 
 pytestmark = pytest.mark.e2e
 
 DENSE = "spillway-dense"
-TENANT_KEY = "sk-tenant-alpha-0001"
 
 
 def _router_spans(base_url: str, trace_id: str, want: set[str], timeout_s: float = 60) -> dict[str, dict]:
@@ -41,7 +40,7 @@ def test_streamed_request_has_a_span_tree_with_attributes_and_no_prompt_text(bas
     canary = "canary-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(12))
     body = {"model": DENSE, "messages": [{"role": "user", "content": f"repeat after me: {canary}"}],
             "max_tokens": 12, "ignore_eos": True, "stream": True}
-    headers = {"traceparent": f"00-{trace_id}-{client_span}-01", "authorization": f"Bearer {TENANT_KEY}"}
+    headers = {"traceparent": f"00-{trace_id}-{client_span}-01", **auth()}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=120) as resp:
         assert resp.status_code == 200
         text = resp.read().decode()
@@ -60,7 +59,9 @@ def test_streamed_request_has_a_span_tree_with_attributes_and_no_prompt_text(bas
         assert by_name[child]["parent_span_id"] == root["span_id"], child
     attrs = root["attributes"]
     assert attrs["spillway.model"] == DENSE
-    assert attrs["spillway.tenant"].startswith("key-") and TENANT_KEY not in json.dumps(spans)
+    # The key's tenant and id, never the key itself.
+    assert attrs["spillway.tenant"] == E2E_TENANT and attrs["spillway.key_id"] == e2e_key_id()
+    assert e2e_api_key() not in json.dumps(spans)
     assert attrs["spillway.data_class"] == "public"
     assert attrs["spillway.site"] == "onprem"
     assert attrs["spillway.replica"]
@@ -89,7 +90,7 @@ def test_pii_request_span_says_which_detector_raised_the_class(base_url):
     trace_id = secrets.token_hex(16)
     body = {"model": DENSE, "max_tokens": 2,
             "messages": [{"role": "user", "content": "mail me at jane.doe@example.com"}]}
-    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01", **auth()}
     assert httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=120).status_code == 200
     spans = _router_spans(base_url, trace_id, {"spillway.request", "spillway.classify"})
     by_name = {s["name"]: s for s in spans.values()}
@@ -125,7 +126,7 @@ def test_prometheus_metrics_move_after_traffic(base_url):
         "queue_wait": ("ray_spillway_queue_wait_ms_count", f'model="{DENSE}"'),
     }
     before = _scrape()
-    with httpx.Client(base_url=base_url, timeout=120) as http:
+    with httpx.Client(headers=auth(), base_url=base_url, timeout=120) as http:
         for i in range(4):
             body = {"model": DENSE, "messages": [{"role": "user", "content": f"metrics {i}"}], "max_tokens": 8,
                     "ignore_eos": True, "stream": i % 2 == 0}

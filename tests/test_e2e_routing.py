@@ -9,7 +9,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.conftest import E2E_DENSE_SLOTS
+from tests.conftest import E2E_DENSE_SLOTS, auth
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,7 @@ def test_saturation_spills_public_and_keeps_confidential_on_prem(base_url):
             return kind, resp.headers["x-spillway-site"], resp.headers["x-spillway-data-class"], resp.headers["x-spillway-spill-reason"]
 
     async def main():
-        async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+        async with httpx.AsyncClient(headers=auth(), base_url=base_url, timeout=300) as http:
             kinds = ["public"] * (3 * E2E_DENSE_SLOTS) + ["header"] * 6 + ["pii"] * 6
             return await asyncio.gather(*(one(http, kind, i) for i, kind in enumerate(kinds)))
 
@@ -85,7 +85,7 @@ def test_prometheus_metrics_show_requests_and_spills(base_url):
 
 
 def test_bad_classification_and_priority_headers_are_400(base_url):
-    with httpx.Client(base_url=base_url, timeout=60) as http:
+    with httpx.Client(headers=auth(), base_url=base_url, timeout=60) as http:
         body = {"model": DENSE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
         bad_class = http.post("/v1/chat/completions", json=body, headers={"x-data-classification": "top-secret"})
         assert bad_class.status_code == 400 and "x-data-classification" in bad_class.json()["error"]["message"]
@@ -132,7 +132,7 @@ def test_benchmark_baseline_modes_route_as_documented(base_url):
     """The routing benchmark's baselines: pow2 spreads over both sites (it ignores residency, which is
     why it exists only behind router.benchmark_modes), onprem-only never leaves on-prem."""
     body = {"model": DENSE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
-    with httpx.Client(base_url=base_url, timeout=60) as http:
+    with httpx.Client(headers=auth(), base_url=base_url, timeout=60) as http:
         pow2_sites = set()
         for _ in range(30):
             resp = http.post("/v1/chat/completions", json=body, headers={"x-spillway-routing": "pow2"})

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import router_dispatch_views
+from tests.conftest import auth, router_dispatch_views
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,7 @@ def _kill(actors: list) -> int:
 
 def _stream_events(base_url, body, started: "threading.Event", out: list) -> None:
     """SSE data payloads, split on the blank line between events (generated text may hold U+2028)."""
-    with httpx.Client(timeout=300) as http:
+    with httpx.Client(headers=auth(), timeout=300) as http:
         with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
             buffer = b""
             for chunk in resp.iter_bytes():
@@ -120,7 +120,7 @@ def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_u
     # client sees a normal answer; MoE runs only on-prem, so a clean 503 with Retry-After, not a
     # hang and not a 500.
     async def both():
-        async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        async with httpx.AsyncClient(headers=auth(), base_url=base_url, timeout=120) as http:
             dense_body = {"model": DENSE, "messages": HELLO, "max_tokens": 4, "stream": True}
             moe_body = {"model": MOE, "messages": HELLO, "max_tokens": 4}
             return await asyncio.gather(http.post("/v1/chat/completions", json=dense_body),
@@ -174,7 +174,7 @@ def test_redeploy_lets_in_flight_streams_finish(base_url, e2e_cluster):
     result = {}
 
     def long_stream():
-        with httpx.Client(timeout=300) as http:
+        with httpx.Client(headers=auth(), timeout=300) as http:
             body = {"model": DENSE, "messages": HELLO, "max_tokens": 1500, "stream": True,
                     "ignore_eos": True, "stream_options": {"include_usage": True}}
             with http.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:

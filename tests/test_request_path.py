@@ -98,8 +98,8 @@ def config(onprem_replicas=2, slots=4) -> SpillwayConfig:
 class Cluster:
     """FAKE engines on real ports: ``onprem-0``, ``onprem-1`` (when two) and ``cloud-0``."""
 
-    def __init__(self, engines: dict[str, FakeEngine], cfg: SpillwayConfig):
-        self.engines, self.config = engines, cfg
+    def __init__(self, engines: dict[str, FakeEngine], cfg: SpillwayConfig, ledger=None):
+        self.engines, self.config, self.ledger = engines, cfg, ledger
         self.dead: set[str] = set()
         self.servers: dict[str, StreamServer] = {}
 
@@ -117,7 +117,8 @@ class Cluster:
                                        secret=lambda: SECRET.hex())
         self.metrics = RecordingMetrics()
         handles = {MODEL: {site: FakeHandle(f"engine-{site}") for site in ("onprem", "cloud")}}
-        self.gateway = Gateway(self.config, handles, metrics=self.metrics, directory=self.directory)
+        self.gateway = Gateway(self.config, handles, ledger=self.ledger, metrics=self.metrics,
+                               directory=self.directory)
         self.directory.apply(self.directory.fetch())
         self.releases: Counter = Counter()
         scheduler: ModelScheduler = self.gateway.schedulers[MODEL]

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from serve_app.config.base import DataClassName, Strict
 from serve_app.config.cost import HOURLY_BASES
+from serve_app.config.governance import GovernanceConfig, StoreConfig, StoreKind
 from serve_app.config.infra import (
     FRAME_OVERHEAD_BYTES,
     RAY_WORKER_PORTS,
@@ -39,6 +40,7 @@ class SpillwayConfig(Strict):
     http: HttpConfig = Field(default_factory=HttpConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     engine_port: EnginePortConfig = Field(default_factory=EnginePortConfig)
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig)
     local_cluster: LocalClusterConfig | None = Field(
         default=None, description="Nodes for `spillway up --local`; ignored on a real cluster."
     )
@@ -178,7 +180,8 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent.parent / "cluster_c
 
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH", "DataClassName", "EngineConfig", "EnginePortConfig", "HttpConfig", "IngressKind",
+    "DEFAULT_CONFIG_PATH", "DataClassName", "EngineConfig", "EnginePortConfig", "GovernanceConfig", "HttpConfig",
+    "IngressKind", "StoreConfig", "StoreKind",
     "LocalClusterConfig", "LocalNodeConfig", "ModelConfig", "QueueConfig", "ReplicaResources", "RouterConfig",
     "SiteConfig", "SiteKind", "SplitConfig", "SpillwayConfig", "Strict", "TracingConfig", "TracingExporter",
     "load_config",

@@ -28,7 +28,7 @@ def install(api: FastAPI, router_site: str) -> None:
 
     @api.exception_handler(SpillwayError)
     async def _spillway_error(request: Request, exc: SpillwayError):
-        headers = dict(site)
+        headers = {**site, **exc.headers}
         if exc.retry_after_s is not None:
             headers["retry-after"] = str(max(1, int(round(exc.retry_after_s))))
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)

@@ -52,6 +52,7 @@ def read_headers(headers: Mapping[str, str], benchmark_modes: bool = False) -> R
     return RequestHeaders(
         request_id=request_id,
         priority=_priority(headers.get(HEADER_PRIORITY)),
+        priority_declared=bool(headers.get(HEADER_PRIORITY)),
         declared_class=DataClass.parse(declared) if declared else None,
         session=session,
         tenant=tenant or _key_fingerprint(headers.get("authorization", "")),

@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.errors import ModelNotFound
 from serve_app.http import errors
+from serve_app.http.admin import install_admin
 from serve_app.http.owner import RequestOwner, owned
 from serve_app.pipeline.gateway import Gateway
 from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS
@@ -62,4 +63,5 @@ def build_api(gateway: Gateway):
         return JSONResponse({"router_replica": gateway.replica_tag, "spans": gateway.tracing.memory.finished_spans()},
                             headers=site)
 
+    install_admin(api, gateway)
     return RequestOwner(api)

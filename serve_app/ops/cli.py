@@ -1,4 +1,5 @@
-"""``spillway`` command line: models, local cluster, deploy, status, cost."""
+"""``spillway`` command line: models, local cluster, deploy, status, cost; keys, tenants, usage and
+budgets through the admin API (``admin_cli.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from serve_app.config import DEFAULT_CONFIG_PATH, load_config
 from serve_app.errors import ConfigError
+from serve_app.ops import admin_cli
 
 
 def _log(message: str) -> None:
@@ -82,10 +84,19 @@ Spillway is serving on {base}/v1  (models: {', '.join(m.id for m in config.model
 model='{model}', messages=[{{'role': 'user', 'content': 'Hello'}}], max_tokens=32, stream=True) if x.choices]"
 
   spillway status    # sites, deployments, replicas
+  spillway keys create --tenant TEAM    # API keys (then every request needs one)
+  spillway usage --by tenant,model,site # requests, tokens, cost
   spillway down      # stop the local cluster
 """,
         flush=True,
     )
+    from serve_app.ops.deploy import wait_healthy
+
+    auth = wait_healthy(config, log=_log).get("auth", {})
+    if auth.get("mode") == "open":
+        _log(f"WARNING: open mode: {auth.get('warning', 'no API keys exist')}")
+    else:
+        _log("API keys required (Authorization: Bearer <key>)")
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -187,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: each site's planning utilisation)")
     cost.add_argument("--json", action="store_true")
     cost.set_defaults(func=cmd_cost)
+    admin_cli.add_parsers(sub, with_config)
     return parser
 
 
@@ -197,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"spillway: {exc}", file=sys.stderr)
         return 2
+    except admin_cli.AdminError as exc:
+        print(f"spillway: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

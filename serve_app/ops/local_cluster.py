@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import secrets
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from serve_app.config import LocalClusterConfig, SpillwayConfig
 
+SERVE_SHUTDOWN_TIMEOUT_S = 120.0
 DEFAULT_STATE_FILE = Path(os.environ.get("SPILLWAY_STATE_DIR", Path.home() / ".cache" / "spillway")) / "local-cluster.json"
 SITE_RESOURCE_AMOUNT = 1000  # per node; bundles ask for a sliver, so this never limits placement
 NODE_JOIN_TIMEOUT_S = 90.0
@@ -73,6 +75,10 @@ class LocalCluster:
         env = dict(os.environ)
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env.update(self.config.http.ingress_env(self.config.router.replicas))
+        admin_env = self.config.governance.admin_key_env
+        if not env.get(admin_env):
+            env[admin_env] = ensure_admin_key(self.state_file.parent)
+            log(f"admin key (for 'spillway keys', 'spillway usage' and the admin API): {admin_key_path(self.state_file.parent)}")
         log_dir = self.state_file.parent / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -108,6 +114,8 @@ class LocalCluster:
         if not state:
             log("no local cluster recorded; nothing to stop")
             return False
+        if all(_alive(pid) for pid in state["pids"][:1]):
+            self._shutdown_serve(log)
         # Every process of the cluster shares the session of its `ray start` process, also those
         # that made process groups of their own (HAProxy, vLLM's engine processes): reap them all.
         sessions = {sid for sid in (_session_of(pid) for pid in state["pids"]) if sid is not None}
@@ -124,6 +132,17 @@ class LocalCluster:
         self.state_file.unlink(missing_ok=True)
         log("local cluster stopped")
         return True
+
+    def _shutdown_serve(self, log) -> None:
+        """Shut Serve down first, so every replica stops gracefully: routers send their last
+        settlements and the ledger writes what it holds (a signal would cut them off)."""
+        script = ("import ray; from ray import serve; "
+                  f"ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); serve.shutdown()")
+        try:
+            subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=SERVE_SHUTDOWN_TIMEOUT_S,
+                           env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        except subprocess.TimeoutExpired:
+            log(f"Serve did not shut down within {SERVE_SHUTDOWN_TIMEOUT_S:.0f}s; stopping the nodes anyway")
 
     def _wait_for_nodes(self, expected: int, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + NODE_JOIN_TIMEOUT_S
@@ -209,6 +228,23 @@ def _reap_sessions(sessions: set[int], timeout_s: float = 10.0) -> None:
         _, alive = psutil.wait_procs(left(), timeout=timeout_s)
         if not alive:
             return
+
+
+def admin_key_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "admin-key"
+
+
+def ensure_admin_key(state_dir: Path) -> str:
+    """The local cluster's admin key: made once (random), kept readable by this user only."""
+    path = admin_key_path(state_dir)
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "spw-admin-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    return key
 
 
 def _port_in_use(port: int) -> bool:

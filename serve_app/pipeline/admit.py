@@ -18,9 +18,13 @@ class AdmitStage:
 
     name = "admit"
 
-    def __init__(self, schedulers: dict[str, ModelScheduler], targets: dict[str, dict[str, EngineTarget]]):
+    def __init__(self, schedulers: dict[str, ModelScheduler], targets: dict[str, dict[str, EngineTarget]],
+                 onprem_sites: frozenset[str] = frozenset()):
         self._schedulers = schedulers
         self._targets = targets
+        # Groups off on-prem sites, per model: what a request bound to on-prem may not use.
+        self._offprem = {model: frozenset(g for g, t in groups.items() if t.group.site not in onprem_sites)
+                         for model, groups in targets.items()}
 
     async def run(self, ctx: RequestContext) -> None:
         ctx.lease = await self.acquire(ctx, retry=False)
@@ -35,6 +39,8 @@ class AdmitStage:
         exclude = frozenset()
         if ctx.headers.routing_mode == ROUTING_ONPREM_ONLY:
             exclude = frozenset(g for g, t in self._targets[ctx.model].items() if t.group.site_rank > 0)
+        if ctx.onprem_only:  # residency of its key or tenant, or a spent budget with the on-prem-only policy
+            exclude = exclude | self._offprem[ctx.model]
         with ctx.trace.child("spillway.admission", attempt=ctx.attempts + 1, priority=ctx.headers.priority) as span:
             try:
                 lease = await self._schedulers[ctx.model].acquire(

@@ -7,7 +7,7 @@ from serve_app.policy.classify import CLASSIFIER_ERROR, Classification, DataClas
 
 
 class ClassifyStage:
-    """The request's data class: declared (header, else the default), raised by what the scan found,
+    """The request's data class: declared (header, else the key's default, else the router's), raised by what the scan found,
     by content that could not be scanned (unless the client declared a class), and to
     confidential when the scan itself failed. Any error here also means confidential."""
 
@@ -34,9 +34,12 @@ class ClassifyStage:
 
     def decide(self, ctx: RequestContext) -> Classification:
         declared = ctx.headers.declared_class
+        default = self._default
+        if ctx.principal is not None and ctx.principal.default_class is not None:
+            default = ctx.principal.default_class  # the key's default class
         findings = list(ctx.scan.findings)
         if ctx.scan.scan_error:
             findings.append(Finding(CLASSIFIER_ERROR, DataClass.confidential))
         if declared is None:
             findings += [Finding(f"opaque:{kind}", self._opaque) for kind in ctx.shape.opaque]
-        return classify(declared if declared is not None else self._default, tuple(findings))
+        return classify(declared if declared is not None else default, tuple(findings))

@@ -36,6 +36,7 @@ class RequestHeaders:
 
     request_id: str
     priority: int = 0
+    priority_declared: bool = False  # the client sent x-spillway-priority (a key's tier caps it)
     declared_class: Any = None  # DataClass | None: None when the client declared nothing
     session: str | None = None
     tenant: str = "anonymous"
@@ -77,6 +78,11 @@ class RequestContext:
     attempts: int = 0
     site: str | None = None  # where it ran, when no lease says so (the benchmark's pow2 baseline)
     budget_miss: bool = False  # waited past its budget with room elsewhere, and timed out
+    principal: Any = None  # Principal: who sent it (the auth stage)
+    onprem_only: bool = False  # residency rule of its key or tenant, or the on-prem-only budget policy
+    admission: Any = None  # governance Admission: the ledger's reservation, settled by the outcome sink
+    prompt_tokens_estimate: int = 0
+    response_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-ratelimit-*
     status: int = 0
     outcome: str = ""
     closed: bool = False

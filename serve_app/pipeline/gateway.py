@@ -1,8 +1,10 @@
 """The request path: the stages in order, what they share, and the answer they produce.
 
-    parse+validate -> [auth] -> resolve model -> classify -> [limits, budget, cache]
-        -> (pow2 baseline, benchmark mode only) -> admit -> dispatch -> answer (relay for streams)
-    and, however the request ends, the outcome sink (metrics, splits, trace; later usage, audit).
+    parse+validate -> auth (key -> tenant) -> resolve model -> access (403, residency) -> classify
+        -> govern (limits, budget: one ledger call) -> [cache] -> (pow2 baseline, benchmark mode only)
+        -> admit -> dispatch -> answer (relay for streams)
+    and, however the request ends, the outcome sink (metrics, splits, trace, usage and budget
+    settlement; later the audit record).
 
 Bracketed stages come with the governance issues; each is one module plus its place in
 ``stages`` below. A stage that produces the answer itself (the baseline, later a cache hit) ends
@@ -12,6 +14,8 @@ the walk. The ``Gateway`` holds no per-request state: any router replica serves 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -19,11 +23,14 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from serve_app.config import SpillwayConfig
+from serve_app.config import SiteKind, SpillwayConfig
 from serve_app.errors import InvalidRequest, SpillwayError
+from serve_app.governance.client import OPEN_WARNING, LedgerClient
+from serve_app.governance.cost import CostModel
 from serve_app.http.headers import read_headers
 from serve_app.observe.tracing import Tracing
 from serve_app.pipeline.admit import AdmitStage
+from serve_app.pipeline.auth import AccessStage, AuthStage
 from serve_app.pipeline.baselines import Pow2BaselineStage
 from serve_app.pipeline.classify import ClassifyStage
 from serve_app.pipeline.context import (
@@ -34,6 +41,7 @@ from serve_app.pipeline.context import (
     RequestHeaders,
 )
 from serve_app.pipeline.dispatch import DispatchStage
+from serve_app.pipeline.govern import GovernStage
 from serve_app.pipeline.outcome import OutcomeSink
 from serve_app.pipeline.parse import ParseStage
 from serve_app.pipeline.relay import relay
@@ -52,14 +60,19 @@ HEADER_DATA_CLASS = "x-spillway-data-class"
 HEADER_SPILL_REASON = "x-spillway-spill-reason"
 HEADER_QUEUE_MS = "x-spillway-queue-ms"
 HEADER_VARIANT = "x-spillway-variant"
+HEADER_ROUTER = "x-spillway-router"  # the router replica that served it (logs, and tests across replicas)
 SSE_MEDIA_TYPE = "text/event-stream"
 PROMPT_PREVIEW_CHARS = 8_192
 HEALTH_PROBE_TIMEOUT_S = 5.0
 
+logger = logging.getLogger("spillway.gateway")
+
 
 class Gateway:
-    def __init__(self, config: SpillwayConfig, handles: dict[str, dict[str, Any]], *, metrics=None,
+    def __init__(self, config: SpillwayConfig, handles: dict[str, dict[str, Any]], *, ledger=None, metrics=None,
                  directory=None, tracing: Tracing | None = None, clock=time.monotonic):
+        """``ledger``: the governance ledger's handle (``governance/service.py``); without one (router
+        unit tests) there are no keys, limits or budgets."""
         router = config.router
         self.config = config
         self.targets = build_targets(config, handles)
@@ -80,14 +93,22 @@ class Gateway:
         ), router.inline_scan_max_bytes, router.scan_workers)
         self.splits = {alias: TrafficSplit(alias, [Variant(model, weight) for model, weight in split.variants.items()])
                        for alias, split in router.splits.items()}
-        self.sink = OutcomeSink(config, metrics, self.schedulers)
-        admit = AdmitStage(self.schedulers, self.targets)
+        self.ledger = LedgerClient(ledger, config.governance) if ledger is not None else None
+        self.admin_key = os.environ.get(config.governance.admin_key_env) or None
+        self.sink = OutcomeSink(config, metrics, self.schedulers, self.ledger)
+        onprem_sites = frozenset(s.name for s in config.sites if s.kind == SiteKind.onprem)
+        admit = AdmitStage(self.schedulers, self.targets, onprem_sites)
+        governed = self.ledger is not None
+        onprem_models = frozenset(m.id for m in config.models if any(n > 0 for s, n in m.replicas.items()
+                                                                     if s in onprem_sites))
         self.stages: list[Any] = [
             ParseStage(self.scanner, router.max_body_bytes),
-            # auth: API key -> tenant and key policy (Governance I)
+            *([AuthStage(self.ledger)] if governed else []),
             ResolveStage({m.id: m for m in config.models}, self.splits),
+            *([AccessStage(onprem_models)] if governed else []),
             ClassifyStage(DataClass[router.default_data_class], DataClass[router.opaque_data_class]),
-            # limits (rpm/tpm), budget (reserve), cache (lookup) (Governance I and II)
+            *([GovernStage(config, self.ledger, CostModel(config))] if governed else []),
+            # cache (lookup) (Governance II)
         ]
         if router.benchmark_modes:
             self.stages.append(Pow2BaselineStage(self.targets))
@@ -101,6 +122,8 @@ class Gateway:
     def start(self) -> None:
         """Background work on the running loop (idempotent; called on every request)."""
         self.fleet.start()
+        if self.ledger is not None:
+            self.ledger.start()
         if self._warm is None:
             self._warm = asyncio.get_running_loop().create_task(self.scanner.warm())
 
@@ -110,6 +133,8 @@ class Gateway:
             self._warm.cancel()
             await asyncio.gather(self._warm, return_exceptions=True)
         await self.fleet.close()
+        if self.ledger is not None:
+            await self.ledger.close()
         await self.scanner.close()
         self.tracing.shutdown()
 
@@ -151,9 +176,11 @@ class Gateway:
             HEADER_DATA_CLASS: ctx.classification.data_class.name,
             HEADER_SPILL_REASON: lease.spill_reason if lease is not None else ctx.headers.routing_mode,
             HEADER_QUEUE_MS: f"{lease.queue_ms:.1f}" if lease is not None else "0.0",
+            HEADER_ROUTER: self.replica_tag,
         }
         if ctx.split is not None:
             headers[HEADER_VARIANT] = ctx.model
+        headers.update(ctx.response_headers)
         if reply.stream is None:
             ctx.summary.first_at = time.monotonic()
             ctx.engine_done()
@@ -167,7 +194,14 @@ class Gateway:
         self.start()
         report = await self.fleet.engine_report(HEALTH_PROBE_TIMEOUT_S)
         healthy = all(any(site["healthy"] for site in sites.values()) for sites in report.values())
-        return healthy, {"status": "ok" if healthy else "degraded", "models": report}
+        return healthy, {"status": "ok" if healthy else "degraded", "auth": self.auth_mode(), "models": report}
+
+    def auth_mode(self) -> dict:
+        if self.ledger is None or self.ledger.table is None:
+            return {"mode": "open" if self.ledger is None else "starting"}
+        if self.ledger.table.open:
+            return {"mode": "open", "warning": OPEN_WARNING}
+        return {"mode": "keys"}
 
     def models(self) -> list[dict]:
         data = [{"id": m.id, "object": "model", "created": self.created, "owned_by": "spillway",

@@ -1,13 +1,19 @@
 """The one place a finished request is reported: metrics, split counters, the predictor's learning,
-and the trace. (Usage accounting, budget settlement and the audit record join here later.)
+the trace, and its settlement with the ledger (usage, spend; the reservation of a keyed request
+given back). (The audit record joins here later.)
 
-It runs once per request, from ``RequestContext.close``, whatever the outcome.
+It runs once per request, from ``RequestContext.close``, whatever the outcome. What a request
+used: the engine's usage when it reported one; for a request cut short after it reached an
+engine (the client gone, an error mid-stream), the prompt estimate and the tokens streamed; for
+one that never reached an engine, nothing.
 """
 
 from __future__ import annotations
 
 from serve_app.config import SpillwayConfig
+from serve_app.governance.budgets import to_micros
 from serve_app.governance.cost import CostModel
+from serve_app.governance.ledger import Settlement
 from serve_app.pipeline.context import OUTCOME_OK, RequestContext
 from serve_app.pipeline.relay import usage_of
 from serve_app.router.scheduler import ModelScheduler
@@ -16,10 +22,11 @@ NO_SITE = "none"
 
 
 class OutcomeSink:
-    def __init__(self, config: SpillwayConfig, metrics, schedulers: dict[str, ModelScheduler]):
+    def __init__(self, config: SpillwayConfig, metrics, schedulers: dict[str, ModelScheduler], ledger=None):
         self._costs = CostModel(config)
         self._metrics = metrics
         self._schedulers = schedulers
+        self._ledger = ledger  # LedgerClient
 
     def __call__(self, ctx: RequestContext) -> None:
         model = ctx.model or "none"
@@ -44,6 +51,8 @@ class OutcomeSink:
                              output_tokens=summary.usage[1] if summary.usage else 0)
         if ok and summary.usage is not None and ctx.model in self._schedulers:
             self._schedulers[ctx.model].observe_usage(ctx.shape.max_tokens, summary.usage[1])
+        if self._ledger is not None:
+            self._settle(ctx, site)
         attributes = {"ttft_ms": _round(ttft_ms), "itl_ms": _round(itl_ms)}
         if lease is not None:
             attributes.update(site=site, queue_wait_ms=round(lease.queue_ms, 1), spill_reason=lease.spill_reason)
@@ -54,6 +63,19 @@ class OutcomeSink:
         if ok and reply is not None and reply.body is not None and ctx.trace.recording:
             ctx.trace.record_content("gen_ai.completion", reply.body.decode("utf-8", "replace"))
         ctx.trace.finish(ctx.outcome, ctx.status, **attributes)
+
+
+    def _settle(self, ctx: RequestContext, site: str) -> None:
+        principal, admission = ctx.principal, ctx.admission
+        if principal is None or not ctx.model or (principal.key_id is not None and admission is None):
+            return  # refused before it was admitted: nothing reserved, nothing used
+        usage = ctx.summary.usage
+        if usage is None:
+            usage = (ctx.prompt_tokens_estimate, ctx.summary.events) if ctx.reply is not None else (0, 0)
+        cost = to_micros(self._costs.request_cost(ctx.model, site, usage)) if site != NO_SITE else 0
+        self._ledger.settle(Settlement(
+            self._ledger.router_id, admission.reservation if admission else None, principal.key_id, principal.tenant,
+            ctx.model, site, usage[0], usage[1], cost, admission.accounts if admission else ()))
 
 
 def _round(value: float | None) -> float | None:

@@ -1,0 +1,70 @@
+"""Governance: where the ledger keeps its state, the admin key, how routers talk to the ledger,
+and budget alerts. Tenants and keys themselves are data (created through the admin API or
+``spillway keys``), not config: they change without a restart."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from serve_app.config.base import Strict
+
+DEFAULT_STATE_DIR = Path(os.environ.get("SPILLWAY_STATE_DIR", Path.home() / ".cache" / "spillway"))
+
+
+class StoreKind(str, Enum):
+    sqlite = "sqlite"
+    postgres = "postgres"
+
+
+class StoreConfig(Strict):
+    kind: StoreKind = Field(default=StoreKind.sqlite, description="sqlite (embedded, one node) or postgres (clusters).")
+    path: str | None = Field(
+        default=None, description="SQLite file on the ledger's node (default <SPILLWAY_STATE_DIR>/ledger.sqlite3).")
+    dsn_env: str = Field(
+        default="SPILLWAY_LEDGER_DSN",
+        description="Environment variable holding the PostgreSQL connection string (never in the config file).")
+
+    def sqlite_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else DEFAULT_STATE_DIR / "ledger.sqlite3"
+
+
+class GovernanceConfig(Strict):
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    admin_key_env: str = Field(
+        default="SPILLWAY_ADMIN_KEY",
+        description="Environment variable (of the router processes) holding the admin key for the admin API. "
+        "Unset: the admin API answers 401 to everyone.")
+    flush_interval_ms: int = Field(
+        default=100, ge=10, le=10_000,
+        description="The ledger writes changed spend, usage and windows to the store this often (and on "
+        "shutdown); a crash of the ledger process loses at most this much settled spend.")
+    settle_batch_ms: int = Field(
+        default=50, ge=1, le=5_000, description="Routers send finished requests' settlements to the ledger in "
+        "batches this often.")
+    heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Routers report to the ledger this often.")
+    router_lost_after_s: float = Field(
+        default=10.0, gt=0, description="A router silent this long is gone: its open reservations are charged "
+        "in full (the engine may have run them to the end).")
+    keys_refresh_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="Routers re-read the key table this often (a key created on one router reaches the others "
+        "within this bound; revocation is checked by the ledger on every request, so it is immediate).")
+    chars_per_token: float = Field(
+        default=4.0, gt=0, description="Prompt tokens estimated at admission from the body size (as OpenAI does); "
+        "settled with the engine's real count.")
+    alert_thresholds_pct: list[int] = Field(
+        default_factory=lambda: [50, 80, 100], description="Budget alerts fire once per period at each of these.")
+    alert_webhook_url: str | None = Field(
+        default=None, description="Optional URL that gets a JSON POST for each budget alert.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "GovernanceConfig":
+        if any(not 0 < t <= 1000 for t in self.alert_thresholds_pct):
+            raise ValueError("alert_thresholds_pct must be between 1 and 1000")
+        if self.alert_webhook_url is not None and not self.alert_webhook_url.startswith(("http://", "https://")):
+            raise ValueError("alert_webhook_url must be an http(s) URL")
+        return self

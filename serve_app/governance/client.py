@@ -1,0 +1,162 @@
+"""A router replica's side of the ledger (``service.py``).
+
+- The key table, checked locally (hash and constant-time compare in ``keys.py``); re-read when the
+  ledger's version changes (seen on every sync, at least every ``heartbeat_s``). A key the table
+  does not know yet is looked up once (at most ``LOOKUPS_PER_S`` per replica, so a flood of made-up
+  keys costs the ledger nothing), so a new key works on every replica at once.
+- ``admit``: one call per keyed request; the ledger also re-checks that the key is still active,
+  so a revocation holds from the next request on, on every replica.
+- ``settle``: queued, sent in batches every ``settle_batch_ms`` (and a heartbeat every
+  ``heartbeat_s`` without any), on this replica's event loop; a batch that fails is kept and sent
+  again (at most ``MAX_PENDING`` settlements; past that the oldest are logged and dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from serve_app.config.governance import GovernanceConfig
+from serve_app.governance.keys import KeyRecord, KeySpec, KeyTable, TenantSpec, parse_key
+from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Settlement
+
+logger = logging.getLogger("spillway.governance")
+
+ADMIT_TIMEOUT_S = 10.0
+SYNC_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 30.0
+LOOKUPS_PER_S = 10.0
+MAX_PENDING = 100_000
+OPEN_WARNING = "no API keys exist: anyone who can reach this endpoint may use it (create one with 'spillway keys create')"
+
+
+class LedgerUnavailable(Exception):
+    pass
+
+
+def table_from(data: dict) -> KeyTable:
+    records = [KeyRecord(k["id"], k["hash"], KeySpec.model_validate(k["spec"]), k["created_at"], k["revoked_at"])
+               for k in data["keys"]]
+    table = KeyTable(records, data["version"])
+    table.tenants = {n: TenantSpec.model_validate(s) for n, s in data["tenants"].items()}
+    return table
+
+
+class LedgerClient:
+    def __init__(self, handle: Any, settings: GovernanceConfig, clock=time.monotonic):
+        self.handle = handle
+        self.settings = settings
+        self.router_id = uuid.uuid4().hex[:12]
+        self.clock = clock
+        self.table: KeyTable | None = None
+        self._pending: list[Settlement] = []
+        self._task: asyncio.Task | None = None
+        self._loaded: asyncio.Event | None = None
+        self._lookup_tokens = LOOKUPS_PER_S
+        self._lookup_at = clock()
+        self._refreshing: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._loaded = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def ready(self) -> KeyTable:
+        """The key table, once read (fail closed: raises if the ledger cannot be reached in time)."""
+        self.start()
+        if self.table is None:
+            try:
+                await asyncio.wait_for(self._loaded.wait(), READY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise LedgerUnavailable("the governance ledger has not answered yet") from None
+        return self.table
+
+    async def admit(self, request: AdmitRequest) -> Admission | Denial:
+        try:
+            return await asyncio.wait_for(self.handle.admit.remote(request), ADMIT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise LedgerUnavailable("the governance ledger did not answer in time") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to reach it means: fail closed
+            raise LedgerUnavailable(f"the governance ledger is unreachable ({type(exc).__name__})") from None
+
+    def settle(self, settlement: Settlement) -> None:
+        self._pending.append(settlement)
+        if len(self._pending) > MAX_PENDING:
+            dropped = len(self._pending) - MAX_PENDING
+            del self._pending[:dropped]
+            logger.error("ledger unreachable: dropped the %d oldest unsent settlement(s)", dropped)
+
+    async def lookup(self, presented: str) -> KeyRecord | None:
+        """A key this replica's table does not know: re-read the table (rate-limited), check again.
+        Requests that arrive while a read is in flight wait for it instead of starting another."""
+        parsed = parse_key(presented)
+        if parsed is None or self.table is None:
+            return None
+        if self._refreshing is not None and not self._refreshing.done():
+            await asyncio.shield(self._refreshing)
+            return self.table.check(presented)
+        if parsed[0] in self.table.records:
+            return None  # a known key with a wrong secret, or revoked
+        now = self.clock()
+        self._lookup_tokens = min(LOOKUPS_PER_S, self._lookup_tokens + (now - self._lookup_at) * LOOKUPS_PER_S)
+        self._lookup_at = now
+        if self._lookup_tokens < 1:
+            return None
+        self._lookup_tokens -= 1
+        await self.refresh()
+        return self.table.check(presented)
+
+    async def refresh(self) -> None:
+        """Re-read the key table (one read in flight per replica; callers share it)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._read_table())
+        await asyncio.shield(self._refreshing)
+
+    async def _read_table(self) -> None:
+        data = await asyncio.wait_for(self.handle.key_table.remote(), SYNC_TIMEOUT_S)
+        first = self.table is None
+        self.table = table_from(data)
+        self._loaded.set()
+        if first and self.table.open:
+            logger.warning("Spillway is open: %s", OPEN_WARNING)
+
+    async def _run(self) -> None:
+        while self.table is None:
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the ledger may still be starting
+                logger.warning("key table not readable yet: %s", exc)
+                await asyncio.sleep(1.0)
+        last_sync = self.clock()
+        while True:
+            await asyncio.sleep(self.settings.settle_batch_ms / 1000)
+            if not self._pending and self.clock() - last_sync < self.settings.heartbeat_s:
+                continue
+            try:
+                await self.sync()
+                last_sync = self.clock()
+            except Exception as exc:  # noqa: BLE001 - kept and sent again
+                logger.warning("ledger sync failed (%d settlement(s) kept): %s", len(self._pending), exc)
+
+    async def sync(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            version = await asyncio.wait_for(self.handle.sync.remote(self.router_id, batch), SYNC_TIMEOUT_S)
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+        if self.table is None or version != self.table.version:
+            await self.refresh()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._pending:
+            try:
+                await self.sync()
+            except Exception as exc:  # noqa: BLE001 - nothing more to do at shutdown
+                logger.error("could not send %d settlement(s) at shutdown: %s", len(self._pending), exc)

@@ -1,0 +1,123 @@
+"""The admin API: tenants, keys, usage and budgets, behind the admin key.
+
+Every route needs ``Authorization: Bearer <admin key>`` (the value of the router's
+``governance.admin_key_env`` variable, compared in constant time); with no admin key set, every
+call is 401. Changes go to the ledger, which writes them to its store before answering; the
+router that took the call re-reads its key table at once, the others on their next sync.
+``spillway keys|tenants|usage`` are clients of these routes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from serve_app.errors import AuthenticationFailed, InvalidRequest, ModelNotFound
+from serve_app.governance.keys import NAME_PATTERN, KeySpec, TenantSpec, bearer, check_admin_key
+from serve_app.governance.store import USAGE_COLUMNS
+from serve_app.http.body import read_body
+
+PREFIX = "/v1/spillway/admin"
+MAX_ADMIN_BODY_BYTES = 65_536
+ADMIN_TIMEOUT_S = 30.0
+
+
+def install_admin(api: FastAPI, gateway) -> None:
+    def ledger(request: Request):
+        if not check_admin_key(bearer(request.headers.get("authorization", "")), gateway.admin_key):
+            raise AuthenticationFailed("The admin API needs the admin key ('Authorization: Bearer <admin key>')."
+                                       if gateway.admin_key else "The admin API is off: no admin key is set.")
+        if gateway.ledger is None:
+            raise ModelNotFound("governance is not configured on this router")
+        return gateway.ledger.handle
+
+    async def body_of(request: Request, model):
+        raw = await read_body(request, MAX_ADMIN_BODY_BYTES)
+        try:
+            return model.model_validate(json.loads(raw or b"{}"))
+        except (ValueError, ValidationError) as exc:
+            errors = exc.errors() if isinstance(exc, ValidationError) else [{"loc": (), "msg": str(exc)}]
+            first = errors[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise InvalidRequest(f"{where}: {first['msg']}", param=where) from None
+
+    async def changed(answer):
+        await gateway.ledger.refresh()  # this replica knows the change before it answers
+        return answer
+
+    @api.get(PREFIX + "/keys")
+    async def list_keys(request: Request):
+        return JSONResponse({"data": await ledger(request).list_keys.remote()})
+
+    @api.post(PREFIX + "/keys")
+    async def create_key(request: Request):
+        handle = ledger(request)
+        spec = await body_of(request, KeySpec)
+        return JSONResponse(await changed(await handle.create_key.remote(spec.model_dump(mode="json"))),
+                            status_code=201)
+
+    @api.post(PREFIX + "/keys/{key_id}/rotate")
+    async def rotate_key(key_id: str, request: Request):
+        created = await ledger(request).rotate_key.remote(key_id[:64])
+        if created is None:
+            raise ModelNotFound(f"no active key {key_id[:64]!r}", param="key_id")
+        return JSONResponse(await changed(created), status_code=201)
+
+    @api.delete(PREFIX + "/keys/{key_id}")
+    async def revoke_key(key_id: str, request: Request):
+        record = await ledger(request).revoke_key.remote(key_id[:64])
+        if record is None:
+            raise ModelNotFound(f"no key {key_id[:64]!r}", param="key_id")
+        return JSONResponse(await changed(record))
+
+    @api.get(PREFIX + "/tenants")
+    async def list_tenants(request: Request):
+        return JSONResponse({"data": await ledger(request).list_tenants.remote()})
+
+    @api.put(PREFIX + "/tenants/{name}")
+    async def set_tenant(name: str, request: Request):
+        handle = ledger(request)
+        if not re.fullmatch(NAME_PATTERN[1:-1], name):
+            raise InvalidRequest("a tenant name is 1 to 64 letters, digits and . _ : -", param="name")
+        spec = await body_of(request, TenantSpec)
+        return JSONResponse(await changed(await handle.set_tenant.remote(name, spec.model_dump(mode="json"))))
+
+    @api.get(PREFIX + "/usage")
+    async def usage(request: Request):
+        handle = ledger(request)
+        params = request.query_params
+        first, last = usage_days(params.get("period", "day"), params.get("date"))
+        by = [c for c in params.get("by", "tenant").split(",") if c]
+        unknown = set(by) - set(USAGE_COLUMNS)
+        if unknown:
+            raise InvalidRequest(f"by: one or more of {', '.join(USAGE_COLUMNS)}", param="by")
+        rows = await handle.usage.remote(first, last, by)
+        return JSONResponse({"from": first, "to": last, "by": by, "data": rows})
+
+    @api.get(PREFIX + "/budgets")
+    async def budgets(request: Request):
+        return JSONResponse({"data": await ledger(request).budgets.remote()})
+
+    @api.get(PREFIX + "/ledger")
+    async def ledger_state(request: Request):
+        return JSONResponse(await ledger(request).state.remote())
+
+
+def usage_days(period: str, date: str | None) -> tuple[str, str]:
+    """First and last day (``YYYY-MM-DD``, UTC) of a day or a month; ``date`` defaults to now."""
+    if period == "day":
+        date = date or time.strftime("%Y-%m-%d", time.gmtime())
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+            raise InvalidRequest("date: YYYY-MM-DD for a day", param="date")
+        return date, date
+    if period == "month":
+        date = date or time.strftime("%Y-%m", time.gmtime())
+        if not re.fullmatch(r"\d{4}-\d{2}", date):
+            raise InvalidRequest("date: YYYY-MM for a month", param="date")
+        return f"{date}-01", f"{date}-31"
+    raise InvalidRequest("period: day or month", param="period")

@@ -1,0 +1,152 @@
+"""Keys, limits and budgets on the real request path without Ray: the real ASGI app, gateway,
+stages and outcome sink, the real ledger service (SQLite), in front of FAKE engines on real
+engine ports. The ledger's Serve handle is replaced by a FAKE that awaits the service in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+from serve_app.config import SpillwayConfig
+from serve_app.governance.service import LedgerService
+from tests.test_request_path import Cluster, Exchange, chat, config, engines, run, wait_for
+
+
+class InProcessLedger:
+    """A FAKE Serve handle: ``handle.method.remote(*args)`` awaits the real service's method."""
+
+    def __init__(self, service: LedgerService):
+        self.service = service
+
+    def __getattr__(self, name):
+        method = getattr(self.service, name)
+        return SimpleNamespace(remote=lambda *args: method(*args))
+
+
+def governed(tmp_path, **router) -> tuple[SpillwayConfig, InProcessLedger]:
+    raw = config().model_dump(mode="json")
+    raw["governance"] = {"store": {"path": str(tmp_path / "ledger.sqlite3")}, "settle_batch_ms": 5}
+    raw["router"].update(router)
+    for site, price in zip(raw["sites"], (0.001, 0.004)):  # on-prem, cloud: per 1,000 tokens
+        site["cost_per_1k_tokens"] = price
+    cfg = SpillwayConfig.model_validate(raw)
+    return cfg, InProcessLedger(LedgerService(cfg.model_dump(mode="json")))
+
+
+def bearer(key: dict) -> dict:
+    return {"authorization": f"Bearer {key['key']}"}
+
+
+def test_open_without_keys_then_every_request_needs_an_active_key(tmp_path):
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            open_answer = await Exchange(chat()).run(cluster.app)
+            mode = cluster.gateway.auth_mode()
+            key = await ledger.service.create_key({"tenant": "acme"})
+            # The ledger's version moved: this router's next sync (at most heartbeat_s away) re-reads
+            # the table and is no longer open.
+            assert await wait_for(lambda: not cluster.gateway.ledger.table.open, timeout_s=10)
+            results = {
+                "none": await Exchange(chat()).run(cluster.app),
+                "made-up": await Exchange(chat(), headers={"authorization": "Bearer sk-nope"}).run(cluster.app),
+                "good": await Exchange(chat(), headers=bearer(key)).run(cluster.app),
+            }
+            await ledger.service.revoke_key(key["id"])
+            results["revoked"] = await Exchange(chat(), headers=bearer(key)).run(cluster.app)
+            return open_answer, mode, results, cluster.gateway.auth_mode()
+
+    open_answer, mode, results, keyed_mode = run(main())
+    assert open_answer.status == 200 and mode["mode"] == "open" and "anyone" in mode["warning"]
+    assert keyed_mode == {"mode": "keys"}
+    assert results["good"].status == 200
+    for name in ("none", "made-up", "revoked"):
+        error = json.loads(results[name].body)["error"]
+        assert results[name].status == 401 and error["code"] == "invalid_api_key", name
+
+
+def test_a_model_outside_the_keys_list_is_403_and_on_prem_residency_needs_an_on_prem_model(tmp_path):
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            other = await ledger.service.create_key({"tenant": "acme", "models": ["another-model"]})
+            onprem = await ledger.service.create_key({"tenant": "acme", "residency": "onprem"})
+            return (await Exchange(chat(), headers=bearer(other)).run(cluster.app),
+                    await Exchange(chat(), headers=bearer(onprem)).run(cluster.app))
+
+    forbidden, onprem = run(main())
+    assert forbidden.status == 403 and json.loads(forbidden.body)["error"]["code"] == "model_not_allowed"
+    assert onprem.status == 200 and onprem.response_headers["x-spillway-site"] == "onprem"
+
+
+def test_limits_answer_with_openai_headers_and_429_with_retry_after(tmp_path):
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            await ledger.service.set_tenant("acme", {"rpm": 2, "tpm": 10_000})
+            key = await ledger.service.create_key({"tenant": "acme"})
+            return [await Exchange(chat(max_tokens=5), headers=bearer(key)).run(cluster.app) for _ in range(3)]
+
+    first, second, third = run(main())
+    assert first.response_headers["x-ratelimit-remaining-requests"] == "1"
+    assert second.response_headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(first.response_headers["x-ratelimit-remaining-tokens"]) < 10_000
+    assert first.response_headers["x-ratelimit-limit-tokens"] == "10000"
+    assert third.status == 429 and json.loads(third.body)["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(third.response_headers["retry-after"]) <= 60
+    assert third.response_headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_a_spent_budget_refuses_with_insufficient_quota(tmp_path):
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            await ledger.service.set_tenant("acme", {"budgets": [{"period": "day", "limit": 1e-9}]})
+            key = await ledger.service.create_key({"tenant": "acme"})
+            return await Exchange(chat(max_tokens=5), headers=bearer(key)).run(cluster.app)
+
+    refused = run(main())
+    assert refused.status == 429
+    assert json.loads(refused.body)["error"]["type"] == "insufficient_quota"
+
+
+def test_every_exit_settles_its_reservation_and_records_usage(tmp_path):
+    """Finished, streamed, and the client gone mid-stream: no reservation is left open."""
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            key = await ledger.service.create_key({"tenant": "acme"})
+            await Exchange(chat(max_tokens=5), headers=bearer(key)).run(cluster.app)
+            await Exchange(chat(stream=True, max_tokens=5), headers=bearer(key)).run(cluster.app)
+            await Exchange(chat(stream=True), headers=bearer(key), disconnect_after_chunks=2).run(cluster.app)
+            settled = await wait_for(lambda: not ledger.service.ledger.reservations and
+                                     not cluster.gateway.ledger._pending)
+            usage = await ledger.service.usage("0000-00-00", "9999-12-31", ["tenant", "key_id"])
+            return settled, usage, key
+
+    settled, usage, key = run(main())
+    assert settled
+    assert len(usage) == 1 and usage[0]["tenant"] == "acme" and usage[0]["key_id"] == key["id"]
+    assert usage[0]["requests"] == 3 and usage[0]["completion_tokens"] > 0
+
+
+def test_a_burst_with_a_key_this_router_has_not_seen_yet_is_served_whole(tmp_path):
+    """The first requests with a new key share one re-read of the key table; none is refused."""
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            await Exchange(chat(max_tokens=1)).run(cluster.app)  # the router has read its (empty) table
+            await ledger.service.create_key({"tenant": "old"})
+            await cluster.gateway.ledger.refresh()
+            key = await ledger.service.create_key({"tenant": "acme"})  # unknown to the router
+            return await asyncio.gather(*[Exchange(chat(max_tokens=1), headers=bearer(key)).run(cluster.app)
+                                          for _ in range(24)])
+
+    assert [a.status for a in run(main())] == [200] * 24

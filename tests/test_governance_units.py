@@ -1,0 +1,67 @@
+"""Key format and checks, the sliding window's guarantee, and the admin API's input checks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from serve_app.errors import InvalidRequest
+from serve_app.governance.keys import KeyRecord, KeySpec, KeyTable, check_admin_key, new_key, parse_key
+from serve_app.governance.limits import SlidingWindow, format_duration
+from serve_app.http.admin import usage_days
+
+
+def test_a_key_is_checked_by_id_and_hashed_secret_and_never_stored_in_clear():
+    key_id, plaintext, digest = new_key()
+    assert plaintext.startswith(f"sk-spw-{key_id}.") and digest not in plaintext and len(digest) == 64
+    table = KeyTable([KeyRecord(key_id, digest, KeySpec(tenant="acme"), 0.0)])
+    assert table.check(plaintext).id == key_id
+    wrong_secret = plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")
+    for bad in (wrong_secret, "", "sk-spw-", plaintext + "x", plaintext.upper(), "Bearer " + plaintext, "x" * 10_000):
+        assert table.check(bad) is None
+    revoked = KeyTable([KeyRecord(key_id, digest, KeySpec(tenant="acme"), 0.0, revoked_at=1.0)])
+    assert revoked.check(plaintext) is None
+    assert parse_key("x" * 100) is None  # bounded before any pattern work
+
+
+def test_admin_key_needs_a_configured_key_and_an_exact_match():
+    assert check_admin_key("s3cret", "s3cret")
+    assert not check_admin_key("s3cret", None) and not check_admin_key("", "") and not check_admin_key("s3cre", "s3cret")
+
+
+def test_the_sliding_window_never_admits_more_than_the_limit_in_any_60s_span():
+    rng = random.Random(7)
+    window, now, admitted = SlidingWindow(50), 0.0, []
+    for _ in range(5_000):
+        now += rng.expovariate(3.0)  # about 180 a minute against a limit of 50
+        amount = rng.randint(1, 5)
+        if window.fits(now, amount):
+            window.take(now, amount)
+            admitted.append((now, amount))
+    assert len(admitted) > 100
+    for start, _ in admitted:  # every span that starts at an admission
+        assert sum(a for t, a in admitted if start <= t < start + 60) <= 50
+
+
+def test_settling_an_entry_changes_the_window_only_while_it_is_inside():
+    window = SlidingWindow(100)
+    entry = window.take(0.0, 80)
+    window.settle(entry, 30)
+    assert window.remaining(1.0) == 70
+    assert window.retry_after_s(1.0, 90) == pytest.approx(59.0)
+    assert window.remaining(61.0) == 100
+    window.settle(entry, 90)  # already out of the window: nothing changes
+    assert window.remaining(61.0) == 100
+
+
+def test_reset_durations_are_written_as_openai_does():
+    assert format_duration(0.25) == "250ms" and format_duration(1.0) == "1s" and format_duration(360) == "6m0s"
+
+
+def test_usage_periods_are_checked():
+    assert usage_days("day", "2026-11-23") == ("2026-11-23", "2026-11-23")
+    assert usage_days("month", "2026-11") == ("2026-11-01", "2026-11-31")
+    for period, date in (("week", None), ("day", "2026-11"), ("month", "'; DROP TABLE usage; --")):
+        with pytest.raises(InvalidRequest):
+            usage_days(period, date)
