@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -63,9 +64,12 @@ async def sse_events(resp: httpx.Response):
                 yield event[6:]
 
 
+API_KEY = os.environ.get("SPILLWAY_API_KEY")  # a cluster with keys needs one
+
+
 async def one_request(http: httpx.AsyncClient, model: str, mode_header: str | None, confidential: bool,
                       max_tokens: int, t0: float, mode: str, phase: str) -> Sample:
-    headers = {}
+    headers = {"authorization": f"Bearer {API_KEY}"} if API_KEY else {}
     if mode_header:
         headers["x-spillway-routing"] = mode_header
     if confidential:

@@ -217,18 +217,24 @@ def test_spend_survives_a_router_replica_kill_and_its_open_reservation_is_charge
     settled = wait_for(lambda: (r := budget_row(admin, scope))["reserved"] == 0 and r["spent"] > 0 and r,
                        what="the first request settled")
 
+    routers = _router_replicas()
+    assert len(routers) == 2
     with httpx.Client(timeout=120, headers={"authorization": f"Bearer {key['key']}"}) as http:
         with http.stream("POST", f"{base_url}/v1/chat/completions", json={
                 "model": DENSE, "messages": HELLO, "max_tokens": 1500, "ignore_eos": True, "stream": True}) as resp:
             assert resp.status_code == 200
+            victim = routers[resp.headers["x-spillway-router"]]
+            ray.kill(victim, no_restart=True)
+            started = time.monotonic()
             held = budget_row(admin, scope)["reserved"]
-            ray.kill(_router_replica(resp.headers["x-spillway-router"]), no_restart=True)
-            finished = False
+            events, finished = 0, False
             try:
                 for line in resp.iter_lines():
+                    events += line.startswith("data:")
                     finished = finished or line == "data: [DONE]"
             except httpx.HTTPError:
                 pass  # the connection died with its router
+    print(f"stream ended {time.monotonic() - started:.1f} s after the kill, {events} events, finished={finished}")
     assert held > 0 and not finished
     # The dead replica never settles: the ledger charges its reservation in full once it is silent.
     row = wait_for(lambda: (r := budget_row(admin, scope))["reserved"] == 0 and r, timeout_s=90,
@@ -248,15 +254,14 @@ def _serving_again(base_url: str) -> bool:
         return False
 
 
-def _router_replica(tag: str):
-    """The Serve replica actor of the router replica that answered with ``tag`` (its replica id)."""
+def _router_replicas() -> dict:
+    """{replica id (the x-spillway-router header): its Serve replica actor} for the live routers."""
     import ray
     from ray.util.state import list_actors
 
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        if actor.name and actor.name.endswith(f"#router#{tag}"):
-            return ray.get_actor(actor.name, namespace="serve")
-    raise AssertionError(f"no live router replica {tag}")
+    return {actor.name.rsplit("#", 1)[1]: ray.get_actor(actor.name, namespace="serve")
+            for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if actor.name and "#router#" in actor.name}
 
 
 def test_spend_keys_and_usage_survive_a_cluster_restart(e2e_cluster, base_url, admin):
@@ -284,3 +289,47 @@ def test_spend_keys_and_usage_survive_a_cluster_restart(e2e_cluster, base_url, a
     assert chat(base_url, key["key"]).status_code == 200  # the key survived too
     usage = admin.get("/usage", params={"period": "month", "by": "tenant"}).json()["data"]
     assert next(r for r in usage if r["tenant"] == tenant)["requests"] == 2
+
+
+def _spillway(config_path, base_url: str, *argv: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import E2E_ADMIN_KEY
+
+    result = subprocess.run([str(Path(sys.executable).with_name("spillway")), *argv, "--config", str(config_path),
+                             "--url", base_url], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "SPILLWAY_ADMIN_KEY": E2E_ADMIN_KEY})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_cli_creates_lists_rotates_and_revokes_keys_and_reports_usage(e2e_cluster, base_url):
+    import json
+
+    config_path = e2e_cluster[1]
+    tenant = "cli-" + secrets.token_hex(3)
+    created = json.loads(_spillway(config_path, base_url, "keys", "create", "--tenant", tenant, "--models", DENSE,
+                                   "--rpm", "100", "--json"))
+    assert chat(base_url, created["key"]).status_code == 200
+    listed = json.loads(_spillway(config_path, base_url, "keys", "list", "--json"))
+    assert any(k["id"] == created["id"] and k["rpm"] == 100 and "key" not in k and "hash" not in k for k in listed)
+    rotated = _spillway(config_path, base_url, "keys", "rotate", created["id"])
+    new_key = rotated.strip().splitlines()[-1]
+    assert chat(base_url, created["key"]).status_code == 401 and chat(base_url, new_key).status_code == 200
+    new_id = new_key[len("sk-spw-"):].split(".")[0]
+    _spillway(config_path, base_url, "keys", "revoke", new_id)
+    assert chat(base_url, new_key).status_code == 401
+
+    def mine():
+        usage = json.loads(_spillway(config_path, base_url, "usage", "--by", "tenant,key_id,model,site", "--json"))
+        rows = [r for r in usage["data"] if r["tenant"] == tenant]
+        return rows if sum(r["requests"] for r in rows) == 2 else None
+
+    mine = wait_for(mine, what="both requests in the usage report")  # settlements travel in batches
+    assert {r["key_id"] for r in mine} == {created["id"], new_id}
+    assert sum(r["requests"] for r in mine) == 2 and all(r["model"] == DENSE and r["cost"] > 0 for r in mine)
+    table = _spillway(config_path, base_url, "usage", "--period", "month", "--by", "tenant")
+    assert tenant in table and "requests" in table.splitlines()[1]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from serve_app.config import SpillwayConfig
 from serve_app.governance.service import LedgerService
-from tests.test_request_path import Cluster, Exchange, chat, config, engines, run, wait_for
+from tests.test_request_path import MODEL, Cluster, Exchange, chat, config, engines, run, wait_for
 
 
 class InProcessLedger:
@@ -150,3 +150,41 @@ def test_a_burst_with_a_key_this_router_has_not_seen_yet_is_served_whole(tmp_pat
                                           for _ in range(24)])
 
     assert [a.status for a in run(main())] == [200] * 24
+
+
+def test_budget_alerts_reach_the_webhook_once_per_threshold(tmp_path):
+    """A real HTTP server on loopback stands for the operator's webhook."""
+    from aiohttp import web
+
+    from serve_app.governance.budgets import MICROS
+    from serve_app.governance.ledger import Settlement
+
+    async def main():
+        received: list[dict] = []
+
+        async def hook(request):
+            received.append(await request.json())
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        raw = config().model_dump(mode="json")
+        raw["governance"] = {"store": {"path": str(tmp_path / "ledger.sqlite3")},
+                             "alert_webhook_url": f"http://127.0.0.1:{port}/hook"}
+        service = LedgerService(raw)
+        await service.set_tenant("acme", {"budgets": [{"period": "month", "limit": 1.0}]})
+        for cost in (0.4, 0.2, 0.5):  # 40 %, 60 % (50 fires), 110 % (80 and 100 fire)
+            await service.sync("r1", [Settlement("r1", None, None, "acme", MODEL, "onprem", 1, 1, int(cost * MICROS))])
+        await wait_for(lambda: len(received) >= 3)
+        await runner.cleanup()
+        return received
+
+    received = run(main())
+    assert [(a["scope"], a["threshold_pct"]) for a in received] == [("tenant:acme", 50), ("tenant:acme", 80),
+                                                                   ("tenant:acme", 100)]
+    assert received[-1]["spent"] == 1.1 and received[-1]["event"] == "budget_alert"
