@@ -153,7 +153,9 @@ def test_32_concurrent_requests_on_both_replicas_never_overspend_the_budget(e2e_
     assert len(ok) + len(refused) == 32
     assert all(a.json()["error"]["code"] == "insufficient_quota" for a in refused)
     assert len({a.headers["x-spillway-router"] for a in ok}) == 2
-    assert 1 <= len(ok) <= 8 and refused
+    # Requests that finished gave back what their estimate held above their real cost, so more than
+    # 8.5 estimates' worth may be admitted over the burst; what must hold is the spend.
+    assert ok and refused
     row = wait_for(lambda: (r := budget_row(admin, f"tenant:{tenant}"))["reserved"] == 0 and r,
                    what="every reservation settled")
     assert 0 < row["spent"] <= limit
@@ -287,8 +289,13 @@ def test_spend_keys_and_usage_survive_a_cluster_restart(e2e_cluster, base_url, a
     after = budget_row(admin, f"tenant:{tenant}", "month")
     assert after["spent"] == pytest.approx(before["spent"]) and after["spent"] > 0
     assert chat(base_url, key["key"]).status_code == 200  # the key survived too
-    usage = admin.get("/usage", params={"period": "month", "by": "tenant"}).json()["data"]
-    assert next(r for r in usage if r["tenant"] == tenant)["requests"] == 2
+
+    def requests() -> int:
+        usage = admin.get("/usage", params={"period": "month", "by": "tenant"}).json()["data"]
+        return next(r for r in usage if r["tenant"] == tenant)["requests"]
+
+    # The first request's usage came back from the store; the second's settlement travels in a batch.
+    wait_for(lambda: requests() == 2, what="both requests in the usage report")
 
 
 def _spillway(config_path, base_url: str, *argv: str) -> str:
