@@ -188,3 +188,26 @@ def test_budget_alerts_reach_the_webhook_once_per_threshold(tmp_path):
     assert [(a["scope"], a["threshold_pct"]) for a in received] == [("tenant:acme", 50), ("tenant:acme", 80),
                                                                    ("tenant:acme", 100)]
     assert received[-1]["spent"] == 1.1 and received[-1]["event"] == "budget_alert"
+
+
+def test_the_admin_api_needs_the_admin_key_and_works_as_a_fresh_routers_first_call(tmp_path):
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            cluster.gateway.admin_key = "adm-" + "k" * 20
+            path = "/v1/spillway/admin/keys"
+            body = {"tenant": "acme", "rpm": 5}
+            wrong = await Exchange(body, path=path, headers={"authorization": "Bearer nope"}).run(cluster.app)
+            created = await Exchange(body, path=path, headers={"authorization": f"Bearer {cluster.gateway.admin_key}"}
+                                     ).run(cluster.app)
+            bad = await Exchange({"tenant": "acme", "rpm": -1}, path=path,
+                                 headers={"authorization": f"Bearer {cluster.gateway.admin_key}"}).run(cluster.app)
+            key = json.loads(created.body)
+            served = await Exchange(chat(max_tokens=1), headers=bearer(key)).run(cluster.app)
+            return wrong, created, bad, key, served
+
+    wrong, created, bad, key, served = run(main())
+    assert wrong.status == 401 and created.status == 201 and key["rpm"] == 5 and key["key"].startswith("sk-spw-")
+    assert bad.status == 400 and json.loads(bad.body)["error"]["param"] == "rpm"
+    assert served.status == 200 and served.response_headers["x-ratelimit-limit-requests"] == "5"

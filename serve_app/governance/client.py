@@ -111,6 +111,7 @@ class LedgerClient:
 
     async def refresh(self) -> None:
         """Re-read the key table (one read in flight per replica; callers share it)."""
+        self.start()  # an admin call may be this replica's first
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.get_running_loop().create_task(self._read_table())
         await asyncio.shield(self._refreshing)
