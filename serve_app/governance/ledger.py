@@ -116,7 +116,9 @@ class Ledger:
         self.version = int(clock() * 1000)  # a restarted ledger's table never looks unchanged to routers
         self.spend: dict[tuple[str, str], int] = dict(snapshot.spend)
         self.reserved: dict[tuple[str, str], int] = {}
-        self.alerted: set[tuple[str, str, int]] = set(snapshot.alerts)
+        self.alerted: dict[tuple[str, str], set[int]] = {}  # (scope, period): thresholds fired
+        for scope, period, threshold in snapshot.alerts:
+            self.alerted.setdefault((scope, period), set()).add(threshold)
         self._saved_windows = snapshot.windows
         self.windows: dict[tuple[str, str], SlidingWindow] = {}
         self.reservations: dict[str, Reservation] = {}
@@ -376,9 +378,9 @@ class Ledger:
             if not period.startswith(budget.period + ":"):
                 continue
             limit = int(round(budget.limit * MICROS))
-            already = {t for s, p, t in self.alerted if s == scope and p == period}
+            already = self.alerted.setdefault(account, set())
             for threshold in crossed(self.settings.alert_thresholds_pct, limit, self.spend.get(account, 0), already):
-                self.alerted.add((scope, period, threshold))
+                already.add(threshold)
                 self.pending.alerts.append((scope, period, threshold, now))
                 self.alerts_out.append({"event": "budget_alert", "scope": scope, "period": period,
                                         "threshold_pct": threshold, "limit": budget.limit, "policy": budget.policy,
