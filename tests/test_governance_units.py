@@ -55,6 +55,29 @@ def test_settling_an_entry_changes_the_window_only_while_it_is_inside():
     assert window.remaining(61.0) == 100
 
 
+def test_a_saved_window_is_small_and_read_back_it_never_lets_more_through():
+    rng = random.Random(11)
+    window, now, admitted = SlidingWindow(60_000), 1000.0, []
+    for _ in range(20_000):  # about 330 entries a second, settled to other amounts
+        now += rng.expovariate(330.0)
+        amount = rng.randint(1, 20)
+        if window.fits(now, amount):
+            entry = window.take(now, amount)
+            if rng.random() < 0.5:
+                amount = rng.randint(0, 20)
+                window.settle(entry, amount)
+            admitted.append((now, amount))
+    saved = window.dump()
+    assert len(window.entries) > 1_000 and len(saved) <= 61  # one row per second, not per entry
+    assert sum(a for _, a in saved) == window.total  # the seconds hold exactly what the window holds
+    restored = SlidingWindow.load(60_000, saved, now)
+    for later in (now, now + 10.3, now + 30.0, now + 59.5):
+        exact = sum(a for t, a in admitted if t > later - 60)
+        # Stamped at the end of their second: amounts leave up to 1 s late, never early.
+        assert 60_000 - restored.remaining(later) >= exact
+        assert 60_000 - restored.remaining(later) <= sum(a for t, a in admitted if t > later - 61)
+
+
 def test_reset_durations_are_written_as_openai_does():
     assert format_duration(0.25) == "250ms" and format_duration(1.0) == "1s" and format_duration(360) == "6m0s"
 

@@ -4,8 +4,10 @@
   ledger's version changes (seen on every sync, at least every ``heartbeat_s``). A key the table
   does not know yet is looked up once (at most ``LOOKUPS_PER_S`` per replica, so a flood of made-up
   keys costs the ledger nothing), so a new key works on every replica at once.
-- ``admit``: one call per keyed request; the ledger also re-checks that the key is still active,
-  so a revocation holds from the next request on, on every replica.
+- ``admit``: one call per keyed request, over the ledger's admission port (``channel.py``; the
+  Serve handle when the port cannot be reached); the ledger also re-checks that the key is still
+  active, so a revocation holds from the next request on, on every replica. An admission whose
+  answer is lost (timeout, broken connection) is voided in the next sync, never sent again.
 - ``settle``: queued, sent in batches every ``settle_batch_ms`` (and a heartbeat every
   ``heartbeat_s`` without any), on this replica's event loop; a batch that fails is kept and sent
   again (at most ``MAX_PENDING`` settlements; past that the oldest are logged and dropped).
@@ -20,6 +22,7 @@ import uuid
 from typing import Any
 
 from serve_app.config.governance import GovernanceConfig
+from serve_app.governance.channel import ChannelBroken, LedgerChannel
 from serve_app.governance.keys import KeyRecord, KeySpec, KeyTable, TenantSpec, parse_key
 from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Settlement
 
@@ -53,6 +56,8 @@ class LedgerClient:
         self.clock = clock
         self.table: KeyTable | None = None
         self._pending: list[Settlement] = []
+        self._voids: list[str] = []
+        self.channel = LedgerChannel(self._endpoint, clock)
         self._task: asyncio.Task | None = None
         self._loaded: asyncio.Event | None = None
         self._lookup_tokens = LOOKUPS_PER_S
@@ -75,12 +80,34 @@ class LedgerClient:
         return self.table
 
     async def admit(self, request: AdmitRequest) -> Admission | Denial:
+        """The ledger's answer (``request.id`` must be set: it names the reservation)."""
+        if self.channel.usable:
+            try:
+                return await self.channel.admit(request, ADMIT_TIMEOUT_S)
+            except ConnectionError:
+                pass  # nothing was sent: ask through the handle
+            except ChannelBroken as exc:
+                self._void(request.id)
+                raise LedgerUnavailable(f"the governance ledger's answer was lost ({exc})") from None
         try:
             return await asyncio.wait_for(self.handle.admit.remote(request), ADMIT_TIMEOUT_S)
         except asyncio.TimeoutError:
+            self._void(request.id)
             raise LedgerUnavailable("the governance ledger did not answer in time") from None
         except Exception as exc:  # noqa: BLE001 - any failure to reach it means: fail closed
+            self._void(request.id)
             raise LedgerUnavailable(f"the governance ledger is unreachable ({type(exc).__name__})") from None
+
+    def _void(self, reservation: str) -> None:
+        self._voids.append(reservation)
+        if len(self._voids) > MAX_PENDING:  # the ledger unreachable for long: its reaper has them
+            del self._voids[:len(self._voids) - MAX_PENDING]
+
+    async def _endpoint(self) -> tuple[str, int, bytes]:
+        data = await asyncio.wait_for(self.handle.endpoint.remote(), SYNC_TIMEOUT_S)
+        if not data:
+            raise ConnectionError("the ledger's admission port is not open")
+        return data["host"], int(data["port"]), bytes.fromhex(data["secret"])
 
     def settle(self, settlement: Settlement) -> None:
         self._pending.append(settlement)
@@ -134,7 +161,7 @@ class LedgerClient:
         last_sync = self.clock()
         while True:
             await asyncio.sleep(self.settings.settle_batch_ms / 1000)
-            if not self._pending and self.clock() - last_sync < self.settings.heartbeat_s:
+            if not self._pending and not self._voids and self.clock() - last_sync < self.settings.heartbeat_s:
                 continue
             try:
                 await self.sync()
@@ -144,19 +171,23 @@ class LedgerClient:
 
     async def sync(self) -> None:
         batch, self._pending = self._pending, []
+        voids, self._voids = self._voids, []
         try:
-            version = await asyncio.wait_for(self.handle.sync.remote(self.router_id, batch), SYNC_TIMEOUT_S)
+            version = await asyncio.wait_for(self.handle.sync.remote(self.router_id, batch, tuple(voids)),
+                                             SYNC_TIMEOUT_S)
         except BaseException:
             self._pending[:0] = batch
+            self._voids[:0] = voids
             raise
         if self.table is None or version != self.table.version:
             await self.refresh()
 
     async def close(self) -> None:
+        await self.channel.close()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._pending:
+        if self._pending or self._voids:
             try:
                 await self.sync()
             except Exception as exc:  # noqa: BLE001 - nothing more to do at shutdown

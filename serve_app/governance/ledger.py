@@ -18,8 +18,12 @@ Exactness (what can pass a limit, and by how much):
   ``flush_interval_ms`` and on shutdown; a crash loses at most that interval's settlements,
   and the reservations in flight then (their settlements, arriving later, are still counted).
 
-Cost per request: one actor call at admission (reply from memory, no database round trip), one
-settlement in a batch of up to ``settle_batch_ms``; writes are batched off the request path.
+- an admission whose answer the router never got: voided by the router's next sync (released if
+  it was admitted, refused if it arrives after), so it never holds budget and never runs twice.
+
+Cost per request: one admission over the ledger's port (``channel.py``; a frame each way on one
+TCP connection per router, answered from memory, no database round trip), one settlement in a
+batch of up to ``settle_batch_ms``; writes are batched off the request path.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ logger = logging.getLogger("spillway.ledger")
 
 NO_KEY = "-"
 REAPED_REMEMBERED = 100_000
+VOIDED_REMEMBERED = 100_000
 LIMIT_KINDS = (("requests", "rpm"), ("tokens", "tpm"))
 DEFAULT_TENANT = TenantSpec()
 
@@ -53,6 +58,7 @@ class AdmitRequest:
     tokens: int  # prompt estimate + max_tokens x sequences
     cost_any: int  # micros: the most it can cost on any site it may use
     cost_onprem: int | None  # micros on on-prem sites only; None when the model has none
+    id: str = ""  # the reservation's id, made by the router (so it can void an answer it never got)
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ class Ledger:
         self.windows: dict[tuple[str, str], SlidingWindow] = {}
         self.reservations: dict[str, Reservation] = {}
         self.reaped: OrderedDict[str, Reservation] = OrderedDict()
+        self.voided: OrderedDict[str, None] = OrderedDict()  # ids whose admission the router gave up on
         self.routers: dict[str, float] = {}
         self.pending = Flush()
         self._dirty_windows: set[tuple[str, str]] = set()
@@ -137,24 +144,47 @@ class Ledger:
                           "created_at": r.created_at, "revoked_at": r.revoked_at} for r in self.keys.values()],
                 "tenants": {n: s.model_dump(mode="json") for n, s in self.tenants.items()}}
 
-    def create_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
+    # Each admin change comes in three steps, so the service can write the store on a worker thread
+    # and change the tables on its event loop: plan (no effect), save (the store only), apply (memory).
+
+    def plan_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
         key_id, plaintext, digest = new_key()
-        record = KeyRecord(key_id, digest, spec, self.clock())
-        self.store.put_key(record.id, spec.tenant, digest, spec.model_dump(mode="json"), record.created_at, None)
-        self.keys[key_id] = record
+        return KeyRecord(key_id, digest, spec, self.clock()), plaintext
+
+    def plan_revoke(self, key_id: str) -> KeyRecord | None:
+        """The revoked record (``None``: no such key); an already revoked key comes back as it is."""
+        record = self.keys.get(key_id)
+        if record is None or record.revoked_at is not None:
+            return record
+        return KeyRecord(record.id, record.hash, record.spec, record.created_at, self.clock())
+
+    def save_key(self, record: KeyRecord) -> None:
+        self.store.put_key(record.id, record.tenant, record.hash, record.spec.model_dump(mode="json"),
+                           record.created_at, record.revoked_at)
+
+    def apply_key(self, record: KeyRecord) -> None:
+        if self.keys.get(record.id) != record:
+            self.keys[record.id] = record
+            self.version += 1
+
+    def save_tenant(self, name: str, spec: TenantSpec) -> None:
+        self.store.put_tenant(name, spec.model_dump(mode="json"), self.clock())
+
+    def apply_tenant(self, name: str, spec: TenantSpec) -> None:
+        self.tenants[name] = spec
         self.version += 1
+
+    def create_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
+        record, plaintext = self.plan_key(spec)
+        self.save_key(record)
+        self.apply_key(record)
         return record, plaintext
 
     def revoke_key(self, key_id: str) -> KeyRecord | None:
-        record = self.keys.get(key_id)
-        if record is None:
-            return None
-        if record.revoked_at is None:
-            record = KeyRecord(record.id, record.hash, record.spec, record.created_at, self.clock())
-            self.store.put_key(record.id, record.tenant, record.hash, record.spec.model_dump(mode="json"),
-                               record.created_at, record.revoked_at)
-            self.keys[key_id] = record
-            self.version += 1
+        record = self.plan_revoke(key_id)
+        if record is not None:
+            self.save_key(record)
+            self.apply_key(record)
         return record
 
     def rotate_key(self, key_id: str) -> tuple[KeyRecord, str] | None:
@@ -167,15 +197,16 @@ class Ledger:
         return created
 
     def set_tenant(self, name: str, spec: TenantSpec) -> None:
-        self.store.put_tenant(name, spec.model_dump(mode="json"), self.clock())
-        self.tenants[name] = spec
-        self.version += 1
+        self.save_tenant(name, spec)
+        self.apply_tenant(name, spec)
 
     # ---- admission and settlement ----------------------------------------------------------------
 
     def admit(self, req: AdmitRequest) -> Admission | Denial:
         now = self.clock()
         self.routers[req.router] = now
+        if req.id and (req.id in self.voided or req.id in self.reservations):
+            return Denial(503, "ledger_request_void", "This admission was given up by its router; try again.")
         tenant = req.tenant
         scopes: list[tuple[str, LimitSpec]] = []
         if req.key_id is not None:
@@ -220,7 +251,7 @@ class Ledger:
                               f"{req.model!r} has no on-prem site to fall back to.")
             cost = req.cost_onprem
 
-        reservation = Reservation(uuid.uuid4().hex, req.router, tenant, req.key_id, req.model,
+        reservation = Reservation(req.id or uuid.uuid4().hex, req.router, tenant, req.key_id, req.model,
                                   self._accounts([s for s, _ in scopes], now), cost, req.tokens, at=now)
         for scope, spec in scopes:
             if spec.rpm is not None:
@@ -260,6 +291,20 @@ class Ledger:
             accounts = s.accounts or self._accounts(scopes, now)
         self._charge(accounts, s.cost, now)
         self._usage(now, tenant, key_id, s.model, s.site, 1, s.prompt_tokens, s.completion_tokens, s.cost)
+
+    def void(self, router: str, reservation_id: str) -> bool:
+        """A router gave up waiting for this admission's answer (a timeout, a lost connection): the
+        request never ran. Release what it holds if it was admitted; refuse it if it arrives later."""
+        self.routers[router] = self.clock()
+        self.voided[reservation_id] = None
+        while len(self.voided) > VOIDED_REMEMBERED:
+            self.voided.popitem(last=False)
+        reservation = self.reservations.pop(reservation_id, None)
+        if reservation is None:
+            return False
+        self._release(reservation)
+        self._settle_tokens(reservation, 0)
+        return True
 
     def heartbeat(self, router: str) -> None:
         self.routers[router] = self.clock()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 
 from serve_app.config import SpillwayConfig
+from serve_app.governance.channel import SECRET_BYTES, LedgerPort
 from serve_app.governance.keys import KeySpec, TenantSpec
 from serve_app.governance.ledger import AdmitRequest, Ledger, Settlement
 from serve_app.governance.store import open_store
@@ -32,6 +34,8 @@ class LedgerService:
         self._write_lock = asyncio.Lock()
         self._webhooks: set[asyncio.Task] = set()
         self._alerts = None
+        self.port = LedgerPort(self.ledger, secrets.token_bytes(SECRET_BYTES))
+        self._port_open: asyncio.Task | None = None
         logger.info("ledger started on %s: %d key(s), %d tenant(s)", self.store.describe(),
                     len(self.ledger.keys), len(self.ledger.tenants))
 
@@ -39,21 +43,42 @@ class LedgerService:
         if not self._tasks:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._flush_loop()), loop.create_task(self._reap_loop())]
+            self._port_open = loop.create_task(self._open_port())
+
+    async def _open_port(self) -> None:
+        try:
+            await self.port.start(_node_address())
+        except Exception:  # noqa: BLE001 - routers then admit through the handle
+            logger.exception("the ledger's admission port did not open; routers use the Serve handle")
 
     async def check_health(self) -> None:
         self._start()
 
     # ---- the routers' calls ------------------------------------------------------------------------
 
+    async def endpoint(self) -> dict | None:
+        """Where routers send admissions (``channel.py``): address and secret of the port, or
+        ``None`` while it is not open."""
+        self._start()
+        await asyncio.shield(self._port_open)
+        if self.port.address is None:
+            return None
+        host, port = self.port.address
+        return {"host": host, "port": port, "secret": self.port.secret.hex()}
+
     async def admit(self, request: AdmitRequest):
+        """The same answer as the port's, for a router that cannot reach the port."""
         self._start()
         return self.ledger.admit(request)
 
-    async def sync(self, router: str, settlements: list[Settlement]) -> int:
-        """A router's batch of finished requests (possibly none: a heartbeat). Returns the key-table
-        version, so routers re-read the table when it changed."""
+    async def sync(self, router: str, settlements: list[Settlement], voids: tuple[str, ...] = ()) -> int:
+        """A router's batch of finished requests (possibly none: a heartbeat) and of admissions
+        whose answer it never got. Returns the key-table version, so routers re-read the table
+        when it changed."""
         self._start()
         self.ledger.heartbeat(router)
+        for reservation in voids:
+            self.ledger.void(router, reservation)
         for settlement in settlements:
             self.ledger.settle(settlement)
         self._publish_alerts()
@@ -66,26 +91,48 @@ class LedgerService:
     # ---- admin -------------------------------------------------------------------------------------
 
     async def create_key(self, spec: dict) -> dict:
-        record, plaintext = await self._admin(lambda: self.ledger.create_key(KeySpec.model_validate(spec)))
+        parsed = KeySpec.model_validate(spec)
+        async with self._admin():
+            record, plaintext = self.ledger.plan_key(parsed)
+            await asyncio.to_thread(self.ledger.save_key, record)
+            self.ledger.apply_key(record)
         return {**record.public(), "key": plaintext}
 
     async def rotate_key(self, key_id: str) -> dict | None:
-        created = await self._admin(lambda: self.ledger.rotate_key(key_id))
-        if created is None:
-            return None
-        record, plaintext = created
+        """A new key with the same rules; the old one is revoked in the same step."""
+        async with self._admin():
+            old = self.ledger.keys.get(key_id)
+            if old is None or old.revoked_at is not None:
+                return None
+            record, plaintext = self.ledger.plan_key(old.spec)
+            revoked = self.ledger.plan_revoke(key_id)
+
+            def save():
+                self.ledger.save_key(record)
+                self.ledger.save_key(revoked)
+
+            await asyncio.to_thread(save)
+            self.ledger.apply_key(record)
+            self.ledger.apply_key(revoked)
         return {**record.public(), "key": plaintext, "replaces": key_id}
 
     async def revoke_key(self, key_id: str) -> dict | None:
-        record = await self._admin(lambda: self.ledger.revoke_key(key_id))
-        return None if record is None else record.public()
+        async with self._admin():
+            record = self.ledger.plan_revoke(key_id)
+            if record is None:
+                return None
+            await asyncio.to_thread(self.ledger.save_key, record)
+            self.ledger.apply_key(record)
+        return record.public()
 
     async def list_keys(self) -> list[dict]:
         return [r.public() for r in self.ledger.keys.values()]
 
     async def set_tenant(self, name: str, spec: dict) -> dict:
         parsed = TenantSpec.model_validate(spec)
-        await self._admin(lambda: self.ledger.set_tenant(name, parsed))
+        async with self._admin():
+            await asyncio.to_thread(self.ledger.save_tenant, name, parsed)
+            self.ledger.apply_tenant(name, parsed)
         return {"name": name, **parsed.model_dump(mode="json")}
 
     async def list_tenants(self) -> list[dict]:
@@ -104,11 +151,11 @@ class LedgerService:
     async def state(self) -> dict:
         return self.ledger.state()
 
-    async def _admin(self, change):
-        """Admin changes write to the store at once (rare; on a worker thread)."""
+    def _admin(self) -> asyncio.Lock:
+        """Admin changes (rare) write the store at once, on a worker thread, one at a time; the
+        tables change on this event loop, after the write succeeded."""
         self._start()
-        async with self._write_lock:
-            return await asyncio.to_thread(change)
+        return self._write_lock
 
     # ---- background --------------------------------------------------------------------------------
 
@@ -173,6 +220,14 @@ class LedgerService:
     async def __del__(self):
         for task in self._tasks:
             task.cancel()
+        await self.port.close()
         await self.flush()
         self.store.close()
 
+
+
+def _node_address() -> str:
+    """This node's address in the Ray cluster (loopback outside one)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"

@@ -12,6 +12,7 @@ An open router (no keys) makes no call: its requests are only counted as usage.
 from __future__ import annotations
 
 import math
+import uuid
 
 from serve_app.config import SiteKind, SpillwayConfig
 from serve_app.errors import AuthenticationFailed, GovernanceUnavailable, QuotaExceeded, RateLimited
@@ -45,7 +46,8 @@ class GovernStage:
                   if onprem or not ctx.onprem_only]
         on_prem = [self._cost(ctx.model, site, prompt, completion) for site, onprem in self._sites[ctx.model] if onprem]
         request = AdmitRequest(self._ledger.router_id, principal.key_id, principal.tenant, ctx.model,
-                               prompt + completion, max(on_any, default=0), max(on_prem) if on_prem else None)
+                               prompt + completion, max(on_any, default=0), max(on_prem) if on_prem else None,
+                               uuid.uuid4().hex)
         with ctx.trace.child("spillway.govern"):
             try:
                 answer = await self._ledger.admit(request)

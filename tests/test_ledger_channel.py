@@ -1,0 +1,173 @@
+"""The admission channel (``serve_app/governance/channel.py``) over real loopback sockets: the real
+ledger service and its port, the real router-side client. The ledger's Serve handle is a FAKE that
+awaits the service in-process (the e2e tests use the real one)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+from types import SimpleNamespace
+
+from serve_app.governance import channel
+from serve_app.governance.client import LedgerClient, LedgerUnavailable
+from serve_app.governance.ledger import Admission, AdmitRequest, Denial
+from serve_app.governance.service import LedgerService
+from tests.test_request_path import MODEL, config, run, wait_for
+
+
+class FakeHandle:
+    """A FAKE Serve handle: ``handle.method.remote(*args)`` awaits the service's method; counts calls."""
+
+    def __init__(self, service: LedgerService, hide_endpoint: bool = False):
+        self.service = service
+        self.calls: dict[str, int] = {}
+        self.hide_endpoint = hide_endpoint
+
+    def __getattr__(self, name):
+        method = getattr(self.service, name)
+
+        def remote(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if name == "endpoint" and self.hide_endpoint:
+                async def closed():
+                    return None
+                return closed()
+            return method(*args)
+
+        return SimpleNamespace(remote=remote)
+
+
+def service(tmp_path, **governance) -> LedgerService:
+    raw = config().model_dump(mode="json")
+    raw["governance"] = {"store": {"path": str(tmp_path / "ledger.sqlite3")}, "settle_batch_ms": 5, **governance}
+    return LedgerService(raw)
+
+
+def request(router: str, key_id: str | None, tokens: int = 10, tenant: str = "acme") -> AdmitRequest:
+    return AdmitRequest(router, key_id, tenant, MODEL, tokens, 100, 100, uuid.uuid4().hex)
+
+
+def test_admissions_go_over_the_port_and_match_their_requests(tmp_path):
+    async def main():
+        svc = service(tmp_path)
+        await svc.set_tenant("acme", {"tpm": 100_000, "rpm": 150})
+        key = await svc.create_key({"tenant": "acme"})
+        handle = FakeHandle(svc)
+        client = LedgerClient(handle, svc.settings)
+        client.start()
+        answers = await asyncio.gather(*(client.admit(request(client.router_id, key["id"], tokens=10 + i))
+                                         for i in range(200)))
+        await client.close()
+        await svc.__del__()
+        return handle.calls, answers, svc.ledger.state()
+
+    calls, answers, state = run(main())
+    admitted = [a for a in answers if isinstance(a, Admission)]
+    denied = [a for a in answers if isinstance(a, Denial)]
+    # Every answer is the one for its own request (tokens differ per request), in one connection.
+    assert [a.tokens for a in admitted] == [10 + i for i in range(150)]
+    assert len(denied) == 50 and {d.code for d in denied} == {"rate_limit_exceeded"}
+    assert all(d.retry_after_s > 0 for d in denied)
+    assert admitted[-1].headers["x-ratelimit-remaining-requests"] == "0"
+    assert calls.get("admit", 0) == 0 and calls["endpoint"] == 1
+    assert state["open_reservations"] == 150
+
+
+def test_a_router_that_cannot_reach_the_port_admits_through_the_handle(tmp_path):
+    async def main():
+        svc = service(tmp_path)
+        key = await svc.create_key({"tenant": "acme"})
+        handle = FakeHandle(svc, hide_endpoint=True)
+        client = LedgerClient(handle, svc.settings)
+        first = await client.admit(request(client.router_id, key["id"]))
+        second = await client.admit(request(client.router_id, key["id"]))
+        await client.close()
+        await svc.__del__()
+        return handle.calls, first, second
+
+    calls, first, second = run(main())
+    assert isinstance(first, Admission) and isinstance(second, Admission)
+    # One failed look for the port, then the handle until the retry pause is over.
+    assert calls["admit"] == 2 and calls["endpoint"] == 1
+
+
+def test_an_answer_lost_with_its_connection_is_voided_never_admitted_twice(tmp_path):
+    async def main():
+        svc = service(tmp_path)
+        key = await svc.create_key({"tenant": "acme"})
+        handle = FakeHandle(svc)
+        client = LedgerClient(handle, svc.settings)
+        client.start()
+        await client.ready()
+        assert isinstance(await client.admit(request(client.router_id, key["id"])), Admission)
+        # The ledger admits the next request, then its connection breaks before the answer leaves.
+        original = svc.port._answer
+
+        def answer_then_break(message):
+            answered = original(message)
+            for writer in list(svc.port._connections):
+                writer.transport.abort()
+            return answered
+
+        svc.port._answer = answer_then_break
+        lost = request(client.router_id, key["id"])
+        try:
+            await client.admit(lost)
+            outcome = "answered"
+        except LedgerUnavailable as exc:
+            outcome = str(exc)
+        svc.port._answer = original
+        held = lost.id in svc.ledger.reservations
+        await wait_for(lambda: lost.id not in svc.ledger.reservations, timeout_s=5)
+        released = lost.id not in svc.ledger.reservations
+        late = svc.ledger.admit(lost)  # the same admission arriving again is refused
+        # The next request goes through the handle while the port rests, then the port again.
+        after = await client.admit(request(client.router_id, key["id"]))
+        await client.close()
+        await svc.__del__()
+        return outcome, held, released, late, after, svc.ledger.reserved
+
+    outcome, held, released, late, after, reserved = run(main())
+    assert "answer was lost" in outcome
+    assert held and released
+    assert isinstance(late, Denial) and late.status == 503
+    assert isinstance(after, Admission)
+    # Only the first and the last admission hold money; the lost one gave its reservation back.
+    assert set(reserved.values()) == {200}
+
+
+def test_the_port_closes_connections_without_the_secret_or_with_bad_frames_and_serves_on(tmp_path):
+    async def main():
+        svc = service(tmp_path)
+        key = await svc.create_key({"tenant": "acme"})
+        handle = FakeHandle(svc)
+        endpoint = await svc.endpoint()
+        host, port, secret = endpoint["host"], endpoint["port"], bytes.fromhex(endpoint["secret"])
+
+        async def attempt(hello: bytes, payload: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(hello + payload)
+            try:
+                return await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+
+        good = channel.frame({"i": 1, "admit": vars(request("r", key["id"]))})
+        results = {
+            "wrong secret": await attempt(channel.HELLO + b"\0" * 32, good),
+            "no hello": await attempt(b"", good),
+            "huge frame": await attempt(channel.HELLO + secret, struct.pack("!I", 10**9) + b"x" * 100),
+            "not json": await attempt(channel.HELLO + secret, struct.pack("!I", 5) + b"{{{{{"),
+            "wrong fields": await attempt(channel.HELLO + secret, channel.frame({"i": 2, "admit": {"x": 1}})),
+        }
+        client = LedgerClient(handle, svc.settings)
+        still = await client.admit(request(client.router_id, key["id"]))
+        await client.close()
+        await svc.__del__()
+        return results, still, svc.ledger.state()
+
+    results, still, state = run(main())
+    assert results == {name: b"" for name in results}  # closed, nothing answered
+    assert isinstance(still, Admission)
+    assert state["open_reservations"] == 1  # the refused frames admitted nothing
