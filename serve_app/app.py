@@ -23,7 +23,7 @@ from ray.serve import Application
 from deployments.engine import validate_engine_args
 from deployments.replica import EngineReplica, engine_env
 from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SpillwayConfig, load_config
-from serve_app.governance.service import LedgerService
+from serve_app.governance.service import LedgerDeployment
 from serve_app.ingress import Router
 
 # A sliver of the site resource: enough to pin a bundle to the site's nodes without
@@ -102,7 +102,7 @@ def build_app(config: SpillwayConfig) -> Application:
     router_site = config.router_site
     # One ledger per cluster (limits and budgets hold for the sum over router replicas), on the
     # router's site: it holds tenants' keys and spend.
-    ledger = serve.deployment(LedgerService).options(
+    ledger = serve.deployment(LedgerDeployment).options(
         name="ledger",
         num_replicas=1,
         max_ongoing_requests=LEDGER_MAX_ONGOING_REQUESTS,

@@ -58,6 +58,14 @@ class ModelNotFound(SpillwayError):
     code = "model_not_found"
 
 
+class NotFound(SpillwayError):
+    """Something other than a model does not exist (a key, in the admin API)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
 class PayloadTooLarge(SpillwayError):
     status = 413
     type = "invalid_request_error"

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from serve_app.config import DEFAULT_CONFIG_PATH, load_config
+from tests.s3_server import s3_server  # noqa: F401 - a session fixture (a real S3-compatible server)
 
 E2E_RAY_PORT = int(os.environ.get("SPILLWAY_TEST_RAY_PORT", "6390"))
 E2E_HTTP_PORT = int(os.environ.get("SPILLWAY_TEST_HTTP_PORT", "8700"))
@@ -24,6 +25,7 @@ E2E_OTLP_PORT = 8720  # the test's stand-in OpenTelemetry collector (vLLM's span
 E2E_ADMIN_KEY = "e2e-admin-" + secrets.token_hex(16)
 E2E_TENANT = "e2e"
 E2E_LOAD_TENANTS = ("alpha", "beta", "gamma")
+E2E_AUDIT_PREFIX = "e2e/audit/"
 # Filled by the e2e_cluster fixture: the health report before any key existed, and the session's
 # API key. Once a key exists every request needs one, so every end-to-end test sends it (auth()).
 E2E_STATE: dict = {}
@@ -46,7 +48,7 @@ def admin_headers() -> dict:
     return {"authorization": f"Bearer {E2E_ADMIN_KEY}"}
 
 
-def e2e_raw_config(root=None) -> dict:
+def e2e_raw_config(root=None, s3: tuple[str, str] | None = None) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["name"] = "spillway-test"
     raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT}
@@ -62,6 +64,8 @@ def e2e_raw_config(root=None) -> dict:
     raw["models"][0]["engine"]["max_num_seqs"] = E2E_DENSE_SLOTS
     raw["models"][0]["spill_after_ms"] = 300
     raw["governance"] = {"store": {"path": str(root / "ledger.sqlite3")}} if root is not None else {}
+    if s3 is not None:  # closed audit segments go to the session's S3-compatible server
+        raw["governance"]["audit"] = {"archive": {"bucket": s3[1], "prefix": E2E_AUDIT_PREFIX, "endpoint_url": s3[0]}}
     raw["router"]["splits"] = {E2E_SPLIT_ALIAS: {"variants": {"spillway-dense": 70, "spillway-moe": 30}}}
     # Router spans stay in memory (read back over HTTP); vLLM sends its spans to the test's receiver.
     raw["tracing"] = {
@@ -98,14 +102,14 @@ def otlp_receiver():
 
 
 @pytest.fixture(scope="session")
-def e2e_cluster(tmp_path_factory, otlp_receiver):
+def e2e_cluster(tmp_path_factory, otlp_receiver, s3_server):
     """A running Spillway on a real local two-site Ray cluster. Yields (config, config_path, base_url)."""
     from serve_app.ops.deploy import deploy
     from serve_app.ops.local_cluster import LocalCluster
 
     root = tmp_path_factory.mktemp("spillway-e2e")
     config_path = root / "config.yaml"
-    config_path.write_text(yaml.safe_dump(e2e_raw_config(root)))
+    config_path.write_text(yaml.safe_dump(e2e_raw_config(root, s3=s3_server)))  # its AWS_* reach the ledger
     os.environ[load_config(config_path).governance.admin_key_env] = E2E_ADMIN_KEY  # ray start passes it on
     config = load_config(config_path)
     cluster = LocalCluster(config, state_file=root / "cluster.json")

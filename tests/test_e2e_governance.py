@@ -297,6 +297,18 @@ def test_spend_keys_and_usage_survive_a_cluster_restart(e2e_cluster, base_url, a
     # The first request's usage came back from the store; the second's settlement travels in a batch.
     wait_for(lambda: requests() == 2, what="both requests in the usage report")
 
+    # The audit log: the graceful stop wrote the first request's record, the restarted ledger
+    # closed that segment and chained the second request's record on; the whole log verifies.
+    def audited() -> int:
+        rows = admin.get("/audit", params={"limit": 1000}).json()["data"]
+        return sum(1 for r in rows if r["tenant"] == tenant)
+
+    wait_for(lambda: audited() == 2, what="both requests in the audit log")
+    from serve_app.governance import audit
+
+    report = audit.verify(config.governance.audit_dir())
+    assert report.ok and report.segments >= 2, report.lines()
+
 
 def _spillway(config_path, base_url: str, *argv: str) -> str:
     import os

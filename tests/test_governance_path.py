@@ -211,3 +211,47 @@ def test_the_admin_api_needs_the_admin_key_and_works_as_a_fresh_routers_first_ca
     assert wrong.status == 401 and created.status == 201 and key["rpm"] == 5 and key["key"].startswith("sk-spw-")
     assert bad.status == 400 and json.loads(bad.body)["error"]["param"] == "rpm"
     assert served.status == 200 and served.response_headers["x-ratelimit-limit-requests"] == "5"
+
+
+def test_every_request_gets_an_audit_record_with_text_only_where_its_tenant_allows(tmp_path):
+    """Records of answered, refused and streamed requests; the tenant that opted in up to
+    ``internal`` gets text for an internal request, none for a confidential one (an e-mail
+    address raises it); another tenant never gets text. The log verifies."""
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            await ledger.service.set_tenant("acme", {"audit_text_up_to": "internal"})
+            acme = await ledger.service.create_key({"tenant": "acme"})
+            other = await ledger.service.create_key({"tenant": "other"})
+            secret = chat(messages=[{"role": "user", "content": "mail jane.doe@example.com the plan"}])
+            for exchange in (
+                Exchange(chat(), headers={**bearer(acme), "x-request-id": "r-internal",
+                                          "x-data-classification": "internal"}),
+                Exchange(chat(stream=True), headers={**bearer(acme), "x-request-id": "r-stream"}),
+                Exchange(secret, headers={**bearer(acme), "x-request-id": "r-confidential"}),
+                Exchange(chat(), headers={**bearer(other), "x-request-id": "r-other"}),
+                Exchange(chat(), headers={"authorization": "Bearer sk-made-up", "x-request-id": "r-refused"}),
+            ):
+                await exchange.run(cluster.app)
+            await cluster.gateway.ledger.sync()
+            return {r["request_id"]: r for r in await ledger.service.audit_tail(100)}
+
+    records = run(main())
+    assert set(records) == {"r-internal", "r-stream", "r-confidential", "r-other", "r-refused"}
+    internal = records["r-internal"]
+    assert internal["tenant"] == "acme" and internal["site"] == "onprem" and internal["status"] == 200
+    assert internal["data_class"] == "internal" and internal["prompt_tokens"] > 0 and internal["cost"] > 0
+    assert internal["replica"] and internal["queue_ms"] is not None and internal["router"]
+    assert '"hi"' in internal["text"]["request"] and internal["text"]["response"]
+    assert "data: " in records["r-stream"]["text"]["response"]  # the stream as the client got it
+    confidential = records["r-confidential"]
+    assert confidential["data_class"] == "confidential" and "email" in confidential["detectors"]
+    assert "text" not in confidential
+    assert "text" not in records["r-other"]
+    assert records["r-refused"]["status"] == 401 and records["r-refused"]["site"] is None
+    assert all("jane.doe" not in json.dumps(r) for r in records.values())
+    from serve_app.governance import audit
+
+    report = audit.verify(cfg.governance.audit_dir())
+    assert report.ok and report.records == 5, report.lines()

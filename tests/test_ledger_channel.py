@@ -59,7 +59,7 @@ def test_admissions_go_over_the_port_and_match_their_requests(tmp_path):
         answers = await asyncio.gather(*(client.admit(request(client.router_id, key["id"], tokens=10 + i))
                                          for i in range(200)))
         await client.close()
-        await svc.__del__()
+        await svc.close()
         return handle.calls, answers, svc.ledger.state()
 
     calls, answers, state = run(main())
@@ -83,7 +83,7 @@ def test_a_router_that_cannot_reach_the_port_admits_through_the_handle(tmp_path)
         first = await client.admit(request(client.router_id, key["id"]))
         second = await client.admit(request(client.router_id, key["id"]))
         await client.close()
-        await svc.__del__()
+        await svc.close()
         return handle.calls, first, second
 
     calls, first, second = run(main())
@@ -125,7 +125,7 @@ def test_an_answer_lost_with_its_connection_is_voided_never_admitted_twice(tmp_p
         # The next request goes through the handle while the port rests, then the port again.
         after = await client.admit(request(client.router_id, key["id"]))
         await client.close()
-        await svc.__del__()
+        await svc.close()
         return outcome, held, released, late, after, svc.ledger.reserved
 
     outcome, held, released, late, after, reserved = run(main())
@@ -164,7 +164,7 @@ def test_the_port_closes_connections_without_the_secret_or_with_bad_frames_and_s
         client = LedgerClient(handle, svc.settings)
         still = await client.admit(request(client.router_id, key["id"]))
         await client.close()
-        await svc.__del__()
+        await svc.close()
         return results, still, svc.ledger.state()
 
     results, still, state = run(main())

@@ -32,8 +32,39 @@ class StoreConfig(Strict):
         return Path(self.path).expanduser() if self.path else DEFAULT_STATE_DIR / "ledger.sqlite3"
 
 
+class ArchiveConfig(Strict):
+    """Where closed audit segments go: S3 or any S3-compatible server. Credentials come from the
+    ledger process's environment (boto3's usual chain: AWS_ACCESS_KEY_ID, instance roles, ...)."""
+
+    bucket: str = Field(min_length=3, max_length=63, description="The bucket (it must exist).")
+    prefix: str = Field(default="spillway-audit/", max_length=512, description="Key prefix of the segments.")
+    endpoint_url: str | None = Field(default=None, description="An S3-compatible server's URL (None: AWS).")
+    region: str = Field(default="us-east-1", description="The bucket's region.")
+
+
+class AuditConfig(Strict):
+    enabled: bool = Field(default=True, description="One hash-chained record per request (no text unless a "
+                          "tenant opts in).")
+    dir: str | None = Field(default=None, description="Directory of the log on the ledger's node (default: "
+                            "audit/ beside the SQLite ledger, else <SPILLWAY_STATE_DIR>/audit).")
+    signing_key_path: str | None = Field(
+        default=None, description="Ed25519 private key (PEM) that signs checkpoints; made on first start if "
+        "missing (default: audit-signing.key beside the log directory, mode 0600).")
+    rotate_bytes: int = Field(default=64 * 1024 * 1024, ge=4096, description="A segment closes at this size...")
+    rotate_s: float = Field(default=3600.0, gt=0, description="...or this old, whichever comes first.")
+    archive: ArchiveConfig | None = Field(default=None, description="Closed segments are copied here.")
+
+    def directory(self, state_dir: Path = DEFAULT_STATE_DIR) -> Path:
+        return Path(self.dir).expanduser() if self.dir else state_dir / "audit"
+
+    def key_path(self, state_dir: Path = DEFAULT_STATE_DIR) -> Path:
+        return Path(self.signing_key_path).expanduser() if self.signing_key_path else \
+            self.directory(state_dir).parent / "audit-signing.key"
+
+
 class GovernanceConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     admin_key_env: str = Field(
         default="SPILLWAY_ADMIN_KEY",
         description="Environment variable (of the router processes) holding the admin key for the admin API. "
@@ -60,6 +91,16 @@ class GovernanceConfig(Strict):
         default_factory=lambda: [50, 80, 100], description="Budget alerts fire once per period at each of these.")
     alert_webhook_url: str | None = Field(
         default=None, description="Optional URL that gets a JSON POST for each budget alert.")
+
+    def state_dir(self) -> Path:
+        """Where the ledger's own files live: beside the SQLite file, else SPILLWAY_STATE_DIR."""
+        return self.store.sqlite_path().parent if self.store.kind == StoreKind.sqlite else DEFAULT_STATE_DIR
+
+    def audit_dir(self) -> Path:
+        return self.audit.directory(self.state_dir())
+
+    def audit_key_path(self) -> Path:
+        return self.audit.key_path(self.state_dir())
 
     @model_validator(mode="after")
     def _check(self) -> "GovernanceConfig":

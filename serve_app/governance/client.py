@@ -57,6 +57,7 @@ class LedgerClient:
         self.table: KeyTable | None = None
         self._pending: list[Settlement] = []
         self._voids: list[str] = []
+        self._records: list[dict] = []
         self.channel = LedgerChannel(self._endpoint, clock)
         self._task: asyncio.Task | None = None
         self._loaded: asyncio.Event | None = None
@@ -97,6 +98,14 @@ class LedgerClient:
         except Exception as exc:  # noqa: BLE001 - any failure to reach it means: fail closed
             self._void(request.id)
             raise LedgerUnavailable(f"the governance ledger is unreachable ({type(exc).__name__})") from None
+
+    def audit(self, record: dict) -> None:
+        """A finished request's audit record: sent with the next settlement batch."""
+        self._records.append(record)
+        if len(self._records) > MAX_PENDING:
+            dropped = len(self._records) - MAX_PENDING
+            del self._records[:dropped]
+            logger.error("ledger unreachable: dropped the %d oldest unsent audit record(s)", dropped)
 
     def _void(self, reservation: str) -> None:
         self._voids.append(reservation)
@@ -161,7 +170,8 @@ class LedgerClient:
         last_sync = self.clock()
         while True:
             await asyncio.sleep(self.settings.settle_batch_ms / 1000)
-            if not self._pending and not self._voids and self.clock() - last_sync < self.settings.heartbeat_s:
+            if not (self._pending or self._voids or self._records) and \
+                    self.clock() - last_sync < self.settings.heartbeat_s:
                 continue
             try:
                 await self.sync()
@@ -172,12 +182,14 @@ class LedgerClient:
     async def sync(self) -> None:
         batch, self._pending = self._pending, []
         voids, self._voids = self._voids, []
+        records, self._records = self._records, []
         try:
-            version = await asyncio.wait_for(self.handle.sync.remote(self.router_id, batch, tuple(voids)),
-                                             SYNC_TIMEOUT_S)
+            version = await asyncio.wait_for(
+                self.handle.sync.remote(self.router_id, batch, tuple(voids), records), SYNC_TIMEOUT_S)
         except BaseException:
             self._pending[:0] = batch
             self._voids[:0] = voids
+            self._records[:0] = records
             raise
         if self.table is None or version != self.table.version:
             await self.refresh()
@@ -187,7 +199,7 @@ class LedgerClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._pending or self._voids:
+        if self._pending or self._voids or self._records:
             try:
                 await self.sync()
             except Exception as exc:  # noqa: BLE001 - nothing more to do at shutdown

@@ -53,6 +53,10 @@ class LimitSpec(Strict):
 class TenantSpec(LimitSpec):
     """A tenant: limits, budgets and residency that hold for all of its keys together."""
 
+    audit_text_up_to: DataClassName | None = Field(
+        default=None, description="The audit log keeps the request's and the answer's text for requests of "
+        "this data class or lower (None: never; records always have everything else).")
+
 
 class KeySpec(LimitSpec):
     """One API key: its tenant, and what holds for this key on top of the tenant's rules."""

@@ -4,6 +4,12 @@ It owns the ``Ledger`` (``ledger.py``), writes its changes to the store every
 ``flush_interval_ms`` on a worker thread (never on its event loop), charges the reservations of
 router replicas that went silent, and turns budget alerts into a metric, a structured log line
 and an optional webhook POST. Serve restarts it if it dies; it reloads from the store.
+
+It also writes the audit log (``audit.py``): the routers' records arrive with their settlement
+batches and are chained, written and signed on the same flush, then archived when a segment
+closes. What a crash can lose: the records a router had not sent yet (at most
+``settle_batch_ms`` of them, or more while the ledger was unreachable) and those the ledger had
+not written yet (at most ``flush_interval_ms``); a graceful shutdown writes both.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 
 from serve_app.config import SpillwayConfig
+from serve_app.governance.audit import Archiver, AuditWriter, load_or_create_key, tail
 from serve_app.governance.channel import SECRET_BYTES, LedgerPort
 from serve_app.governance.keys import KeySpec, TenantSpec
 from serve_app.governance.ledger import AdmitRequest, Ledger, Settlement
@@ -21,6 +29,8 @@ from serve_app.governance.store import open_store
 
 logger = logging.getLogger("spillway.ledger")
 REAP_EVERY_S = 1.0
+ARCHIVE_RETRY_S = 30.0
+MAX_AUDIT_PENDING = 1_000_000
 WEBHOOK_TIMEOUT_S = 5.0
 
 
@@ -35,6 +45,16 @@ class LedgerService:
         self._webhooks: set[asyncio.Task] = set()
         self._alerts = None
         self.port = LedgerPort(self.ledger, secrets.token_bytes(SECRET_BYTES))
+        audit = self.settings.audit
+        self.audit = AuditWriter(self.settings.audit_dir(), load_or_create_key(self.settings.audit_key_path()),
+                                 audit.rotate_bytes,
+                                 audit.rotate_s) if audit.enabled else None
+        self.archiver = Archiver(audit.archive.bucket, audit.archive.prefix, audit.archive.endpoint_url,
+                                 audit.archive.region) if audit.enabled and audit.archive else None
+        self._audit_pending: list[dict] = []
+        self._audit_lock = asyncio.Lock()
+        self._archive_task: asyncio.Task | None = None
+        self._archive_failed_at: float | None = None
         self._port_open: asyncio.Task | None = None
         logger.info("ledger started on %s: %d key(s), %d tenant(s)", self.store.describe(),
                     len(self.ledger.keys), len(self.ledger.tenants))
@@ -71,11 +91,18 @@ class LedgerService:
         self._start()
         return self.ledger.admit(request)
 
-    async def sync(self, router: str, settlements: list[Settlement], voids: tuple[str, ...] = ()) -> int:
-        """A router's batch of finished requests (possibly none: a heartbeat) and of admissions
-        whose answer it never got. Returns the key-table version, so routers re-read the table
-        when it changed."""
+    async def sync(self, router: str, settlements: list[Settlement], voids: tuple[str, ...] = (),
+                   records: list[dict] | None = None) -> int:
+        """A router's batch of finished requests (possibly none: a heartbeat), of admissions
+        whose answer it never got, and of audit records. Returns the key-table version, so routers
+        re-read the table when it changed."""
         self._start()
+        if records and self.audit is not None:
+            self._audit_pending.extend(records)
+            if len(self._audit_pending) > MAX_AUDIT_PENDING:
+                dropped = len(self._audit_pending) - MAX_AUDIT_PENDING
+                del self._audit_pending[:dropped]
+                logger.error("audit log not writable: dropped the %d oldest record(s)", dropped)
         self.ledger.heartbeat(router)
         for reservation in voids:
             self.ledger.void(router, reservation)
@@ -151,6 +178,21 @@ class LedgerService:
     async def state(self) -> dict:
         return self.ledger.state()
 
+    async def audit_rotate(self) -> dict:
+        """Write what is pending, close the open segment and archive it now."""
+        await self.flush()
+        closed = await self.write_audit(rotate=True)
+        if self._archive_task is not None:
+            await asyncio.gather(self._archive_task, return_exceptions=True)
+        archived = await self.archive()
+        return {"closed": closed, "archived_now": archived, "last_seq": self.audit.seq if self.audit else 0}
+
+    async def audit_tail(self, count: int) -> list[dict]:
+        if self.audit is None:
+            return []
+        await self.flush()
+        return await asyncio.to_thread(tail, self.audit.directory, count)
+
     def _admin(self) -> asyncio.Lock:
         """Admin changes (rare) write the store at once, on a worker thread, one at a time; the
         tables change on this event loop, after the write succeeded."""
@@ -162,14 +204,55 @@ class LedgerService:
     async def flush(self) -> None:
         async with self._write_lock:
             pending = self.ledger.take_flush()
-            if not pending:
-                return
+            if pending:
+                try:
+                    await asyncio.to_thread(self.store.write, pending)
+                except Exception:  # noqa: BLE001 - keep the changes and try again next time
+                    logger.exception("ledger write failed; keeping %d spend change(s) for the next write",
+                                     len(pending.spend))
+                    self.ledger.restore_flush(pending)
+        await self.write_audit()
+
+    async def write_audit(self, rotate: bool = False) -> list[str]:
+        """Write the pending audit records (and close the segment if asked or due); the segments
+        this closed are archived in the background."""
+        if self.audit is None:
+            return []
+        async with self._audit_lock:
+            records, self._audit_pending = self._audit_pending, []
+            if not records and not rotate and not self.audit.due():
+                return []
+
+            def write():
+                closed = self.audit.write(records)
+                return closed + (self.audit.rotate() if rotate else [])
+
             try:
-                await asyncio.to_thread(self.store.write, pending)
-            except Exception:  # noqa: BLE001 - keep the changes and try again next time
-                logger.exception("ledger write failed; keeping %d spend change(s) for the next write",
-                                 len(pending.spend))
-                self.ledger.restore_flush(pending)
+                closed = await asyncio.to_thread(write)
+            except Exception:  # noqa: BLE001 - keep them and try again next time
+                logger.exception("audit write failed; keeping %d record(s) for the next write", len(records))
+                self._audit_pending[:0] = records
+                return []
+        if closed:
+            self._archive_soon()
+        return [path.name for path in closed]
+
+    def _archive_soon(self) -> None:
+        if self.archiver is not None and (self._archive_task is None or self._archive_task.done()):
+            self._archive_task = asyncio.get_running_loop().create_task(self.archive())
+
+    async def archive(self) -> int:
+        """Copy every closed, not yet archived segment to the archive (on a worker thread)."""
+        if self.archiver is None:
+            return 0
+        try:
+            done = await asyncio.to_thread(self.archiver.archive_closed, self.audit.directory)
+            self._archive_failed_at = None
+            return done
+        except Exception as exc:  # noqa: BLE001 - tried again later; the segments stay on disk
+            logger.warning("audit archive failed (tried again in %.0f s): %s", ARCHIVE_RETRY_S, exc)
+            self._archive_failed_at = time.monotonic()
+            return 0
 
     async def _flush_loop(self) -> None:
         while True:
@@ -177,8 +260,11 @@ class LedgerService:
             await self.flush()
 
     async def _reap_loop(self) -> None:
+        self._archive_soon()  # segments closed before a restart
         while True:
             await asyncio.sleep(REAP_EVERY_S)
+            if self._archive_failed_at is not None and time.monotonic() - self._archive_failed_at > ARCHIVE_RETRY_S:
+                self._archive_soon()
             try:
                 self.ledger.reap()
                 self._publish_alerts()
@@ -217,13 +303,22 @@ class LedgerService:
         except Exception as exc:  # noqa: BLE001 - an alert hook must never hurt the ledger
             logger.warning("budget alert webhook failed: %s", exc)
 
-    async def __del__(self):
+    async def close(self) -> None:
+        """Write everything pending (spend, usage, audit records), then let go of the store."""
         for task in self._tasks:
             task.cancel()
         await self.port.close()
         await self.flush()
+        if self._archive_task is not None:
+            await asyncio.gather(self._archive_task, return_exceptions=True)
         self.store.close()
 
+
+class LedgerDeployment(LedgerService):
+    """What Serve runs: the service, closed by Serve's graceful shutdown (``__del__``)."""
+
+    async def __del__(self):
+        await self.close()
 
 
 def _node_address() -> str:

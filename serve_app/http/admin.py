@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from serve_app.errors import AuthenticationFailed, InvalidRequest, ModelNotFound
+from serve_app.errors import AuthenticationFailed, InvalidRequest, NotFound
 from serve_app.governance.keys import NAME_PATTERN, KeySpec, TenantSpec, bearer, check_admin_key
 from serve_app.governance.store import USAGE_COLUMNS
 from serve_app.http.body import read_body
@@ -25,6 +25,7 @@ from serve_app.http.body import read_body
 PREFIX = "/v1/spillway/admin"
 MAX_ADMIN_BODY_BYTES = 65_536
 ADMIN_TIMEOUT_S = 30.0
+MAX_AUDIT_TAIL = 1_000
 
 
 def install_admin(api: FastAPI, gateway) -> None:
@@ -33,7 +34,7 @@ def install_admin(api: FastAPI, gateway) -> None:
             raise AuthenticationFailed("The admin API needs the admin key ('Authorization: Bearer <admin key>')."
                                        if gateway.admin_key else "The admin API is off: no admin key is set.")
         if gateway.ledger is None:
-            raise ModelNotFound("governance is not configured on this router")
+            raise NotFound("governance is not configured on this router")
         return gateway.ledger.handle
 
     async def body_of(request: Request, model):
@@ -65,14 +66,14 @@ def install_admin(api: FastAPI, gateway) -> None:
     async def rotate_key(key_id: str, request: Request):
         created = await ledger(request).rotate_key.remote(key_id[:64])
         if created is None:
-            raise ModelNotFound(f"no active key {key_id[:64]!r}", param="key_id")
+            raise NotFound(f"no active key {key_id[:64]!r}", param="key_id")
         return JSONResponse(await changed(created), status_code=201)
 
     @api.delete(PREFIX + "/keys/{key_id}")
     async def revoke_key(key_id: str, request: Request):
         record = await ledger(request).revoke_key.remote(key_id[:64])
         if record is None:
-            raise ModelNotFound(f"no key {key_id[:64]!r}", param="key_id")
+            raise NotFound(f"no key {key_id[:64]!r}", param="key_id")
         return JSONResponse(await changed(record))
 
     @api.get(PREFIX + "/tenants")
@@ -106,6 +107,19 @@ def install_admin(api: FastAPI, gateway) -> None:
     @api.get(PREFIX + "/ledger")
     async def ledger_state(request: Request):
         return JSONResponse(await ledger(request).state.remote())
+
+    @api.get(PREFIX + "/audit")
+    async def audit_tail(request: Request):
+        """The latest audit records (newest last); ``?limit=`` 1 to 1,000, default 50."""
+        raw = request.query_params.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_AUDIT_TAIL:
+            raise InvalidRequest(f"limit: a whole number from 1 to {MAX_AUDIT_TAIL}", param="limit")
+        return JSONResponse({"data": await ledger(request).audit_tail.remote(int(raw))})
+
+    @api.post(PREFIX + "/audit/rotate")
+    async def audit_rotate(request: Request):
+        """Close the open segment now and archive it (before an inspection, a verification)."""
+        return JSONResponse(await ledger(request).audit_rotate.remote())
 
 
 def usage_days(period: str, date: str | None) -> tuple[str, str]:

@@ -1,4 +1,5 @@
-"""``spillway keys | tenants | usage | budgets``: clients of the router's admin API.
+"""``spillway keys | tenants | usage | budgets | audit``: clients of the router's admin API (and
+``spillway audit verify``, which reads the log itself: a directory or its S3 archive).
 
 The admin key comes from the environment variable the config names (``SPILLWAY_ADMIN_KEY`` by
 default), else from the file ``spillway up --local`` wrote for the local cluster.
@@ -16,6 +17,7 @@ from serve_app.config import load_config
 from serve_app.ops.local_cluster import DEFAULT_STATE_FILE, admin_key_path
 
 PREFIX = "/v1/spillway/admin"
+CLASSES = ["public", "internal", "confidential", "restricted"]
 TIMEOUT_S = 60
 
 
@@ -56,6 +58,8 @@ def _rules(args) -> dict:
             rules[name] = getattr(args, name)
     if args.residency:
         rules["residency"] = args.residency
+    if getattr(args, "audit_text_up_to", None):
+        rules["audit_text_up_to"] = args.audit_text_up_to
     budgets = []
     for text in args.budget or ():
         parts = text.split(":")
@@ -134,6 +138,49 @@ def cmd_budgets(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    if args.audit_command == "verify":
+        return audit_verify(args)
+    if args.audit_command == "rotate":
+        print(json.dumps(_call(args, "POST", "/audit/rotate"), indent=2))
+        return 0
+    rows = _call(args, "GET", f"/audit?limit={args.limit}")["data"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print(rows, ["seq", "request_id", "tenant", "key_id", "variant", "data_class", "site", "status",
+                      "prompt_tokens", "completion_tokens", "cost"])
+    return 0
+
+
+def audit_verify(args) -> int:
+    """Exit 0 when the log verifies, 1 when it does not (each problem printed)."""
+    import tempfile
+    from pathlib import Path
+
+    from serve_app.governance import audit
+
+    public = audit.load_public_key(Path(args.public_key)) if args.public_key else None
+    if args.s3:
+        bucket, _, prefix = args.s3.removeprefix("s3://").partition("/")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                count = audit.Archiver(bucket, prefix, args.endpoint_url).download(Path(tmp))
+            except ValueError as exc:
+                print(f"audit archive FAILED: {exc}")
+                return 1
+            print(f"downloaded {count} object(s) from {args.s3} (each checked against its SHA-256)")
+            report = audit.verify(Path(tmp), public, require_closed=True)
+    else:
+        directory = Path(args.dir).expanduser() if args.dir else load_config(args.config).governance.audit_dir()
+        report = audit.verify(directory, public)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
 def add_parsers(sub, with_config) -> None:
     def admin(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         with_config(p)
@@ -141,12 +188,15 @@ def add_parsers(sub, with_config) -> None:
         p.add_argument("--json", action="store_true")
         return p
 
-    def rules(p: argparse.ArgumentParser) -> None:
+    def rules(p: argparse.ArgumentParser, tenant: bool = False) -> None:
         p.add_argument("--rpm", type=int, help="requests per minute")
         p.add_argument("--tpm", type=int, help="tokens per minute")
         p.add_argument("--budget", action="append", help="PERIOD:AMOUNT[:refuse|onprem_only], e.g. month:500; "
                        "repeatable (one per period)")
         p.add_argument("--residency", choices=["any", "onprem"], help="onprem: never leaves on-prem sites")
+        if tenant:
+            p.add_argument("--audit-text-up-to", choices=CLASSES,
+                           help="keep request and answer text in the audit log for this data class and lower")
 
     keys = sub.add_parser("keys", help="API keys: create, list, rotate, revoke (admin API)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -155,7 +205,7 @@ def add_parsers(sub, with_config) -> None:
     create.add_argument("--name")
     create.add_argument("--tier", type=int, default=0, help="admission priority, -10..10")
     create.add_argument("--models", help="comma-separated models or aliases it may use (default: all)")
-    create.add_argument("--data-class", choices=["public", "internal", "confidential", "restricted"],
+    create.add_argument("--data-class", choices=CLASSES,
                         help="its requests' default data class")
     rules(create)
     admin(keys_sub.add_parser("list", help="keys (never their secrets)"))
@@ -168,7 +218,7 @@ def add_parsers(sub, with_config) -> None:
     tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
     tenant_set = admin(tenants_sub.add_parser("set", help="create or replace a tenant's rules"))
     tenant_set.add_argument("name")
-    rules(tenant_set)
+    rules(tenant_set, tenant=True)
     admin(tenants_sub.add_parser("list"))
     tenants.set_defaults(func=cmd_tenants)
 
@@ -180,3 +230,17 @@ def add_parsers(sub, with_config) -> None:
 
     budgets = admin(sub.add_parser("budgets", help="spend against budget, per tenant and key"))
     budgets.set_defaults(func=cmd_budgets)
+
+    audit = sub.add_parser("audit", help="the audit log: verify its chain and signatures, show, rotate")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = with_config(audit_sub.add_parser("verify", help="check a log directory or its S3 archive; exit 1 "
+                                              "on any edited, removed, reordered or cut-off record"))
+    verify.add_argument("--dir", help="the log directory (default: the config's governance.audit.dir)")
+    verify.add_argument("--s3", help="s3://bucket/prefix of an archive, instead of a directory")
+    verify.add_argument("--endpoint-url", help="an S3-compatible server's URL (with --s3)")
+    verify.add_argument("--public-key", help="the Ed25519 public key (PEM) that must have signed the "
+                        "checkpoints (default: the one stored with the log; pass your own copy)")
+    tail = admin(audit_sub.add_parser("tail", help="the latest records (admin API)"))
+    tail.add_argument("-n", "--limit", type=int, default=20)
+    admin(audit_sub.add_parser("rotate", help="close the open segment now and archive it (admin API)"))
+    audit.set_defaults(func=cmd_audit)

@@ -83,6 +83,7 @@ class RequestContext:
     admission: Any = None  # governance Admission: the ledger's reservation, settled by the outcome sink
     prompt_tokens_estimate: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-ratelimit-*
+    captured: bytearray | None = None  # the answer, kept for the audit log (its tenant opted in)
     status: int = 0
     outcome: str = ""
     closed: bool = False

@@ -30,6 +30,7 @@ from serve_app.governance.cost import CostModel
 from serve_app.http.headers import read_headers
 from serve_app.observe.tracing import Tracing
 from serve_app.pipeline.admit import AdmitStage
+from serve_app.pipeline.audit import AuditStage
 from serve_app.pipeline.auth import AccessStage, AuthStage
 from serve_app.pipeline.baselines import Pow2BaselineStage
 from serve_app.pipeline.classify import ClassifyStage
@@ -107,7 +108,7 @@ class Gateway:
             ResolveStage({m.id: m for m in config.models}, self.splits),
             *([AccessStage(onprem_models)] if governed else []),
             ClassifyStage(DataClass[router.default_data_class], DataClass[router.opaque_data_class]),
-            *([GovernStage(config, self.ledger, CostModel(config))] if governed else []),
+            *([GovernStage(config, self.ledger, CostModel(config)), AuditStage()] if governed else []),
             # cache (lookup) (Governance II)
         ]
         if router.benchmark_modes:

@@ -1,6 +1,6 @@
 """The one place a finished request is reported: metrics, split counters, the predictor's learning,
 the trace, and its settlement with the ledger (usage, spend; the reservation of a keyed request
-given back). (The audit record joins here later.)
+given back), and its audit record (``governance/audit.py``), which travels with the settlements.
 
 It runs once per request, from ``RequestContext.close``, whatever the outcome. What a request
 used: the engine's usage when it reported one; for a request cut short after it reached an
@@ -9,6 +9,8 @@ one that never reached an engine, nothing.
 """
 
 from __future__ import annotations
+
+import time
 
 from serve_app.config import SpillwayConfig
 from serve_app.governance.budgets import to_micros
@@ -53,6 +55,7 @@ class OutcomeSink:
             self._schedulers[ctx.model].observe_usage(ctx.shape.max_tokens, summary.usage[1])
         if self._ledger is not None:
             self._settle(ctx, site)
+            self._ledger.audit(audit_record(ctx, site, cost, self._ledger.router_id))
         attributes = {"ttft_ms": _round(ttft_ms), "itl_ms": _round(itl_ms)}
         if lease is not None:
             attributes.update(site=site, queue_wait_ms=round(lease.queue_ms, 1), spill_reason=lease.spill_reason)
@@ -76,6 +79,40 @@ class OutcomeSink:
         self._ledger.settle(Settlement(
             self._ledger.router_id, admission.reservation if admission else None, principal.key_id, principal.tenant,
             ctx.model, site, usage[0], usage[1], cost, admission.accounts if admission else ()))
+
+
+def audit_record(ctx: RequestContext, site: str, cost: float | None, router: str) -> dict:
+    """What the audit log keeps of one request: who, what, where, how long, how much, how it
+    ended. No text, unless the tenant opted in for this request's data class (``AuditStage``)."""
+    principal, lease, reply = ctx.principal, ctx.lease, ctx.reply
+    classification = ctx.classification
+    usage = ctx.summary.usage
+    record = {
+        "at": round(time.time(), 6),
+        "request_id": ctx.request_id,
+        "endpoint": ctx.endpoint,
+        "tenant": principal.tenant if principal is not None else None,
+        "key_id": principal.key_id if principal is not None else None,
+        "model": ctx.requested_model or None,
+        "variant": ctx.model or None,
+        "data_class": classification.data_class.name if classification is not None else None,
+        "detectors": classification.raised_by if classification is not None else [],
+        "site": site if site != NO_SITE else None,
+        "replica": reply.replica if reply is not None else None,
+        "router": router,
+        "queue_ms": round(lease.queue_ms, 1) if lease is not None else None,
+        "spill_reason": lease.spill_reason if lease is not None else None,
+        "prompt_tokens": usage[0] if usage else None,
+        "completion_tokens": usage[1] if usage else None,
+        "cost": cost if site != NO_SITE else 0.0,
+        "status": ctx.status,
+        "outcome": ctx.outcome,
+    }
+    if ctx.captured is not None:
+        completion = bytes(ctx.captured) if ctx.stream else (reply.body if reply is not None else None)
+        record["text"] = {"request": ctx.scan.rest.decode("utf-8", "replace") if ctx.scan is not None else None,
+                          "response": completion.decode("utf-8", "replace") if completion else None}
+    return record
 
 
 def _round(value: float | None) -> float | None:

@@ -74,6 +74,8 @@ async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
             if lease is not None:
                 lease.tokens_out = summary.events
             if complete:
+                if ctx.captured is not None:
+                    ctx.captured += complete
                 yield complete
             if done_seen:
                 break  # a direct connection stays open for the next request
