@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,10 +298,12 @@ async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: floa
     t0 = time.perf_counter()
     measure_from, deadline = t0 + warmup_s, t0 + warmup_s + duration_s
 
+    cell = uuid.uuid4().hex[:8]  # every prompt is new: a repeat would be a cache hit on Spillway
+
     async def client(i: int):
         n = 0
         while time.perf_counter() < deadline:
-            results.append(await stream_once(session, url, max_tokens, f"peer benchmark client {i} request {n}"))
+            results.append(await stream_once(session, url, max_tokens, f"peer benchmark {cell} client {i} request {n}"))
             n += 1
 
     async with _session(concurrency, headers) as session:

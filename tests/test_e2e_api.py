@@ -104,12 +104,12 @@ def test_chat_n_stop_and_logprobs(client):
 
 
 def test_seeded_sampling_is_reproducible(client):
-    def sample(seed):
+    def sample(seed, user):  # a different `user` each time: the engine answers, not the response cache
         return client.chat.completions.create(
-            model=MOE, messages=HELLO, max_tokens=24, temperature=1.0, seed=seed, extra_body={"ignore_eos": True}
-        ).choices[0].message.content
+            model=MOE, messages=HELLO, max_tokens=24, temperature=1.0, seed=seed, user=user,
+            extra_body={"ignore_eos": True}).choices[0].message.content
 
-    first, second, other = sample(42), sample(42), sample(7)
+    first, second, other = sample(42, "a"), sample(42, "b"), sample(7, "c")
     assert first == second
     assert first != other
 

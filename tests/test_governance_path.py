@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import pytest
 from types import SimpleNamespace
 
 from serve_app.config import SpillwayConfig
@@ -255,3 +257,70 @@ def test_every_request_gets_an_audit_record_with_text_only_where_its_tenant_allo
 
     report = audit.verify(cfg.governance.audit_dir())
     assert report.ok and report.records == 5, report.lines()
+
+
+def test_deterministic_answers_are_cached_per_tenant_free_and_audited_as_hits(tmp_path):
+    """temperature 0: the second identical request is a hit (no engine call, no cost, the same
+    answer, as a stream when streamed); another tenant's identical request misses; a sampled
+    request is never cached; the audit log says hit and miss."""
+    cfg, ledger = governed(tmp_path)
+    fleet = engines()
+
+    async def main():
+        async with Cluster(fleet, cfg, ledger=ledger) as cluster:
+            await ledger.service.set_tenant("acme", {"budgets": [{"period": "day", "limit": 100.0}]})
+            acme = await ledger.service.create_key({"tenant": "acme"})
+            other = await ledger.service.create_key({"tenant": "other"})
+
+            async def ask(key, body, request_id):
+                return await Exchange(body, headers={**bearer(key), "x-request-id": request_id}).run(cluster.app)
+
+            exact = chat(temperature=0, max_tokens=5)
+            first = await ask(acme, exact, "c-1")
+            calls_after_first = sum(len(e.calls) for e in fleet.values())
+            second = await ask(acme, exact, "c-2")
+            calls_after_hit = sum(len(e.calls) for e in fleet.values())
+            streamed = [await ask(acme, chat(stream=True, seed=7, max_tokens=5), f"s-{i}") for i in range(2)]
+            elsewhere = await ask(other, exact, "c-other")
+            sampled = [await ask(acme, chat(temperature=0.8), f"t-{i}") for i in range(2)]
+            await cluster.gateway.ledger.sync()
+            records = {r["request_id"]: r for r in await ledger.service.audit_tail(100)}
+            spend = await ledger.service.spend("tenant:acme", "day")
+            return first, second, calls_after_first, calls_after_hit, streamed, elsewhere, sampled, records, spend
+
+    first, second, calls_first, calls_hit, streamed, elsewhere, sampled, records, spend = run(main())
+    assert first.response_headers["x-spillway-cache"] == "miss" and first.status == 200
+    assert second.response_headers["x-spillway-cache"] == "hit" and second.status == 200
+    assert second.response_headers["x-spillway-site"] == "cache"
+    assert calls_hit == calls_first  # no engine saw the hit
+    assert second.body == first.body
+    assert [s.response_headers["x-spillway-cache"] for s in streamed] == ["miss", "hit"]
+    assert streamed[1].response_headers["content-type"].startswith("text/event-stream")
+    assert streamed[1].body == streamed[0].body and streamed[1].body.endswith(b"data: [DONE]\n\n")
+    assert elsewhere.response_headers["x-spillway-cache"] == "miss"  # never across tenants
+    assert all("x-spillway-cache" not in s.response_headers for s in sampled)
+    assert records["c-1"]["cache"] == "miss" and records["c-1"]["cost"] > 0
+    assert records["c-2"]["cache"] == "hit" and records["c-2"]["cost"] == 0 and records["c-2"]["site"] == "cache"
+    assert records["s-1"]["cache"] == "hit" and records["t-0"]["cache"] is None
+    # Spend: the misses and the sampled requests cost; the hits added nothing.
+    paid = sum(r["cost"] for r in records.values() if r["tenant"] == "acme")
+    assert spend["spent"] == pytest.approx(paid) and spend["reserved"] == 0
+
+
+def test_a_router_on_a_cloud_site_caches_no_confidential_answer(tmp_path):
+    cfg, ledger = governed(tmp_path)
+    raw = cfg.model_dump(mode="json")
+    raw["router"]["site"] = "cloud"
+    cloud_cfg = SpillwayConfig.model_validate(raw)
+
+    async def main():
+        async with Cluster(engines(), cloud_cfg, ledger=ledger) as cluster:
+            headers = {"x-data-classification": "confidential"}
+            answers = [await Exchange(chat(temperature=0), headers=headers).run(cluster.app) for _ in range(2)]
+            public = [await Exchange(chat(temperature=0)).run(cluster.app) for _ in range(2)]
+            return answers, public, cluster.gateway.cache.cache.report()
+
+    answers, public, report = run(main())
+    assert all("x-spillway-cache" not in a.response_headers for a in answers)
+    assert [p.response_headers["x-spillway-cache"] for p in public] == ["miss", "hit"]
+    assert report["entries"] == 1

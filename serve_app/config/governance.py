@@ -62,9 +62,22 @@ class AuditConfig(Strict):
             self.directory(state_dir).parent / "audit-signing.key"
 
 
+class CacheConfig(Strict):
+    """The response cache: exact matches of deterministic requests, per tenant, in each router
+    replica's memory (on the router's site)."""
+
+    enabled: bool = Field(default=True, description="Answer a repeated deterministic request (temperature 0 "
+                          "or a fixed seed) from the cache.")
+    max_entries: int = Field(default=10_000, ge=1, description="Entries per router replica (least recently "
+                             "used go first).")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Bytes of answers per router replica.")
+    max_age_s: float = Field(default=600.0, gt=0, description="An answer is served from the cache for this long.")
+
+
 class GovernanceConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     admin_key_env: str = Field(
         default="SPILLWAY_ADMIN_KEY",
         description="Environment variable (of the router processes) holding the admin key for the admin API. "

@@ -15,4 +15,6 @@ class AuditStage:
         rules = ctx.principal.tenant_rules if ctx.principal is not None else None
         up_to = rules.audit_text_up_to if rules is not None else None
         if up_to is not None and ctx.classification is not None and ctx.classification.data_class <= DataClass[up_to]:
-            ctx.captured = bytearray()
+            ctx.audit_text = True
+            if ctx.captured is None:
+                ctx.captured = bytearray()

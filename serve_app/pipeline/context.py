@@ -83,7 +83,10 @@ class RequestContext:
     admission: Any = None  # governance Admission: the ledger's reservation, settled by the outcome sink
     prompt_tokens_estimate: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-ratelimit-*
-    captured: bytearray | None = None  # the answer, kept for the audit log (its tenant opted in)
+    captured: bytearray | None = None  # a streamed answer as the engine sent it (audit text, the cache)
+    audit_text: bool = False  # the audit record keeps the request's and answer's text
+    cache_key: str | None = None  # a cacheable request that missed: its answer is stored
+    cache_hit: bool = False
     status: int = 0
     outcome: str = ""
     closed: bool = False

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from serve_app.config import SiteKind, SpillwayConfig
 from serve_app.errors import InvalidRequest, SpillwayError
 from serve_app.governance.client import OPEN_WARNING, LedgerClient
+from serve_app.governance.cache import ResponseCache
 from serve_app.governance.cost import CostModel
 from serve_app.http.headers import read_headers
 from serve_app.observe.tracing import Tracing
@@ -33,6 +34,7 @@ from serve_app.pipeline.admit import AdmitStage
 from serve_app.pipeline.audit import AuditStage
 from serve_app.pipeline.auth import AccessStage, AuthStage
 from serve_app.pipeline.baselines import Pow2BaselineStage
+from serve_app.pipeline.cache import CacheStage
 from serve_app.pipeline.classify import ClassifyStage
 from serve_app.pipeline.context import (
     OUTCOME_CANCELLED,
@@ -96,7 +98,10 @@ class Gateway:
                        for alias, split in router.splits.items()}
         self.ledger = LedgerClient(ledger, config.governance) if ledger is not None else None
         self.admin_key = os.environ.get(config.governance.admin_key_env) or None
-        self.sink = OutcomeSink(config, metrics, self.schedulers, self.ledger)
+        caching = config.governance.cache
+        self.cache = CacheStage(ResponseCache(caching.max_entries, caching.max_bytes, caching.max_age_s),
+                                DataClass[config.router_site.trust]) if caching.enabled else None
+        self.sink = OutcomeSink(config, metrics, self.schedulers, self.ledger, self.cache)
         onprem_sites = frozenset(s.name for s in config.sites if s.kind == SiteKind.onprem)
         admit = AdmitStage(self.schedulers, self.targets, onprem_sites)
         governed = self.ledger is not None
@@ -109,7 +114,7 @@ class Gateway:
             *([AccessStage(onprem_models)] if governed else []),
             ClassifyStage(DataClass[router.default_data_class], DataClass[router.opaque_data_class]),
             *([GovernStage(config, self.ledger, CostModel(config)), AuditStage()] if governed else []),
-            # cache (lookup) (Governance II)
+            *([self.cache] if self.cache is not None else []),
         ]
         if router.benchmark_modes:
             self.stages.append(Pow2BaselineStage(self.targets))
@@ -181,6 +186,8 @@ class Gateway:
         }
         if ctx.split is not None:
             headers[HEADER_VARIANT] = ctx.model
+        if headers[HEADER_SPILL_REASON] is None:  # not placed: a cache hit
+            del headers[HEADER_SPILL_REASON]
         headers.update(ctx.response_headers)
         if reply.stream is None:
             ctx.summary.first_at = time.monotonic()

@@ -24,8 +24,10 @@ NO_SITE = "none"
 
 
 class OutcomeSink:
-    def __init__(self, config: SpillwayConfig, metrics, schedulers: dict[str, ModelScheduler], ledger=None):
+    def __init__(self, config: SpillwayConfig, metrics, schedulers: dict[str, ModelScheduler], ledger=None,
+                 cache=None):
         self._costs = CostModel(config)
+        self._cache = cache  # CacheStage: stores a finished miss
         self._metrics = metrics
         self._schedulers = schedulers
         self._ledger = ledger  # LedgerClient
@@ -46,7 +48,9 @@ class OutcomeSink:
         if (lease is not None and lease.budget_miss) or ctx.budget_miss:
             self._metrics.budget_miss(model)
         self._metrics.finished(model, site, ctx.outcome)
-        cost = self._costs.request_cost(model, site, summary.usage)
+        cost = 0.0 if ctx.cache_hit else self._costs.request_cost(model, site, summary.usage)
+        if ctx.cache_key is not None and ok and reply is not None and reply.status == 200 and self._cache is not None:
+            self._cache.store(ctx)
         self._metrics.served(model, site, ttft_ms, itl_ms, summary.usage, cost)
         if ctx.split is not None and ctx.model:
             ctx.split.record(ctx.model, error=not ok, ttft_ms=ttft_ms,
@@ -73,9 +77,12 @@ class OutcomeSink:
         if principal is None or not ctx.model or (principal.key_id is not None and admission is None):
             return  # refused before it was admitted: nothing reserved, nothing used
         usage = ctx.summary.usage
-        if usage is None:
+        if ctx.cache_hit:
+            usage = (0, 0)  # served from the cache: no tokens, no cost
+        elif usage is None:
             usage = (ctx.prompt_tokens_estimate, ctx.summary.events) if ctx.reply is not None else (0, 0)
-        cost = to_micros(self._costs.request_cost(ctx.model, site, usage)) if site != NO_SITE else 0
+        cost = to_micros(self._costs.request_cost(ctx.model, site, usage)) if site != NO_SITE and not ctx.cache_hit \
+            else 0
         self._ledger.settle(Settlement(
             self._ledger.router_id, admission.reservation if admission else None, principal.key_id, principal.tenant,
             ctx.model, site, usage[0], usage[1], cost, admission.accounts if admission else ()))
@@ -107,8 +114,9 @@ def audit_record(ctx: RequestContext, site: str, cost: float | None, router: str
         "cost": cost if site != NO_SITE else 0.0,
         "status": ctx.status,
         "outcome": ctx.outcome,
+        "cache": "hit" if ctx.cache_hit else ("miss" if ctx.cache_key else None),
     }
-    if ctx.captured is not None:
+    if ctx.audit_text:
         completion = bytes(ctx.captured) if ctx.stream else (reply.body if reply is not None else None)
         record["text"] = {"request": ctx.scan.rest.decode("utf-8", "replace") if ctx.scan is not None else None,
                           "response": completion.decode("utf-8", "replace") if completion else None}

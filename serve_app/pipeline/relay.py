@@ -70,12 +70,12 @@ async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
                 continue
             complete, pending = data[:cut + 2], data[cut + 2:]
             done_seen = complete.endswith(DONE_EVENT)
+            if ctx.captured is not None:
+                ctx.captured += complete
             complete = _take_usage(complete, summary, ctx.strip_usage, now)
             if lease is not None:
                 lease.tokens_out = summary.events
             if complete:
-                if ctx.captured is not None:
-                    ctx.captured += complete
                 yield complete
             if done_seen:
                 break  # a direct connection stays open for the next request

@@ -157,7 +157,8 @@ def result_to_wire(result: ScanResult) -> dict:
     return {
         "status": result.status, "message": result.message, "param": result.param,
         "shape": None if shape is None else [shape.model, shape.stream, shape.stream_options, shape.n,
-                                             shape.prompts, shape.max_tokens, shape.user, list(shape.opaque)],
+                                             shape.prompts, shape.max_tokens, shape.user, list(shape.opaque),
+                                             shape.deterministic],
         "rest": result.rest, "findings": [[f.detector, int(f.data_class)] for f in result.findings],
         "scan_error": result.scan_error, "text_chars": result.text_chars, "preview": result.preview,
     }
@@ -168,7 +169,8 @@ def result_from_wire(data: dict) -> ScanResult:
     return ScanResult(
         status=int(data["status"]), message=str(data["message"]), param=data["param"],
         shape=None if shape is None else RequestShape(str(shape[0]), bool(shape[1]), shape[2], int(shape[3]),
-                                                       int(shape[4]), shape[5], shape[6], tuple(shape[7])),
+                                                       int(shape[4]), shape[5], shape[6], tuple(shape[7]),
+                                                       bool(shape[8])),
         rest=bytes(data["rest"]),
         findings=tuple(Finding(str(name), DataClass(level)) for name, level in data["findings"]),
         scan_error=data["scan_error"], text_chars=int(data["text_chars"]), preview=data["preview"],

@@ -40,6 +40,7 @@ class RequestShape:
     max_tokens: int | None
     user: str | None
     opaque: tuple[str, ...]  # content the router cannot read as text (token ids, images, ...)
+    deterministic: bool = False  # temperature 0 or a fixed seed: the same request gets the same answer
 
     @property
     def sequences(self) -> int:
@@ -94,7 +95,10 @@ def check_shape(endpoint: str, body: dict, limits: ShapeLimits = ShapeLimits()) 
         prompts = _check_prompt(body.get("prompt"), limits, opaque, has_embeds=bool(opaque))
     else:
         raise ShapeError(f"unknown endpoint {endpoint!r}")
-    return RequestShape(model, bool(stream), options, n or 1, prompts, max_tokens, user, tuple(opaque))
+    temperature, seed = body.get("temperature"), body.get("seed")
+    deterministic = (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0) \
+        or (isinstance(seed, int) and not isinstance(seed, bool))
+    return RequestShape(model, bool(stream), options, n or 1, prompts, max_tokens, user, tuple(opaque), deterministic)
 
 
 def _check_messages(messages: Any, limits: ShapeLimits, opaque: list[str]) -> None:
