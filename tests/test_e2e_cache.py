@@ -55,5 +55,19 @@ def test_a_hit_touches_no_engine_is_free_and_never_crosses_tenants(base_url):
     streams = [ask(e2e_api_key(), stream=True) for _ in range(4)]
     kinds = [s.headers["x-spillway-cache"] for s in streams]
     assert "hit" in kinds and all(s.headers["content-type"].startswith("text/event-stream") for s in streams)
-    texts = {s.text for s in streams}
-    assert len(texts) == 1 and next(iter(texts)).endswith("data: [DONE]\n\n")
+    # A hit is the stream its router stored, byte for byte (each router's first one was a miss,
+    # answered by the engine with its own id); every stream says the same at temperature 0.
+    missed = {s.text for s in streams if s.headers["x-spillway-cache"] == "miss"}
+    assert all(s.text in missed for s in streams if s.headers["x-spillway-cache"] == "hit")
+    assert len({content(s.text) for s in streams}) == 1 and all(s.text.endswith("data: [DONE]\n\n") for s in streams)
+
+
+def content(sse: str) -> str:
+    import json
+
+    text = ""
+    for line in sse.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text += choice.get("delta", {}).get("content") or ""
+    return text

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from serve_app.config import SpillwayConfig
 from serve_app.governance.service import LedgerService
 from tests.test_request_path import MODEL, Cluster, Exchange, chat, config, engines, run, wait_for
+from tests.test_engine_port import FakeEngine
 
 
 class InProcessLedger:
@@ -324,3 +325,50 @@ def test_a_router_on_a_cloud_site_caches_no_confidential_answer(tmp_path):
     assert all("x-spillway-cache" not in a.response_headers for a in answers)
     assert [p.response_headers["x-spillway-cache"] for p in public] == ["miss", "hit"]
     assert report["entries"] == 1
+
+
+def test_redaction_sends_pii_to_the_cloud_only_as_placeholders_and_restores_it_across_chunks(tmp_path):
+    """The model runs only in the cloud. A tenant with pii_policy=redact gets its internal request
+    with an e-mail and a phone number served there: the cloud engine receives placeholders only;
+    the client gets the values back, also when a placeholder arrives split across stream chunks.
+    Another tenant's identical request stays pinned (no on-prem site: refused). No value reaches
+    the audit log."""
+    raw = config(onprem_replicas=0).model_dump(mode="json")
+    raw["governance"] = {"store": {"path": str(tmp_path / "ledger.sqlite3")}, "settle_batch_ms": 5}
+    cfg = SpillwayConfig.model_validate(raw)
+    ledger = InProcessLedger(LedgerService(cfg.model_dump(mode="json")))
+    email, phone = "jane.doe@example.com", "+41 44 668 18 00"
+    split = ['data: {"id":"x","choices":[{"index":0,"delta":{"content":"Writing to [PII_EM"}}]}\n\n',
+             'data: {"id":"x","choices":[{"index":0,"delta":{"content":"AIL_1] and [PII_PHONE_1"}}]}\n\n',
+             'data: {"id":"x","choices":[{"index":0,"delta":{"content":"]."}}]}\n\n']
+    cloud = FakeEngine(first=split, tokens=0, delay_s=0.01)
+    prompt = [{"role": "user", "content": f"Mail {email}, or call {phone}; {email} again."}]
+
+    async def main():
+        async with Cluster({"cloud-0": cloud}, cfg, ledger=ledger) as cluster:
+            await ledger.service.set_tenant("acme", {"pii_policy": "redact", "audit_text_up_to": "internal"})
+            acme = await ledger.service.create_key({"tenant": "acme"})
+            other = await ledger.service.create_key({"tenant": "other"})
+            internal = {"x-data-classification": "internal"}
+            plain = await Exchange(chat(messages=prompt), headers={**bearer(acme), **internal,
+                                                                   "x-request-id": "red-1"}).run(cluster.app)
+            streamed = await Exchange(chat(messages=prompt, stream=True),
+                                      headers={**bearer(acme), **internal, "x-request-id": "red-2"}).run(cluster.app)
+            pinned = await Exchange(chat(messages=prompt), headers={**bearer(other), **internal}).run(cluster.app)
+            await cluster.gateway.ledger.sync()
+            return plain, streamed, pinned, list(cloud.calls), await ledger.service.audit_tail(100)
+
+    plain, streamed, pinned, calls, records = run(main())
+    sent = json.dumps([fields for _, fields, _ in calls])
+    assert email not in sent and phone not in sent
+    assert calls[0][1]["messages"][0]["content"] == "Mail [PII_EMAIL_1], or call [PII_PHONE_1]; [PII_EMAIL_1] again."
+    assert plain.status == 200 and plain.response_headers["x-spillway-site"] == "cloud"
+    assert plain.response_headers["x-spillway-redacted"] == "2"
+    assert json.loads(plain.body)["echo"] == prompt  # the engine echoed placeholders; the client sees values
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                   for line in streamed.body.decode().split("\n\n") if line.startswith("data: {") and '"choices":[{' in line)
+    assert text == f"Writing to {email} and {phone}."
+    assert pinned.status == 503
+    assert all(email not in json.dumps(r) and phone not in json.dumps(r) for r in records)
+    assert {r["request_id"]: r["redacted"] for r in records if r["request_id"].startswith("red-")} == \
+        {"red-1": 2, "red-2": 2}

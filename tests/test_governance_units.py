@@ -88,3 +88,31 @@ def test_usage_periods_are_checked():
     for period, date in (("week", None), ("day", "2026-11"), ("month", "'; DROP TABLE usage; --")):
         with pytest.raises(InvalidRequest):
             usage_days(period, date)
+
+
+def test_the_stream_restorer_puts_values_back_whatever_the_chunking():
+    import json as _json
+
+    from serve_app.pipeline.redact import Redaction, StreamRestorer
+
+    redaction = Redaction({"[PII_EMAIL_1]": "ann@example.org", "[PII_IBAN_12]": "CH93 0076 2011 6238 5295 7"})
+    said = "Mail [PII_EMAIL_1] (see [1], [x]) pay [PII_IBAN_12] or [PII_UNKNOWN_3]; end [PII_EMAIL_1]"
+    expected = ("Mail ann@example.org (see [1], [x]) pay CH93 0076 2011 6238 5295 7 or [PII_UNKNOWN_3]; "
+                "end ann@example.org")
+
+    def event(text, finish=None):
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+        return b"data: " + _json.dumps({"choices": [choice]}).encode() + b"\n\n"
+
+    for size in (1, 2, 3, 5, 7, 13, 100):
+        restorer = StreamRestorer(redaction)
+        pieces = [said[i:i + size] for i in range(0, len(said), size)]
+        out = b"".join(restorer.feed(event(p)) for p in pieces) + restorer.feed(event("", "stop"))
+        got = "".join(_json.loads(line[6:])["choices"][0]["delta"]["content"]
+                      for line in out.decode().split("\n\n") if line.startswith("data: "))
+        assert got == expected, size
+    # A tail that looks like a placeholder's start is sent when the choice ends.
+    restorer = StreamRestorer(redaction)
+    first = restorer.feed(event("cut at [PII_EMA"))
+    last = restorer.feed(event("", "length"))
+    assert b"[PII_EMA" not in first and b"[PII_EMA" in last

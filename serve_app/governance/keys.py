@@ -53,6 +53,9 @@ class LimitSpec(Strict):
 class TenantSpec(LimitSpec):
     """A tenant: limits, budgets and residency that hold for all of its keys together."""
 
+    pii_policy: Literal["pin", "redact"] = Field(
+        default="pin", description="An internal request holding PII: pin it to on-prem (pin), or send it "
+        "anywhere internal data may go with each PII value replaced by a placeholder (redact).")
     audit_text_up_to: DataClassName | None = Field(
         default=None, description="The audit log keeps the request's and the answer's text for requests of "
         "this data class or lower (None: never; records always have everything else).")

@@ -60,6 +60,8 @@ def _rules(args) -> dict:
         rules["residency"] = args.residency
     if getattr(args, "audit_text_up_to", None):
         rules["audit_text_up_to"] = args.audit_text_up_to
+    if getattr(args, "pii_policy", None):
+        rules["pii_policy"] = args.pii_policy
     budgets = []
     for text in args.budget or ():
         parts = text.split(":")
@@ -195,6 +197,8 @@ def add_parsers(sub, with_config) -> None:
                        "repeatable (one per period)")
         p.add_argument("--residency", choices=["any", "onprem"], help="onprem: never leaves on-prem sites")
         if tenant:
+            p.add_argument("--pii-policy", choices=["pin", "redact"],
+                           help="internal requests holding PII: pin on-prem (default) or redact and let them spill")
             p.add_argument("--audit-text-up-to", choices=CLASSES,
                            help="keep request and answer text in the audit log for this data class and lower")
 

@@ -36,7 +36,8 @@ class CacheStage:
         self.trusted_up_to = trusted_up_to
 
     async def run(self, ctx: RequestContext) -> None:
-        if not ctx.shape.deterministic or ctx.classification.data_class > self.trusted_up_to:
+        if not ctx.shape.deterministic or ctx.classification.data_class > self.trusted_up_to or \
+                ctx.redaction is not None:  # placeholders stand for this request's values only
             return
         tenant = ctx.principal.tenant if ctx.principal is not None else ctx.headers.tenant
         key = cache_key(tenant, ctx.endpoint, ctx.model, ctx.scan.rest)

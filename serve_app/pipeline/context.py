@@ -84,6 +84,8 @@ class RequestContext:
     prompt_tokens_estimate: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-ratelimit-*
     captured: bytearray | None = None  # a streamed answer as the engine sent it (audit text, the cache)
+    redaction: Any = None  # Redaction: placeholder -> PII value (never logged, traced or audited)
+    restorer: Any = None  # StreamRestorer of a redacted streamed request
     audit_text: bool = False  # the audit record keeps the request's and answer's text
     cache_key: str | None = None  # a cacheable request that missed: its answer is stored
     cache_hit: bool = False

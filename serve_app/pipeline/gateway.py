@@ -47,6 +47,7 @@ from serve_app.pipeline.dispatch import DispatchStage
 from serve_app.pipeline.govern import GovernStage
 from serve_app.pipeline.outcome import OutcomeSink
 from serve_app.pipeline.parse import ParseStage
+from serve_app.pipeline.redact import RedactStage, StreamRestorer, restore_body
 from serve_app.pipeline.relay import relay
 from serve_app.pipeline.resolve import ResolveStage
 from serve_app.pipeline.scan import ScanSpec
@@ -63,6 +64,7 @@ HEADER_DATA_CLASS = "x-spillway-data-class"
 HEADER_SPILL_REASON = "x-spillway-spill-reason"
 HEADER_QUEUE_MS = "x-spillway-queue-ms"
 HEADER_VARIANT = "x-spillway-variant"
+HEADER_REDACTED = "x-spillway-redacted"  # PII values replaced before the engine, restored in the answer
 HEADER_ROUTER = "x-spillway-router"  # the router replica that served it (logs, and tests across replicas)
 SSE_MEDIA_TYPE = "text/event-stream"
 PROMPT_PREVIEW_CHARS = 8_192
@@ -113,6 +115,7 @@ class Gateway:
             ResolveStage({m.id: m for m in config.models}, self.splits),
             *([AccessStage(onprem_models)] if governed else []),
             ClassifyStage(DataClass[router.default_data_class], DataClass[router.opaque_data_class]),
+            *([RedactStage(self.scanner.spec)] if governed else []),
             *([GovernStage(config, self.ledger, CostModel(config)), AuditStage()] if governed else []),
             *([self.cache] if self.cache is not None else []),
         ]
@@ -189,11 +192,18 @@ class Gateway:
         if headers[HEADER_SPILL_REASON] is None:  # not placed: a cache hit
             del headers[HEADER_SPILL_REASON]
         headers.update(ctx.response_headers)
+        body = reply.body
+        if ctx.redaction is not None:  # the values go back in the answer only (never into reply.body)
+            headers[HEADER_REDACTED] = str(len(ctx.redaction.values))
+            if reply.stream is not None:
+                ctx.restorer = StreamRestorer(ctx.redaction)
+            elif body:
+                body = restore_body(body, ctx.redaction)
         if reply.stream is None:
             ctx.summary.first_at = time.monotonic()
             ctx.engine_done()
             ctx.finish(reply.status, OUTCOME_OK if reply.status == 200 else f"http_{reply.status}")
-            return Response(reply.body, status_code=reply.status, media_type="application/json", headers=headers)
+            return Response(body, status_code=reply.status, media_type="application/json", headers=headers)
         return StreamingResponse(relay(ctx), media_type=SSE_MEDIA_TYPE, headers=headers)
 
     # ---- reports ---------------------------------------------------------------------------------

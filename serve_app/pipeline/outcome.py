@@ -115,6 +115,7 @@ def audit_record(ctx: RequestContext, site: str, cost: float | None, router: str
         "status": ctx.status,
         "outcome": ctx.outcome,
         "cache": "hit" if ctx.cache_hit else ("miss" if ctx.cache_key else None),
+        "redacted": len(ctx.redaction.values) if ctx.redaction is not None else 0,
     }
     if ctx.audit_text:
         completion = bytes(ctx.captured) if ctx.stream else (reply.body if reply is not None else None)

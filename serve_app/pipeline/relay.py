@@ -73,6 +73,8 @@ async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
             if ctx.captured is not None:
                 ctx.captured += complete
             complete = _take_usage(complete, summary, ctx.strip_usage, now)
+            if ctx.restorer is not None and complete:
+                complete = ctx.restorer.feed(complete)
             if lease is not None:
                 lease.tokens_out = summary.events
             if complete:

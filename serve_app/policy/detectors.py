@@ -94,6 +94,23 @@ class PiiDetector(Policy, kind="pii_detector"):
                 return Finding(self.name, self.params.data_class)
         return None
 
+    def spans(self, text: str, budget: Budget) -> list[tuple[int, int]] | None:
+        """Every valid match's ``(start, end)``, for redaction; ``None`` when the budget ran out
+        (the caller must then treat the text as holding data it could not find: fail closed)."""
+        found = []
+        for match in self._compiled.finditer(text):
+            candidate = match.group(0)
+            cost = self._cost(candidate)
+            if cost > budget.left:
+                return None
+            budget.left -= cost
+            start, end = match.start(), match.end()
+            if self.edge and ((start > 0 and text[start - 1] in self.edge) or (end < len(text) and text[end] in self.edge)):
+                continue
+            if self._valid(candidate):
+                found.append((start, end))
+        return found
+
     def _cost(self, candidate: str) -> int:
         """Budget units examining ``candidate`` takes."""
         return 1
