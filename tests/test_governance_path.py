@@ -372,3 +372,40 @@ def test_redaction_sends_pii_to_the_cloud_only_as_placeholders_and_restores_it_a
     assert all(email not in json.dumps(r) and phone not in json.dumps(r) for r in records)
     assert {r["request_id"]: r["redacted"] for r in records if r["request_id"].startswith("red-")} == \
         {"red-1": 2, "red-2": 2}
+
+
+def test_the_console_page_is_static_and_its_data_needs_the_admin_key(tmp_path):
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            cluster.gateway.admin_key = "adm-" + "k" * 20
+            key = await ledger.service.create_key({"tenant": "acme"})
+            await Exchange(chat(), headers=bearer(key)).run(cluster.app)
+            await cluster.gateway.ledger.sync()
+
+            async def fetch(path, headers=None):
+                exchange = Exchange(b"", path=path)
+                scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                         "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+                         "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                         "server": ("127.0.0.1", 80),
+                         "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()]}
+                await cluster.app(scope, exchange.receive, exchange.send)
+                return exchange
+
+            page = await fetch("/v1/spillway/console")
+            script = await fetch("/v1/spillway/console.js")
+            refused = await fetch("/v1/spillway/admin/console/data")
+            data = await fetch("/v1/spillway/admin/console/data", {"authorization": "Bearer adm-" + "k" * 20})
+            return page, script, refused, data
+
+    page, script, refused, data = run(main())
+    assert page.status == 200 and b"<table id=\"budgets\">" in page.body
+    assert "script-src 'self'" in page.response_headers["content-security-policy"]
+    assert script.status == 200 and b"textContent" in script.body and b"innerHTML" not in script.body
+    assert refused.status == 401
+    report = json.loads(data.body)
+    assert set(report) >= {"health", "scheduler", "budgets", "usage", "audit", "router_replica"}
+    assert report["usage"]["by"] == ["site"] and report["usage"]["data"][0]["site"] == "onprem"
+    assert report["audit"][-1]["tenant"] == "acme" and MODEL in report["scheduler"]["models"]

@@ -9,12 +9,14 @@ router that took the call re-reads its key table at once, the others on their ne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from serve_app.errors import AuthenticationFailed, InvalidRequest, NotFound
@@ -26,6 +28,19 @@ PREFIX = "/v1/spillway/admin"
 MAX_ADMIN_BODY_BYTES = 65_536
 ADMIN_TIMEOUT_S = 30.0
 MAX_AUDIT_TAIL = 1_000
+CONSOLE_RECORDS = 20
+# The console: one static page and its script and style (no data in them; the script reads the
+# admin API with the admin key). Read once, served with headers that keep it to itself.
+_CONSOLE_DIR = Path(__file__).parent / "console"
+CONSOLE_FILES = {name: ((_CONSOLE_DIR / file).read_bytes(), media) for name, file, media in (
+    ("console", "console.html", "text/html; charset=utf-8"),
+    ("console.js", "console.js", "text/javascript; charset=utf-8"),
+    ("console.css", "console.css", "text/css; charset=utf-8"))}
+CONSOLE_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "cache-control": "no-store",
+}
 
 
 def install_admin(api: FastAPI, gateway) -> None:
@@ -115,6 +130,27 @@ def install_admin(api: FastAPI, gateway) -> None:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_AUDIT_TAIL:
             raise InvalidRequest(f"limit: a whole number from 1 to {MAX_AUDIT_TAIL}", param="limit")
         return JSONResponse({"data": await ledger(request).audit_tail.remote(int(raw))})
+
+    @api.get(PREFIX + "/console/data")
+    async def console_data(request: Request):
+        """Everything the console shows, in one answer: engines, the spill gate and queue per model
+        (this router replica's view), budgets, this month's cost per site, the latest records."""
+        handle = ledger(request)
+        first, last = usage_days("month", None)
+        _, health = await gateway.health()
+        budgets, usage, audit = await asyncio.gather(
+            handle.budgets.remote(), handle.usage.remote(first, last, ["site"]),
+            handle.audit_tail.remote(CONSOLE_RECORDS))
+        scheduler = gateway.scheduler_report()
+        return JSONResponse({"router_replica": gateway.replica_tag, "health": health,
+                             "scheduler": {"models": scheduler["models"]}, "budgets": budgets,
+                             "usage": {"from": first, "to": last, "by": ["site"], "data": usage}, "audit": audit})
+
+    for name, (content, media) in CONSOLE_FILES.items():
+        def serve(content=content, media=media):
+            return Response(content, media_type=media, headers=CONSOLE_HEADERS)
+
+        api.add_api_route(f"/v1/spillway/{name}", serve, methods=["GET"], include_in_schema=False)
 
     @api.post(PREFIX + "/audit/rotate")
     async def audit_rotate(request: Request):
