@@ -89,5 +89,5 @@ def test_the_console_shows_what_the_admin_api_says_and_a_screenshot_is_saved(bas
 
     screenshot = ARTIFACTS / "console.png"
     screenshot.unlink(missing_ok=True)
-    result = chromium(f"--screenshot={screenshot}", "--window-size=1280,1400", url=url)
+    result = chromium(f"--screenshot={screenshot}", "--window-size=1500,1150", url=url)
     assert screenshot.exists() and screenshot.stat().st_size > 20_000, result.stderr[-2000:]

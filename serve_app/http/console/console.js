@@ -39,8 +39,9 @@ function chart(rows) {
   svg.replaceChildren();
   const max = Math.max(1e-12, ...rows.map(r => r.cost));
   const ns = "http://www.w3.org/2000/svg";
+  svg.setAttribute("height", String(16 + rows.length * 34));
   rows.forEach((r, i) => {
-    const width = Math.max(1, Math.round(400 * r.cost / max));
+    const width = Math.max(1, Math.round(300 * r.cost / max));
     const bar = document.createElementNS(ns, "rect");
     Object.entries({x: 110, y: 10 + i * 34, width, height: 24, fill: r.site === "onprem" ? "#2e90fa" : "#f79009"})
       .forEach(([k, v]) => bar.setAttribute(k, v));
@@ -78,7 +79,7 @@ function render(d) {
   chart(sites);
   fill("audit", d.audit.slice().reverse(), r => [[r.seq, {seq: r.seq}],
     [new Date(r.at * 1000).toISOString().slice(11, 19)], [r.request_id], [r.tenant], [r.variant || r.model],
-    [r.data_class], [r.site], [r.status], [(r.prompt_tokens || 0) + (r.completion_tokens || 0)], [r.cost]]);
+    [r.data_class], [r.site], [r.status], [(r.prompt_tokens || 0) + (r.completion_tokens || 0)], [money(r.cost || 0)]]);
 }
 
 async function load() {
