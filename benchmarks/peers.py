@@ -241,9 +241,14 @@ CONTENT = b'"content":"'
 EMPTY_CONTENT = b'"content":""'
 
 
-async def stream_once(session, url: str, max_tokens: int, prompt: str) -> Result:
+async def stream_once(session, url: str, max_tokens: int, prompt: str, user: str | None = None) -> Result:
+    """One streamed request. The prompts repeat across cells and targets (the same text, the same
+    tokens at temperature 0); ``user`` differs per cell, so Spillway's response cache never
+    answers one (vLLM ignores the field)."""
     body = {"model": MODEL_ID, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    if user is not None:
+        body["user"] = user
     start = time.perf_counter()
     first = last = None
     chunks = tokens = 0
@@ -298,12 +303,13 @@ async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: floa
     t0 = time.perf_counter()
     measure_from, deadline = t0 + warmup_s, t0 + warmup_s + duration_s
 
-    cell = uuid.uuid4().hex[:8]  # every prompt is new: a repeat would be a cache hit on Spillway
+    cell = uuid.uuid4().hex[:8]  # a `user` of its own per cell: a repeat would be a cache hit on Spillway
 
     async def client(i: int):
         n = 0
         while time.perf_counter() < deadline:
-            results.append(await stream_once(session, url, max_tokens, f"peer benchmark {cell} client {i} request {n}"))
+            results.append(await stream_once(session, url, max_tokens, f"peer benchmark client {i} request {n}",
+                                             user=f"peers-{cell}"))
             n += 1
 
     async with _session(concurrency, headers) as session:

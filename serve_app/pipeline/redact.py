@@ -21,6 +21,7 @@ placeholder split across chunks, until the next delta or the choice's end.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from serve_app.pipeline.context import RequestContext
 from serve_app.pipeline.scan import ScanSpec, detector_set
 from serve_app.policy.classify import DataClass, classify, normalize
 
+INLINE_MAX_BYTES = 16_384
 PLACEHOLDER = re.compile(r"\[PII_[A-Z0-9_]{1,40}_\d{1,6}\]")
 MAX_PLACEHOLDER_CHARS = 56
 NOT_REDACTABLE = ("too_many_candidates", "classifier", "opaque", "scan")
@@ -56,7 +58,11 @@ class RedactStage:
         detectors = {d.name for d in detector_set(self.spec).detectors}
         if any(f.detector not in detectors or any(w in f.detector for w in NOT_REDACTABLE) for f in c.findings):
             return
-        redacted = redact(ctx.scan.rest, self.spec)
+        rest = ctx.scan.rest
+        if len(rest) > INLINE_MAX_BYTES:  # bounded work (RE2, candidate budgets), but not on the loop
+            redacted = await asyncio.to_thread(redact, rest, self.spec)
+        else:
+            redacted = redact(rest, self.spec)
         if redacted is None:
             return
         rest, redaction = redacted
