@@ -64,6 +64,7 @@ class LedgerClient:
         self._lookup_tokens = LOOKUPS_PER_S
         self._lookup_at = clock()
         self._refreshing: asyncio.Task | None = None
+        self._closing = False
 
     def start(self) -> None:
         if self._task is None:
@@ -161,14 +162,16 @@ class LedgerClient:
             logger.warning("Spillway is open: %s", OPEN_WARNING)
 
     async def _run(self) -> None:
-        while self.table is None:
+        while self.table is None and not self._closing:
             try:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - the ledger may still be starting
                 logger.warning("key table not readable yet: %s", exc)
                 await asyncio.sleep(1.0)
         last_sync = self.clock()
-        while True:
+        # Stopped by ``close``: the flag as well as the cancellation, because Python 3.11's
+        # ``wait_for`` can swallow a cancellation that lands as its inner call completes.
+        while not self._closing:
             await asyncio.sleep(self.settings.settle_batch_ms / 1000)
             if not (self._pending or self._voids or self._records) and \
                     self.clock() - last_sync < self.settings.heartbeat_s:
@@ -195,10 +198,11 @@ class LedgerClient:
             await self.refresh()
 
     async def close(self) -> None:
+        self._closing = True
         await self.channel.close()
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=SYNC_TIMEOUT_S + 1)
         if self._pending or self._voids or self._records:
             try:
                 await self.sync()
