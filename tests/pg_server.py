@@ -24,7 +24,7 @@ def _binary(name: str) -> str:
     return path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +34,7 @@ class PostgresServer:
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="spillway-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_root = os.geteuid() == 0
 
     def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -102,16 +102,10 @@ class LedgerClient:
 
     def audit(self, record: dict) -> None:
         """A finished request's audit record: sent with the next settlement batch."""
-        self._records.append(record)
-        if len(self._records) > MAX_PENDING:
-            dropped = len(self._records) - MAX_PENDING
-            del self._records[:dropped]
-            logger.error("ledger unreachable: dropped the %d oldest unsent audit record(s)", dropped)
+        _queue(self._records, record, "audit record")
 
     def _void(self, reservation: str) -> None:
-        self._voids.append(reservation)
-        if len(self._voids) > MAX_PENDING:  # the ledger unreachable for long: its reaper has them
-            del self._voids[:len(self._voids) - MAX_PENDING]
+        _queue(self._voids, reservation, "void")  # past the bound, the ledger's reaper has them
 
     async def _endpoint(self) -> tuple[str, int, bytes]:
         data = await asyncio.wait_for(self.handle.endpoint.remote(), SYNC_TIMEOUT_S)
@@ -120,11 +114,7 @@ class LedgerClient:
         return data["host"], int(data["port"]), bytes.fromhex(data["secret"])
 
     def settle(self, settlement: Settlement) -> None:
-        self._pending.append(settlement)
-        if len(self._pending) > MAX_PENDING:
-            dropped = len(self._pending) - MAX_PENDING
-            del self._pending[:dropped]
-            logger.error("ledger unreachable: dropped the %d oldest unsent settlement(s)", dropped)
+        _queue(self._pending, settlement, "settlement")
 
     async def lookup(self, presented: str) -> KeyRecord | None:
         """A key this replica's table does not know: re-read the table (rate-limited), check again.
@@ -208,3 +198,13 @@ class LedgerClient:
                 await self.sync()
             except Exception as exc:  # noqa: BLE001 - nothing more to do at shutdown
                 logger.error("could not send %d settlement(s) at shutdown: %s", len(self._pending), exc)
+
+
+def _queue(queue: list, item, what: str) -> None:
+    """Append to a queue for the next sync; past ``MAX_PENDING`` (the ledger unreachable for long)
+    the oldest are logged and dropped."""
+    queue.append(item)
+    if len(queue) > MAX_PENDING:
+        dropped = len(queue) - MAX_PENDING
+        del queue[:dropped]
+        logger.error("ledger unreachable: dropped the %d oldest unsent %s(s)", dropped, what)

@@ -47,8 +47,7 @@ class LedgerService:
         self.port = LedgerPort(self.ledger, secrets.token_bytes(SECRET_BYTES))
         audit = self.settings.audit
         self.audit = AuditWriter(self.settings.audit_dir(), load_or_create_key(self.settings.audit_key_path()),
-                                 audit.rotate_bytes,
-                                 audit.rotate_s) if audit.enabled else None
+                                 audit.rotate_bytes, audit.rotate_s) if audit.enabled else None
         self.archiver = Archiver(audit.archive.bucket, audit.archive.prefix, audit.archive.endpoint_url,
                                  audit.archive.region) if audit.enabled and audit.archive else None
         self._audit_pending: list[dict] = []

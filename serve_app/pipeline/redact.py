@@ -33,7 +33,6 @@ from serve_app.policy.classify import DataClass, classify, normalize
 INLINE_MAX_BYTES = 16_384
 PLACEHOLDER = re.compile(r"\[PII_[A-Z0-9_]{1,40}_\d{1,6}\]")
 MAX_PLACEHOLDER_CHARS = 56
-NOT_REDACTABLE = ("too_many_candidates", "classifier", "opaque", "scan")
 
 
 @dataclass
@@ -56,7 +55,7 @@ class RedactStage:
         if rules is None or rules.pii_policy != "redact" or not c.findings or c.declared > DataClass.internal:
             return
         detectors = {d.name for d in detector_set(self.spec).detectors}
-        if any(f.detector not in detectors or any(w in f.detector for w in NOT_REDACTABLE) for f in c.findings):
+        if any(f.detector not in detectors for f in c.findings):  # opaque content, a failed scan, too many candidates
             return
         rest = ctx.scan.rest
         if len(rest) > INLINE_MAX_BYTES:  # bounded work (RE2, candidate budgets), but not on the loop
