@@ -91,8 +91,13 @@ def vllm_cli_args(model: ModelConfig, model_path: str, tracing: TracingConfig | 
         "--dtype", engine.dtype,
         "--tensor-parallel-size", str(engine.tensor_parallel_size),
         "--pipeline-parallel-size", str(engine.pipeline_parallel_size),
+        "--data-parallel-size", str(engine.data_parallel_size),
         "--seed", str(engine.seed),
     ]
+    if engine.workers_per_replica > 1 and model.resources.num_gpus > 0:
+        # The workers run as Ray actors in the replica's placement group (one bundle each, every
+        # bundle pinned to the replica's site), not as local processes.
+        args += ["--distributed-executor-backend", "ray"]
     if engine.enable_expert_parallel:
         args.append("--enable-expert-parallel")
     if engine.quantization:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +32,8 @@ class EngineReplica:
                        tracing: dict | None = None, engine_port: dict | None = None):
         from deployments.sources import resolve_model_source
 
+        # When each start-up step ended (wall clock): the cold-start breakdown of a new replica.
+        self._startup = {"process_started_at": _process_started_at(), "init_at": time.time()}
         model_config = ModelConfig.model_validate(model)
         # Resolved here, on the node that runs the replica: builtin models are prepared
         # where they are loaded, and hub ids are downloaded by vLLM on that node.
@@ -38,6 +41,7 @@ class EngineReplica:
         import ray
         from ray import serve
 
+        self._startup["source_ready_at"] = time.time()
         node_id = ray.get_runtime_context().get_node_id()
         context = serve.get_replica_context()
         replica_id = context.replica_id.unique_id
@@ -46,6 +50,7 @@ class EngineReplica:
             TracingConfig.model_validate(tracing) if tracing else None, replica_id,
         )
         await self._server.start()
+        self._startup["engine_ready_at"] = time.time()
         self._drain_timeout_s = model_config.graceful_shutdown_timeout_s
         # KV calls run off the event loop, one at a time and in order: the removal at shutdown
         # then lands after a re-registration that was already under way, never before it.
@@ -60,6 +65,7 @@ class EngineReplica:
         await self._port.start(ray.util.get_node_ip_address())
         gate = (context.app_name, context.deployment, replica_id, self._port.host, self._port.port)
         self._gate_key = await self._kv_call(register_gate, *gate)
+        self._startup["registered_at"] = time.time()
         self._registrar = asyncio.get_running_loop().create_task(self._keep_registered(gate))
         logger.info("engine replica %s listens on %s:%d (pid %d)", replica_id, self._port.host, self._port.port,
                     os.getpid())
@@ -77,7 +83,7 @@ class EngineReplica:
 
     def report(self) -> dict[str, Any]:
         port = {"connections": self._port.connections, "refused": dict(self._port.refused)}
-        return {**self._server.stats(), "port": port}
+        return {**self._server.stats(), "port": port, "startup": self._startup}
 
     async def open(self, endpoint: str, body: bytes, request_id: str, trace_headers: dict | None = None):
         # (Serve's own max_ongoing_requests bounds this path: no "full" refusal here.)
@@ -140,6 +146,15 @@ class EngineReplica:
             self._server.shutdown()
         except Exception:  # noqa: BLE001 - interpreter teardown; nothing left to report to
             pass
+
+
+def _process_started_at() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).create_time()
+    except Exception:  # noqa: BLE001 - a report field, never worth failing a replica
+        return None
 
 
 def engine_env(model: ModelConfig, site: SiteConfig | None = None, tracing: TracingConfig | None = None) -> dict[str, str]:

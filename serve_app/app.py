@@ -1,7 +1,7 @@
 """Build the Ray Serve application from a Spillway config.
 
 ``build_app(config)`` returns the application: one engine deployment per
-(model, site) with at least one replica, each pinned to its site by the site's
+(model, site) with at least one replica or autoscaling (0..N, ``ops/autoscale.py``), each pinned to its site by the site's
 custom resource on *every* placement-group bundle, behind one Router
 deployment (the ingress), which runs on a trusted (on-prem) site because it
 sees every prompt, beside the governance ledger (one replica: keys, limits,
@@ -25,6 +25,7 @@ from deployments.replica import EngineReplica, engine_env
 from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SpillwayConfig, load_config
 from serve_app.governance.service import LedgerDeployment
 from serve_app.ingress import Router
+from serve_app.ops.autoscale import CloudScalerDeployment, cloud_autoscaling
 
 # A sliver of the site resource: enough to pin a bundle to the site's nodes without
 # limiting how many replicas fit there (nodes declare e.g. site:onprem=1000).
@@ -61,6 +62,15 @@ def placement_bundles(model: ModelConfig, site: SiteConfig) -> list[dict[str, fl
     return bundles
 
 
+def placement_strategy(model: ModelConfig, bundles: list[dict[str, float]]) -> str:
+    """One node for a replica (tensor parallelism needs its GPUs' fast links), unless pipeline
+    parallelism splits it into stages, which may then span nodes. Either way every bundle carries
+    the site resource, so a replica never spans sites."""
+    if model.engine.pipeline_parallel_size > 1:
+        return "PACK"
+    return "STRICT_PACK" if len(bundles) > 1 else "PACK"
+
+
 def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConfig, replicas: int) -> Application:
     bundles = placement_bundles(model, site)
     actor_options: dict[str, Any] = {
@@ -70,12 +80,16 @@ def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConf
     }
     if model.resources.memory_gib:
         actor_options["memory"] = model.resources.memory_gib * 1024**3
+    scaling = model.autoscaling.get(site.name)
+    # An autoscaled site's replica count is the cloud scaler's (ops/autoscale.py): Serve's
+    # autoscaler runs a policy that follows it, between the site's bounds, from `replicas` at deploy.
+    count = {"num_replicas": replicas} if scaling is None else {"autoscaling_config": cloud_autoscaling(scaling, replicas)}
     deployment = serve.deployment(EngineReplica).options(
         name=deployment_name(model.id, site.name),
-        num_replicas=replicas,
+        **count,
         ray_actor_options=actor_options,
         placement_group_bundles=bundles,
-        placement_group_strategy="STRICT_PACK" if len(bundles) > 1 else "PACK",
+        placement_group_strategy=placement_strategy(model, bundles),
         # The engine's slots: Serve never sends a replica more than it can run at once;
         # the rest waits in the router.
         max_ongoing_requests=model.engine.max_num_seqs,
@@ -94,7 +108,7 @@ def build_app(config: SpillwayConfig) -> Application:
     for model in config.models:
         validate_engine_args(model)
         for site_name, replicas in model.replicas.items():
-            if replicas == 0:
+            if not model.deploys_on(site_name):
                 continue
             engines.setdefault(model.id, {})[site_name] = engine_deployment(
                 config, model, config.site(site_name), replicas
@@ -112,6 +126,19 @@ def build_app(config: SpillwayConfig) -> Application:
             "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
         },
     ).bind(config.model_dump(mode="json"))
+    # The cloud scaler (one replica, beside the ledger) decides autoscaled deployments' replica
+    # counts from the routers' demand.
+    scaler = None
+    if config.autoscaled:
+        scaler = serve.deployment(CloudScalerDeployment).options(
+            name="scaler",
+            num_replicas=1,
+            ray_actor_options={
+                "num_cpus": 0,
+                "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},
+                "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
+            },
+        ).bind(config.model_dump(mode="json"))
     router = serve.deployment(Router).options(
         name="router",
         num_replicas=config.router.replicas,
@@ -122,7 +149,7 @@ def build_app(config: SpillwayConfig) -> Application:
             "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
         },
     )
-    return router.bind(config.model_dump(mode="json"), engines, ledger)
+    return router.bind(config.model_dump(mode="json"), engines, ledger, scaler)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -26,7 +26,7 @@ from serve_app.config.infra import (
     TracingConfig,
     TracingExporter,
 )
-from serve_app.config.models import EngineConfig, ModelConfig, QueueConfig, ReplicaResources, SplitConfig
+from serve_app.config.models import AutoscalingConfig, EngineConfig, ModelConfig, QueueConfig, ReplicaResources, SplitConfig
 from serve_app.config.router import RouterConfig
 from serve_app.config.sites import SiteConfig, SiteKind
 from serve_app.errors import ConfigError
@@ -72,8 +72,21 @@ class SpillwayConfig(Strict):
                 if cost is not None and cost.basis in HOURLY_BASES and model.throughput_on(site_name) is None:
                     raise ValueError(f"model {model.id!r}: site {site_name!r} is priced per hour ({cost.basis}); "
                                      "give models[].throughput (tokens/s per replica) to price its tokens")
-            if sum(model.replicas.values()) == 0:
+            for site_name, scaling in model.autoscaling.items():
+                if site_name not in model.replicas:
+                    raise ValueError(f"model {model.id!r}: autoscaling names site {site_name!r}, which is not "
+                                     "under its replicas")
+                if self.site(site_name).kind != SiteKind.cloud:
+                    raise ValueError(f"model {model.id!r}: only cloud sites autoscale; {site_name!r} is "
+                                     f"{self.site(site_name).kind.value} (its replicas stay fixed)")
+                if not scaling.min_replicas <= model.replicas[site_name] <= scaling.max_replicas:
+                    raise ValueError(f"model {model.id!r}: replicas[{site_name!r}] ({model.replicas[site_name]}) "
+                                     f"must lie between min_replicas and max_replicas of its autoscaling")
+            if sum(model.replicas.values()) == 0 and not model.autoscaling:
                 raise ValueError(f"model {model.id!r} has no replica on any site")
+        if self.autoscaled and not self.router.direct_dispatch:
+            raise ValueError("autoscaling needs router.direct_dispatch: routers count a group's replicas "
+                             "from the engine ports they discover")
         if self.router.site is not None and self.router.site not in site_names:
             raise ValueError(f"router.site {self.router.site!r} is not a configured site")
         _check_policy_names(self.router)
@@ -103,6 +116,12 @@ class SpillwayConfig(Strict):
                 if node.site not in site_names:
                     raise ValueError(f"local_cluster node names unknown site {node.site!r}")
         return self
+
+    @property
+    def autoscaled(self) -> bool:
+        """Whether any deployment scales on the routers' spill pressure (the app then runs the
+        cloud scaler, ``ops/autoscale.py``)."""
+        return any(model.autoscaling for model in self.models)
 
     def site(self, name: str) -> SiteConfig:
         for site in self.sites:
@@ -183,6 +202,6 @@ __all__ = [
     "DEFAULT_CONFIG_PATH", "DataClassName", "EngineConfig", "EnginePortConfig", "GovernanceConfig", "HttpConfig",
     "IngressKind", "StoreConfig", "StoreKind",
     "LocalClusterConfig", "LocalNodeConfig", "ModelConfig", "QueueConfig", "ReplicaResources", "RouterConfig",
-    "SiteConfig", "SiteKind", "SplitConfig", "SpillwayConfig", "Strict", "TracingConfig", "TracingExporter",
+    "AutoscalingConfig", "SiteConfig", "SiteKind", "SplitConfig", "SpillwayConfig", "Strict", "TracingConfig", "TracingExporter",
     "load_config",
 ]

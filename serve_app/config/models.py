@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from serve_app.config.base import Strict
 from serve_app.config.cost import ThroughputConfig
@@ -19,6 +19,9 @@ class EngineConfig(Strict):
     dtype: str = Field(default="auto", description="Weight/activation dtype: auto, bfloat16, float16, float32.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="Tensor-parallel workers per replica.")
     pipeline_parallel_size: int = Field(default=1, ge=1, description="Pipeline stages per replica.")
+    data_parallel_size: int = Field(
+        default=1, ge=1, description="Data-parallel engine ranks inside one replica (vLLM's DP; MoE models pair it "
+        "with expert parallelism). Scaling out plain replicas is the other way to add data parallelism.")
     enable_expert_parallel: bool = Field(default=False, description="Shard MoE experts across the TP/DP workers.")
     quantization: str | None = Field(default=None, description="vLLM quantization method (awq, gptq, fp8, ...).")
     enforce_eager: bool = Field(default=False, description="Disable CUDA graphs (no effect on CPU).")
@@ -40,13 +43,34 @@ class EngineConfig(Strict):
 
     @property
     def workers_per_replica(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
 
 
 class ReplicaResources(Strict):
     num_cpus: float = Field(default=1.0, ge=0, description="Logical CPUs per replica (the first bundle).")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per engine worker (0 on CPU-only sites).")
     memory_gib: float | None = Field(default=None, gt=0, description="Ray memory reservation per replica.")
+
+
+class AutoscalingConfig(Strict):
+    """Replicas of one (model, site) deployment that follow the router's spill pressure.
+
+    Only sites of kind ``cloud`` scale: on-prem capacity is paid for whether it is used or not."""
+
+    min_replicas: int = Field(default=0, ge=0, description="Replicas kept when there is no demand (0: scale to zero).")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas the site may run for this model.")
+    target_utilisation: float = Field(
+        default=1.0, gt=0, le=1,
+        description="Share of a replica's slots (max_num_seqs) that demand may fill before another replica is asked.")
+    scale_down_idle_s: float = Field(
+        default=60.0, gt=0,
+        description="Demand must stay below the current replicas this long before replicas are removed.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
 
 
 class QueueConfig(Strict):
@@ -66,6 +90,10 @@ class ModelConfig(Strict):
         description="Replicas of this model per site name, e.g. {onprem: 1, cloud: 2}. 0 declares the site "
         "eligible without starting a replica."
     )
+    autoscaling: dict[str, AutoscalingConfig] = Field(
+        default_factory=dict,
+        description="Sites (of kind cloud) whose replicas Spillway scales on the routers' spill pressure, e.g. "
+        "{cloud: {min_replicas: 0, max_replicas: 4}}. replicas[site] is then the count at deploy time.")
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for the engine replicas (VLLM_*, OMP_*, ...)."
@@ -95,6 +123,10 @@ class ModelConfig(Strict):
         "per token (needed on sites with an amortised or cloud cost).")
     site_throughput: dict[str, ThroughputConfig] = Field(
         default_factory=dict, description="Throughput per site name where a site's hardware differs (overrides).")
+
+    def deploys_on(self, site: str) -> bool:
+        """Whether the app has a deployment for this site (replicas now, or an autoscaled site at zero)."""
+        return self.replicas.get(site, 0) > 0 or site in self.autoscaling
 
     def throughput_on(self, site: str) -> ThroughputConfig | None:
         return self.site_throughput.get(site, self.throughput)

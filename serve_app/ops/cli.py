@@ -1,4 +1,5 @@
-"""``spillway`` command line: models, local cluster, deploy, status, cost; keys, tenants, usage and
+"""``spillway`` command line: models, local cluster, deploy, status, cost, ingress settings for
+`ray start`, the cloud-burst demo; keys, tenants, usage and
 budgets through the admin API (``admin_cli.py``)."""
 
 from __future__ import annotations
@@ -157,6 +158,21 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingress_env(args: argparse.Namespace) -> int:
+    """The Serve settings the config's ingress needs on every node, as KEY=VALUE lines: `ray start`
+    commands in cluster_configs/ray/ and cluster_configs/onprem/join.sh run `env $(spillway ingress-env ...)`."""
+    config = load_config(args.config)
+    for key, value in sorted(config.http.ingress_env(config.router.replicas).items()):
+        print(f"{key}={value}")
+    return 0
+
+
+def cmd_demo_cloud_burst(args: argparse.Namespace) -> int:
+    from serve_app.ops import cloud_burst
+
+    return cloud_burst.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spillway", description="Spillway: hybrid on-prem/cloud LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: each site's planning utilisation)")
     cost.add_argument("--json", action="store_true")
     cost.set_defaults(func=cmd_cost)
+    ingress = with_config(sub.add_parser("ingress-env", help="the ingress settings every node's `ray start` needs"))
+    ingress.set_defaults(func=cmd_ingress_env)
+
+    demo = sub.add_parser("demo", help="demonstrations on this machine")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    burst = demo_sub.add_parser("cloud-burst", add_help=False,
+                                help="cloud capacity from zero with Ray's fake multi-node provider (--help for options)")
+    burst.add_argument("rest", nargs=argparse.REMAINDER)
+    burst.set_defaults(func=cmd_demo_cloud_burst)
     admin_cli.add_parsers(sub, with_config)
     return parser
 

@@ -30,6 +30,7 @@ from serve_app.governance.cache import ResponseCache
 from serve_app.governance.cost import CostModel
 from serve_app.http.headers import read_headers
 from serve_app.observe.tracing import Tracing
+from serve_app.ops.autoscale import REPORT_INTERVAL_S
 from serve_app.pipeline.admit import AdmitStage
 from serve_app.pipeline.audit import AuditStage
 from serve_app.pipeline.auth import AccessStage, AuthStage
@@ -69,13 +70,15 @@ HEADER_ROUTER = "x-spillway-router"  # the router replica that served it (logs, 
 SSE_MEDIA_TYPE = "text/event-stream"
 PROMPT_PREVIEW_CHARS = 8_192
 HEALTH_PROBE_TIMEOUT_S = 5.0
+SCALE_REPORT_INTERVAL_S = REPORT_INTERVAL_S
+SCALE_REPORT_TIMEOUT_S = 2.0
 
 logger = logging.getLogger("spillway.gateway")
 
 
 class Gateway:
     def __init__(self, config: SpillwayConfig, handles: dict[str, dict[str, Any]], *, ledger=None, metrics=None,
-                 directory=None, tracing: Tracing | None = None, clock=time.monotonic):
+                 directory=None, tracing: Tracing | None = None, clock=time.monotonic, scaler=None):
         """``ledger``: the governance ledger's handle (``governance/service.py``); without one (router
         unit tests) there are no keys, limits or budgets."""
         router = config.router
@@ -127,10 +130,14 @@ class Gateway:
         self.replica_tag = uuid.uuid4().hex[:8]
         self.created = int(time.time())
         self._warm: asyncio.Task | None = None
+        self.scaler = scaler  # the cloud scaler's handle (ops/autoscale.py) when any group autoscales
+        self._scale_reports: asyncio.Task | None = None
 
     def start(self) -> None:
         """Background work on the running loop (idempotent; called on every request)."""
         self.fleet.start()
+        if self.scaler is not None and (self._scale_reports is None or self._scale_reports.done()):
+            self._scale_reports = asyncio.get_running_loop().create_task(self._report_scale_demand())
         if self.ledger is not None:
             self.ledger.start()
         if self._warm is None:
@@ -138,9 +145,10 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop pollers, close pooled engine connections, the scan helpers and the span exporter."""
-        if self._warm is not None:
-            self._warm.cancel()
-            await asyncio.gather(self._warm, return_exceptions=True)
+        for task in (self._warm, self._scale_reports):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.fleet.close()
         if self.ledger is not None:
             await self.ledger.close()
@@ -205,6 +213,27 @@ class Gateway:
             ctx.finish(reply.status, OUTCOME_OK if reply.status == 200 else f"http_{reply.status}")
             return Response(body, status_code=reply.status, media_type="application/json", headers=headers)
         return StreamingResponse(relay(ctx), media_type=SSE_MEDIA_TYPE, headers=headers)
+
+    def scale_demand(self) -> dict[str, int]:
+        """Sequences that want each autoscaled engine deployment, by deployment name."""
+        demand: dict[str, int] = {}
+        for model_id, scheduler in self.schedulers.items():
+            for group_id, sequences in scheduler.scale_demand().items():
+                demand[self.targets[model_id][group_id].deployment] = sequences
+        return demand
+
+    async def _report_scale_demand(self) -> None:
+        """Tell the cloud scaler what this router's requests want, every ``REPORT_INTERVAL_S``
+        (a scaler that does not answer misses a report; the next one replaces it)."""
+        while True:
+            try:
+                async with asyncio.timeout(SCALE_REPORT_TIMEOUT_S):
+                    await self.scaler.report.remote(self.replica_tag, self.scale_demand())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - scaling must never break the request path
+                logger.warning("could not report scale demand: %s", exc)
+            await asyncio.sleep(SCALE_REPORT_INTERVAL_S)
 
     # ---- reports ---------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from serve_app.config import SpillwayConfig
 from serve_app.router.placement import EngineTarget
 from serve_app.router.scheduler import ModelScheduler
-from serve_app.transport.base import EngineFull, EngineReply, EngineRequest
+from serve_app.transport.base import EngineFull, EngineReply, EngineRequest, TransportError
 from serve_app.transport.direct import GateDirectory, GateFull, GateUnavailable
 from serve_app.transport.serve_call import ServeCallTransport
 
@@ -151,6 +151,9 @@ class Fleet:
             return reply
         if full:
             raise EngineFull(f"{target.group.group_id}: every replica is full")
+        if target.group.autoscaled:
+            # (no Serve call: Serve would start a replica for it, against the cloud scaler's count)
+            raise TransportError(f"{target.group.group_id}: no replica can be reached directly")
         if self.directory is not None:
             self.directory.fallback += 1
         return await self.serve_call.send(target.handle, request, timeout_s)
@@ -188,7 +191,9 @@ class Fleet:
                 group_id = target.group.group_id
                 gates = (self.directory.gates(target.app, target.deployment)
                          if self.directory is not None and self.directory.secret is not None else [])
-                if not gates:
+                if not gates and not target.group.autoscaled:
+                    # (an autoscaled group without known replicas has none, or none ready: a Serve
+                    # call would wait for one instead of answering)
                     unwatched.append((model_id, target))
                 watches = self._watches.setdefault(group_id, {})
                 reports = self._reports.setdefault(group_id, {})
@@ -253,6 +258,8 @@ class Fleet:
     async def engine_report(self, timeout_s: float) -> dict[str, dict[str, Any]]:
         """Each engine group's health and live load, for /health (one replica per group answers)."""
         async def probe(target: EngineTarget) -> dict[str, Any]:
+            if target.group.autoscaled:
+                return await probe_autoscaled(target)
             try:
                 async with asyncio.timeout(timeout_s):
                     stats = await target.handle.stats.remote()
@@ -260,12 +267,28 @@ class Fleet:
             except Exception as exc:  # noqa: BLE001 - any failure means unhealthy for this probe
                 return {"healthy": False, "error": type(exc).__name__}
 
+        async def probe_autoscaled(target: EngineTarget) -> dict[str, Any]:
+            # Never through Serve: a handle call to a deployment at zero waits for a replica, and
+            # Serve's autoscaler starts one for any request it sees ("cold start"), overriding the
+            # cloud scaler. Scaled to zero is a healthy state: demand scales it up.
+            gates = self.directory.gates(target.app, target.deployment) if self.directory is not None else []
+            if not gates:
+                return {"healthy": True, "replicas": 0, "scaled_to_zero": True}
+            try:
+                stats = await gates[0].stats(timeout_s)
+                return {"healthy": not stats.get("engine_dead"), "replicas": len(gates), **stats}
+            except Exception as exc:  # noqa: BLE001 - any failure means unhealthy for this probe
+                return {"healthy": False, "replicas": len(gates), "error": type(exc).__name__}
+
         report: dict[str, dict[str, Any]] = {}
         for model_id, by_group in self.targets.items():
             targets = list(by_group.values())
             results = await asyncio.gather(*(probe(t) for t in targets))
             report[model_id] = {t.group.site: r for t, r in zip(targets, results)}
         return report
+
+    def _known_replicas(self, target: EngineTarget) -> int:
+        return len(self.directory.gates(target.app, target.deployment)) if self.directory is not None else 0
 
     def report(self) -> dict[str, Any] | None:
         return self.directory.report() if self.directory is not None else None

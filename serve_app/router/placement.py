@@ -52,9 +52,11 @@ def build_targets(config: SpillwayConfig, handles: dict[str, dict[str, Any]]) ->
                 site=site.name,
                 site_rank=rank,
                 trusted_up_to=DataClass[site.trust],
-                replicas=model.replicas[site.name],
+                # An autoscaled group's replicas are whatever discovery finds (none at first).
+                replicas=0 if site.name in model.autoscaling else model.replicas[site.name],
                 max_num_seqs=model.engine.max_num_seqs,
                 cost_per_1k_tokens=costs.per_1k_output(model_id, site.name),
+                autoscaled=site.name in model.autoscaling,
             )
             targets[model_id][group.group_id] = EngineTarget(group, by_site[site.name])
     return targets

@@ -57,6 +57,7 @@ class EngineGroup:
     replicas: int
     max_num_seqs: int
     cost_per_1k_tokens: float = 0.0
+    autoscaled: bool = False  # its replicas follow spill pressure (0..N): none now may mean "coming"
 
     @property
     def capacity(self) -> int:
@@ -121,6 +122,7 @@ class ModelScheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self.spilled: Counter[str] = Counter()
+        self._cold_misses: Counter[str] = Counter()  # sequences that waited past budget for a cold group
         self.spillable = 0
         self.budget_misses = 0
 
@@ -134,7 +136,8 @@ class ModelScheduler:
         again (its engine was full) keeps its place and its budget."""
         eligible = [g.group_id for g in self.groups.values()
                     if request.data_class <= g.trusted_up_to and g.group_id not in exclude]
-        if eligible and not any(self.capacity[g] > 0 for g in eligible):
+        if (eligible and not any(self.capacity[g] > 0 for g in eligible)
+                and not any(self.groups[g].autoscaled for g in eligible)):
             raise NoHealthyEngine(
                 f"no healthy engine can take this request for model '{self.model}' now; retry later",
                 retry_after_s=NO_HEALTHY_RETRY_AFTER_S)
@@ -372,6 +375,13 @@ class ModelScheduler:
         if not ticket.pinned and not ticket.retry:
             self.spillable += 1
             self.budget_misses += ticket.late
+            if group.site_rank == 0 and queued.waited_ms(now) > self.spill.spill_after_ms:
+                # It waited past its budget on-prem; an autoscaled group with no room could have had it.
+                cold = next((g for g in self.groups.values() if g.autoscaled and g.site_rank > 0
+                             and self.capacity[g.group_id] == 0 and ticket.request.data_class <= g.trusted_up_to
+                             and g.group_id not in ticket.exclude), None)
+                if cold is not None:
+                    self._cold_misses[cold.group_id] += ticket.request.sequences
         lease = Lease(self, group, ticket.request.sequences, queued.waited_ms(now), reason, now,
                       ticket.expected_tokens, budget_miss=ticket.late)
         self.in_flight[group.group_id] += lease.sequences
@@ -415,6 +425,40 @@ class ModelScheduler:
             ticket: Ticket = queued.payload
             simulation.take(ticket.request.sequences, speed.ttft_ms + ticket.expected_tokens * speed.itl_ms)
         return (simulation.start(1) - now) * 1000
+
+    def scale_demand(self) -> dict[str, int]:
+        """Sequences that want each autoscaled group (``ops/autoscale.py``): this router's sequences
+        running there, plus queued ones that may run there and whose predicted start on the
+        preferred site misses their TTFT budget (they would spill if the group had room), plus
+        those that started on the preferred site since the last call after waiting past their
+        budget while the group had no room (a cold burst's budget misses: between two calls the
+        queue may be empty, and the pressure must not vanish with it)."""
+        scaled = [g for g in self.groups.values() if g.autoscaled]
+        if not scaled:
+            return {}
+        demand = {g.group_id: self.in_flight[g.group_id] + self._cold_misses.pop(g.group_id, 0) for g in scaled}
+        if not len(self.queue):
+            return demand
+        now = self._clock()
+        preferred = [g for g in self.groups.values()
+                     if g.site_rank == 0 and self.capacity[g.group_id] > 0 and not g.autoscaled]
+        simulation = self.predictor.simulate(now, self._free_at(now, preferred)) if preferred else None
+        speed = self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
+        budget_s = self.spill.spill_after_ms / 1000
+        for queued in self.queue.ordered()[:self.spill.max_scan]:
+            ticket: Ticket = queued.payload
+            if ticket.future.done():
+                continue
+            sequences = ticket.request.sequences
+            service_ms = speed.ttft_ms + ticket.expected_tokens * speed.itl_ms
+            target = next((g for g in scaled if ticket.request.data_class <= g.trusted_up_to
+                           and g.group_id not in ticket.exclude), None)
+            misses = simulation is None or simulation.start(sequences) > queued.enqueued_at + budget_s
+            if target is not None and misses and (not ticket.pinned or simulation is None):
+                demand[target.group_id] += sequences
+            elif simulation is not None:
+                simulation.take(sequences, service_ms)
+        return demand
 
     def report(self) -> dict:
         return {
