@@ -37,7 +37,7 @@ class EngineReplica:
         model_config = ModelConfig.model_validate(model)
         # Resolved here, on the node that runs the replica: builtin models are prepared
         # where they are loaded, and hub ids are downloaded by vLLM on that node.
-        model_path = resolve_model_source(model_config.source, model_cache_dir)
+        model_path = await asyncio.to_thread(resolve_model_source, model_config.source, model_cache_dir)
         import ray
         from ray import serve
 

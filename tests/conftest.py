@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
+import uuid
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -28,7 +31,7 @@ E2E_LOAD_TENANTS = ("alpha", "beta", "gamma")
 E2E_AUDIT_PREFIX = "e2e/audit/"
 # Filled by the e2e_cluster fixture: the health report before any key existed, and the session's
 # API key. Once a key exists every request needs one, so every end-to-end test sends it (auth()).
-E2E_STATE: dict = {}
+E2E_STATE: dict = {"moe_prefix": f"e2e-{uuid.uuid4().hex[:12]}/spillway-moe"}
 
 
 def auth() -> dict:
@@ -48,7 +51,7 @@ def admin_headers() -> dict:
     return {"authorization": f"Bearer {E2E_ADMIN_KEY}"}
 
 
-def e2e_raw_config(root=None, s3: tuple[str, str] | None = None) -> dict:
+def e2e_raw_config(root=None, s3: tuple[str, str] | None = None, moe_source: str | None = None) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["name"] = "spillway-test"
     raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT}
@@ -66,6 +69,10 @@ def e2e_raw_config(root=None, s3: tuple[str, str] | None = None) -> dict:
     raw["governance"] = {"store": {"path": str(root / "ledger.sqlite3")}} if root is not None else {}
     if s3 is not None:  # closed audit segments go to the session's S3-compatible server
         raw["governance"]["audit"] = {"archive": {"bucket": s3[1], "prefix": E2E_AUDIT_PREFIX, "endpoint_url": s3[0]}}
+    if moe_source is not None:  # the MoE engine loads its weights from S3 (credentials: ray start's env)
+        moe = raw["models"][1]
+        moe["source"] = moe_source
+        moe["env"] = {**moe["env"], "AWS_ENDPOINT_URL": s3[0]}  # (a copy: the YAML shares one env dict)
     raw["router"]["splits"] = {E2E_SPLIT_ALIAS: {"variants": {"spillway-dense": 70, "spillway-moe": 30}}}
     # Router spans stay in memory (read back over HTTP); vLLM sends its spans to the test's receiver.
     raw["tracing"] = {
@@ -109,7 +116,9 @@ def e2e_cluster(tmp_path_factory, otlp_receiver, s3_server):
 
     root = tmp_path_factory.mktemp("spillway-e2e")
     config_path = root / "config.yaml"
-    config_path.write_text(yaml.safe_dump(e2e_raw_config(root, s3=s3_server)))  # its AWS_* reach the ledger
+    moe_source = upload_e2e_moe(s3_server)
+    # (its AWS_* reach the ledger and the engines through `ray start`'s environment)
+    config_path.write_text(yaml.safe_dump(e2e_raw_config(root, s3=s3_server, moe_source=moe_source)))
     os.environ[load_config(config_path).governance.admin_key_env] = E2E_ADMIN_KEY  # ray start passes it on
     config = load_config(config_path)
     cluster = LocalCluster(config, state_file=root / "cluster.json")
@@ -127,6 +136,30 @@ def e2e_cluster(tmp_path_factory, otlp_receiver, s3_server):
 
         ray.shutdown()
         cluster.stop(log=print)
+        if e2e_moe_local_copy() is not None:
+            shutil.rmtree(e2e_moe_local_copy(), ignore_errors=True)
+
+
+def upload_e2e_moe(s3_server) -> str:
+    """The built-in MoE model, uploaded for this session under a fresh prefix (so its node-local
+    copy is downloaded by this session's replica, never left over from an earlier run)."""
+    import boto3
+
+    from deployments.model_prep import prepare_model
+    from deployments.sources import upload_model
+
+    uri = f"s3://{s3_server[1]}/models/{E2E_STATE['moe_prefix']}"
+    upload_model(prepare_model("moe"), uri, client=boto3.client("s3", endpoint_url=s3_server[0]))
+    E2E_STATE["moe_source"] = uri
+    return uri
+
+
+def e2e_moe_local_copy() -> Path | None:
+    """Where this session's engine replica copied the MoE model from S3 (node-local cache)."""
+    from deployments.sources import DEFAULT_CACHE_DIR, S3Source
+
+    source = E2E_STATE.get("moe_source")
+    return S3Source.parse(source).local_dir(DEFAULT_CACHE_DIR) if source else None
 
 
 def _create_session_keys(base_url: str) -> None:

@@ -44,6 +44,19 @@ def test_every_engine_runs_on_a_node_of_its_site(base_url, e2e_cluster):
     assert placed == {(DENSE, "onprem"): "onprem", (DENSE, "cloud"): "cloud", (MOE, "onprem"): "onprem"}
 
 
+def test_the_moe_engine_loaded_its_weights_from_s3_and_serves(base_url, e2e_cluster):
+    """The session config's MoE source is s3://… on the session's S3-compatible server: its replica
+    downloaded and verified the model into the node-local cache, and vLLM serves from that copy."""
+    from tests.conftest import E2E_STATE, e2e_moe_local_copy
+
+    assert e2e_cluster[0].model(MOE).source == E2E_STATE["moe_source"]
+    state = json.loads((e2e_moe_local_copy() / ".spillway-source.json").read_text())
+    assert state["source"] == E2E_STATE["moe_source"] and "model.safetensors" in state["objects"]
+    resp = httpx.post(f"{base_url}/v1/chat/completions", headers=auth(), timeout=120,
+                      json={"model": MOE, "messages": HELLO, "max_tokens": 4})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] > 0
+
+
 def test_status_cli_shows_sites_deployments_and_replicas(e2e_cluster):
     config_path = e2e_cluster[1]
     out = subprocess.run(

@@ -29,6 +29,14 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_upload(args: argparse.Namespace) -> int:
+    from deployments.sources import upload_model
+
+    count = upload_model(Path(args.folder), args.uri)
+    _log(f"uploaded {count} files to {args.uri} with a SHA256SUMS manifest (replicas verify every file)")
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _log(f"config OK: {len(config.sites)} sites, {len(config.models)} models")
@@ -188,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--only", action="append", help="prepare only this model (dense, moe); repeatable")
     prepare.add_argument("--force", action="store_true", help="rewrite even if an identical model is there")
     prepare.set_defaults(func=cmd_models_prepare)
+    upload = models_sub.add_parser("upload", help="upload a model folder to s3://bucket/prefix with checksums")
+    upload.add_argument("folder")
+    upload.add_argument("uri", help="s3://bucket/prefix (boto3's credentials; AWS_ENDPOINT_URL for S3-compatible stores)")
+    upload.set_defaults(func=cmd_models_upload)
 
     config = sub.add_parser("config", help="check a config file")
     config_sub = config.add_subparsers(dest="config_command", required=True)
