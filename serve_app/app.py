@@ -13,6 +13,8 @@ budgets, usage).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ from deployments.replica import EngineReplica, engine_env
 from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SpillwayConfig, load_config
 from serve_app.governance.service import LedgerDeployment
 from serve_app.ingress import Router
-from serve_app.ops.autoscale import CloudScalerDeployment, cloud_autoscaling
+from serve_app.ops.autoscale import cloud_autoscaling
+from serve_app.ops.operator import OperatorDeployment
 
 # A sliver of the site resource: enough to pin a bundle to the site's nodes without
 # limiting how many replicas fit there (nodes declare e.g. site:onprem=1000).
@@ -96,10 +99,13 @@ def engine_deployment(config: SpillwayConfig, model: ModelConfig, site: SiteConf
         health_check_period_s=ENGINE_HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=ENGINE_HEALTH_CHECK_TIMEOUT_S,
         graceful_shutdown_timeout_s=model.graceful_shutdown_timeout_s,
+        # Rolling updates start replacements before old replicas stop (full capacity throughout).
+        max_surge_percent=model.rollout_surge_percent,
         graceful_shutdown_wait_loop_s=1.0,
     )
-    return deployment.bind(model.model_dump(mode="json"), site.model_dump(mode="json"), config.model_cache_dir,
-                           config.tracing.model_dump(mode="json"), config.engine_port.model_dump(mode="json"))
+    args = (model.model_dump(mode="json"), site.model_dump(mode="json"), config.model_cache_dir,
+            config.tracing.model_dump(mode="json"), config.engine_port.model_dump(mode="json"))
+    return versioned(deployment, args).bind(*args)
 
 
 def build_app(config: SpillwayConfig) -> Application:
@@ -116,6 +122,7 @@ def build_app(config: SpillwayConfig) -> Application:
     router_site = config.router_site
     # One ledger per cluster (limits and budgets hold for the sum over router replicas), on the
     # router's site: it holds tenants' keys and spend.
+    control_plane = config.control_plane_dump()
     ledger = serve.deployment(LedgerDeployment).options(
         name="ledger",
         num_replicas=1,
@@ -125,20 +132,19 @@ def build_app(config: SpillwayConfig) -> Application:
             "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},
             "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
         },
-    ).bind(config.model_dump(mode="json"))
-    # The cloud scaler (one replica, beside the ledger) decides autoscaled deployments' replica
-    # counts from the routers' demand.
-    scaler = None
-    if config.autoscaled:
-        scaler = serve.deployment(CloudScalerDeployment).options(
-            name="scaler",
-            num_replicas=1,
-            ray_actor_options={
-                "num_cpus": 0,
-                "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},
-                "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
-            },
-        ).bind(config.model_dump(mode="json"))
+    )
+    ledger = versioned(ledger, control_plane).bind(control_plane)
+    # The operator (one replica, beside the ledger): the cloud scaler and progressive rollouts.
+    operator = serve.deployment(OperatorDeployment).options(
+        name="operator",
+        num_replicas=1,
+        ray_actor_options={
+            "num_cpus": 0,
+            "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},
+            "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
+        },
+    )
+    operator = versioned(operator, control_plane).bind(control_plane)
     router = serve.deployment(Router).options(
         name="router",
         num_replicas=config.router.replicas,
@@ -149,7 +155,22 @@ def build_app(config: SpillwayConfig) -> Application:
             "runtime_env": {"env_vars": dict(LEAN_REPLICA_ENV)},
         },
     )
-    return router.bind(config.model_dump(mode="json"), engines, ledger, scaler)
+    engine_names = {m: sorted(by_site) for m, by_site in engines.items()}
+    return versioned(router, (control_plane, engine_names)).bind(control_plane, engines, ledger, operator)
+
+
+def versioned(deployment, init_args) -> Any:
+    """The deployment with a version that changes exactly when a restart is needed: its class, its
+    arguments, its actor options (resources, environment) and its placement. Without one, Serve
+    gives every ``serve.run`` a new random version and replaces every replica of the app; with it,
+    a new model version rolls only that model's engines (other options, such as replica counts,
+    apply without a restart)."""
+    config = deployment._replica_config
+    digest = hashlib.sha256(json.dumps(
+        [deployment.func_or_class.__qualname__, init_args, config.ray_actor_options,
+         config.placement_group_bundles, config.placement_group_strategy], sort_keys=True, default=str,
+    ).encode()).hexdigest()[:16]
+    return deployment.options(version=digest, _internal=True)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

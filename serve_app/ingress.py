@@ -21,8 +21,8 @@ from serve_app.pipeline.gateway import Gateway
 class Router:
     """Front door for every model. Holds no global state: any replica can serve any request."""
 
-    def __init__(self, config: dict, engines: dict[str, dict[str, Any]], ledger: Any = None, scaler: Any = None):
-        self._gateway = Gateway(SpillwayConfig.model_validate(config), engines, ledger=ledger, scaler=scaler)
+    def __init__(self, config: dict, engines: dict[str, dict[str, Any]], ledger: Any = None, operator: Any = None):
+        self._gateway = Gateway(SpillwayConfig.model_validate(config), engines, ledger=ledger, operator=operator)
         # The replica's Serve id: x-spillway-router and the reports name the replica as Ray does.
         self._gateway.replica_tag = serve.get_replica_context().replica_id.unique_id
 

@@ -117,6 +117,19 @@ class SpillwayConfig(Strict):
                     raise ValueError(f"local_cluster node names unknown site {node.site!r}")
         return self
 
+    def control_plane_dump(self) -> dict:
+        """The config as routers and the ledger get it: without what only engine replicas use
+        (``ENGINE_ONLY_FIELDS``). A new model version, source, env or extra engine arguments then
+        changes only the engine deployments' arguments, so a redeploy rolls the engines alone,
+        never the routers (in-flight streams) or the ledger (admissions)."""
+        raw = self.model_dump(mode="json")
+        for model in raw["models"]:
+            for field in ENGINE_ONLY_FIELDS:
+                model.pop(field, None)
+            model["source"] = ENGINE_ONLY_SOURCE
+            model["engine"].pop("extra_args", None)
+        return raw
+
     @property
     def autoscaled(self) -> bool:
         """Whether any deployment scales on the routers' spill pressure (the app then runs the
@@ -194,6 +207,9 @@ def _format_validation(exc) -> str:
         lines.append(f"  {loc}: {err['msg']}")
     return "\n".join(lines)
 
+
+ENGINE_ONLY_FIELDS = ("version", "env", "graceful_shutdown_timeout_s", "rollout_surge_percent")
+ENGINE_ONLY_SOURCE = "(engine replicas only)"
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent.parent / "cluster_configs" / "local.yaml"
 

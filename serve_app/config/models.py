@@ -86,6 +86,14 @@ class ModelConfig(Strict):
         "`spillway models prepare`), 's3://bucket/prefix' (downloaded to a node-local cache and verified), "
         "a local folder, or a Hugging Face hub id (org/name)."
     )
+    version: str | None = Field(
+        default=None, description="A label for what the replicas run (weights, build). Changing it, the source, "
+        "env or engine.extra_args and redeploying replaces this model's engine replicas one by one while "
+        "the old ones serve; routers and the ledger keep running.")
+    rollout_surge_percent: int = Field(
+        default=100, ge=0, le=100,
+        description="Extra replicas (percent of the count) started during a rolling update before old ones stop: "
+        "100 keeps full capacity (and needs room for it); 0 stops old replicas first.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     replicas: dict[str, int] = Field(
         description="Replicas of this model per site name, e.g. {onprem: 1, cloud: 2}. 0 declares the site "

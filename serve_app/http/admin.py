@@ -23,6 +23,7 @@ from serve_app.errors import AuthenticationFailed, InvalidRequest, NotFound
 from serve_app.governance.keys import NAME_PATTERN, KeySpec, TenantSpec, bearer, check_admin_key
 from serve_app.governance.store import USAGE_COLUMNS
 from serve_app.http.body import read_body
+from serve_app.ops.rollout import RolloutSpec
 
 PREFIX = "/v1/spillway/admin"
 MAX_ADMIN_BODY_BYTES = 65_536
@@ -44,10 +45,13 @@ CONSOLE_HEADERS = {
 
 
 def install_admin(api: FastAPI, gateway) -> None:
-    def ledger(request: Request):
+    def require_admin(request: Request) -> None:
         if not check_admin_key(bearer(request.headers.get("authorization", "")), gateway.admin_key):
             raise AuthenticationFailed("The admin API needs the admin key ('Authorization: Bearer <admin key>')."
                                        if gateway.admin_key else "The admin API is off: no admin key is set.")
+
+    def ledger(request: Request):
+        require_admin(request)
         if gateway.ledger is None:
             raise NotFound("governance is not configured on this router")
         return gateway.ledger.handle
@@ -130,6 +134,42 @@ def install_admin(api: FastAPI, gateway) -> None:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_AUDIT_TAIL:
             raise InvalidRequest(f"limit: a whole number from 1 to {MAX_AUDIT_TAIL}", param="limit")
         return JSONResponse({"data": await ledger(request).audit_tail.remote(int(raw))})
+
+    # ---- progressive rollouts (the operator deployment runs them) ---------------------------------
+
+    def operator(request: Request):
+        require_admin(request)
+        if gateway.operator is None:
+            raise NotFound("no operator deployment on this app")
+        return gateway.operator
+
+    async def rollout_call(request: Request, action: str, body: dict | None = None):
+        answer = await operator(request).rollout.remote(action, body)
+        if isinstance(answer, dict) and "error" in answer:
+            error = answer["error"]
+            kind = NotFound if error["kind"] == "NotFound" else InvalidRequest
+            raise kind(error["message"], param=error.get("param"))
+        return answer
+
+    @api.get(PREFIX + "/rollouts")
+    async def rollouts(request: Request):
+        return JSONResponse({"data": await rollout_call(request, "status")})
+
+    def applied(status: dict) -> dict:
+        # This router applies the new weights before it answers; the others within a second.
+        gateway.apply_split_weights({status["alias"]: status["weights"]})
+        return status
+
+    @api.post(PREFIX + "/rollouts")
+    async def start_rollout(request: Request):
+        operator(request)
+        spec = await body_of(request, RolloutSpec)
+        return JSONResponse(applied(await rollout_call(request, "start", spec.model_dump(mode="json"))),
+                            status_code=201)
+
+    @api.post(PREFIX + "/rollouts/{alias:path}/abort")
+    async def abort_rollout(alias: str, request: Request):
+        return JSONResponse(applied(await rollout_call(request, "abort", {"alias": alias[:128]})))
 
     @api.get(PREFIX + "/console/data")
     async def console_data(request: Request):

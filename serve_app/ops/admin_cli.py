@@ -183,6 +183,28 @@ def audit_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_rollout(args) -> int:
+    if args.rollout_command == "start":
+        body = {"alias": args.alias, "stable": args.stable, "canary": args.canary,
+                "steps": [float(s) for s in args.steps.split(",") if s], "step_s": args.step_s,
+                "min_requests": args.min_requests, "max_error_rate_delta": args.max_error_rate_delta,
+                "max_ttft_ratio": args.max_ttft_ratio}
+        if args.max_step_s is not None:
+            body["max_step_s"] = args.max_step_s
+        answers = [_call(args, "POST", "/rollouts", body)]
+    elif args.rollout_command == "abort":
+        answers = [_call(args, "POST", f"/rollouts/{args.alias}/abort")]
+    else:
+        answers = _call(args, "GET", "/rollouts")["data"]
+    if args.json:
+        print(json.dumps(answers, indent=2))
+        return 0
+    _print([{"alias": a["alias"], "stable": a["stable"], "canary": a["canary"], "state": a["state"],
+             "canary %": a["canary_percent"], "step": f"{a['step']}/{len(a['steps'])}", "reason": a["reason"]}
+            for a in answers], ["alias", "stable", "canary", "state", "canary %", "step", "reason"])
+    return 0
+
+
 def add_parsers(sub, with_config) -> None:
     def admin(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         with_config(p)
@@ -248,3 +270,21 @@ def add_parsers(sub, with_config) -> None:
     tail.add_argument("-n", "--limit", type=int, default=20)
     admin(audit_sub.add_parser("rotate", help="close the open segment now and archive it (admin API)"))
     audit.set_defaults(func=cmd_audit)
+
+    rollout = sub.add_parser("rollout", help="progressive rollouts: raise a canary's share in steps, roll back on "
+                             "errors or slow TTFT (admin API)")
+    rollout_sub = rollout.add_subparsers(dest="rollout_command", required=True)
+    start = admin(rollout_sub.add_parser("start", help="start raising CANARY's share of ALIAS"))
+    start.add_argument("--alias", required=True, help="the model name clients send")
+    start.add_argument("--stable", required=True, help="the model serving the alias now")
+    start.add_argument("--canary", required=True, help="the model to roll out")
+    start.add_argument("--steps", default="5,25,50,100", help="canary percentages, ending at 100")
+    start.add_argument("--step-s", type=float, default=60.0, help="shortest time per step")
+    start.add_argument("--max-step-s", type=float, help="longest wait for enough traffic per step (default 5 x step)")
+    start.add_argument("--min-requests", type=int, default=20, help="requests per variant before a step is judged")
+    start.add_argument("--max-error-rate-delta", type=float, default=0.02, help="canary 5xx rate over stable's")
+    start.add_argument("--max-ttft-ratio", type=float, default=1.5, help="canary mean TTFT / stable's")
+    admin(rollout_sub.add_parser("status", help="every rollout: state, share, the last step's figures"))
+    abort = admin(rollout_sub.add_parser("abort", help="stop a rollout and send the alias back to stable"))
+    abort.add_argument("alias")
+    rollout.set_defaults(func=cmd_rollout)

@@ -23,7 +23,6 @@ On-prem deployments are never scaled: their hardware is paid for whether it is b
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -37,7 +36,6 @@ logger = logging.getLogger("spillway.autoscale")
 
 REPORT_INTERVAL_S = 1.0   # routers report their demand this often
 REPORT_STALE_S = 5.0      # a report older than this counts for nothing
-TICK_S = 1.0              # the scaler decides this often
 HISTORY_LEN = 512         # scaling events kept for `status`
 
 POLICY_READ_EVERY_S = 0.5  # Serve's policy reads the scaler's target at most this often
@@ -138,7 +136,7 @@ class CloudScaler:
     """Sums the routers' demand and sets the replica counts of autoscaled deployments.
 
     ``set_replicas(deployment, n)`` applies a count (Serve's controller in a cluster, a fake in unit
-    tests); ``clock`` is monotonic seconds. Call ``tick`` on a schedule (``run``)."""
+    tests); ``clock`` is monotonic seconds. The operator calls ``tick`` every second."""
 
     def __init__(self, config: SpillwayConfig, set_replicas: SetReplicas, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
@@ -194,16 +192,6 @@ class CloudScaler:
             logger.info("%s: %s -> %d replicas (demand %d sequences)", name, current, target, demand[name])
             self.targets[name] = target
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad tick
-                logger.exception("scaler tick failed")
-            await asyncio.sleep(TICK_S)
-
     def status(self) -> dict[str, Any]:
         return {
             "deployments": {name: {"replicas": self.targets[name], "demand": self.last_demand.get(name, 0),
@@ -213,31 +201,3 @@ class CloudScaler:
             "errors": self.errors,
             "history": [event.as_dict() for event in self.history],
         }
-
-
-class CloudScalerDeployment:
-    """The Serve deployment around ``CloudScaler`` (one replica, on the router's site)."""
-
-    async def __init__(self, config: dict):
-        from ray import serve
-
-        app = serve.get_replica_context().app_name
-
-        async def set_replicas(deployment: str, replicas: int) -> None:
-            await asyncio.to_thread(publish_target, app, deployment, replicas)
-
-        self.scaler = CloudScaler(SpillwayConfig.model_validate(config), set_replicas)
-        self._task = asyncio.get_running_loop().create_task(self.scaler.run())
-
-    async def report(self, router: str, demand: dict[str, int]) -> None:
-        self.scaler.report(router, demand)
-
-    async def status(self) -> dict[str, Any]:
-        return self.scaler.status()
-
-    async def check_health(self) -> None:
-        if self._task.done():
-            raise RuntimeError("the scaler loop stopped")
-
-    async def __del__(self):
-        self._task.cancel()

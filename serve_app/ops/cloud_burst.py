@@ -159,14 +159,14 @@ class Sampler(threading.Thread):
         import ray
         from ray import serve
 
-        scaler = serve.get_deployment_handle("scaler", app_name=self.config.name)
+        operator = serve.get_deployment_handle("operator", app_name=self.config.name)
         while not self.stop_event.is_set():
             try:
                 nodes = sum(1 for n in ray.nodes() if n["Alive"] and self.cloud_resource in n["Resources"])
                 app = serve.status().applications.get(self.config.name)
                 dep = app.deployments.get(self.deployment) if app else None
                 running = int(dep.replica_states.get("RUNNING", 0)) if dep else 0
-                target = scaler.status.remote().result(timeout_s=5)["deployments"][self.deployment]["replicas"]
+                target = operator.scale_status.remote().result(timeout_s=5)["deployments"][self.deployment]["replicas"]
                 now = time.time()
                 if nodes and self.node_first_seen is None:
                     self.node_first_seen = now
@@ -316,7 +316,8 @@ def run_demo(config_path: Path = DEMO_CONFIG, ray_port: int = DEFAULT_RAY_PORT, 
         result.requests = counts
         startup = engine_startup(base_url, model.id, cloud.name) if first_cloud_token else None
         node_at = node_started_at(cloud.resource) or sampler.node_first_seen
-        scaler_status = serve.get_deployment_handle("scaler", app_name=config.name).status.remote().result(timeout_s=10)
+        scaler_status = (serve.get_deployment_handle("operator", app_name=config.name).scale_status.remote()
+                         .result(timeout_s=10))
         result.scale_events = scaler_status["history"]
         scale_at = next((e["at"] for e in result.scale_events
                          if e["deployment"] == deployment and e["to"] > 0 and e["at"] >= t0), None)

@@ -31,6 +31,7 @@ from serve_app.governance.cost import CostModel
 from serve_app.http.headers import read_headers
 from serve_app.observe.tracing import Tracing
 from serve_app.ops.autoscale import REPORT_INTERVAL_S
+from serve_app.ops.rollout import SPLIT_POLL_S
 from serve_app.pipeline.admit import AdmitStage
 from serve_app.pipeline.audit import AuditStage
 from serve_app.pipeline.auth import AccessStage, AuthStage
@@ -78,7 +79,7 @@ logger = logging.getLogger("spillway.gateway")
 
 class Gateway:
     def __init__(self, config: SpillwayConfig, handles: dict[str, dict[str, Any]], *, ledger=None, metrics=None,
-                 directory=None, tracing: Tracing | None = None, clock=time.monotonic, scaler=None):
+                 directory=None, tracing: Tracing | None = None, clock=time.monotonic, operator=None):
         """``ledger``: the governance ledger's handle (``governance/service.py``); without one (router
         unit tests) there are no keys, limits or budgets."""
         router = config.router
@@ -130,14 +131,20 @@ class Gateway:
         self.replica_tag = uuid.uuid4().hex[:8]
         self.created = int(time.time())
         self._warm: asyncio.Task | None = None
-        self.scaler = scaler  # the cloud scaler's handle (ops/autoscale.py) when any group autoscales
-        self._scale_reports: asyncio.Task | None = None
+        # The operator's handle (ops/operator.py): scale demand and split counters go to it; split
+        # weights it publishes (rollouts) come back through Ray's KV store.
+        self.operator = operator
+        self._operator_tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         """Background work on the running loop (idempotent; called on every request)."""
         self.fleet.start()
-        if self.scaler is not None and (self._scale_reports is None or self._scale_reports.done()):
-            self._scale_reports = asyncio.get_running_loop().create_task(self._report_scale_demand())
+        if self.operator is not None and (not self._operator_tasks or any(t.done() for t in self._operator_tasks)):
+            for task in self._operator_tasks:
+                task.cancel()
+            loop = asyncio.get_running_loop()
+            self._operator_tasks = [loop.create_task(self._report_to_operator()),
+                                    loop.create_task(self._follow_split_weights())]
         if self.ledger is not None:
             self.ledger.start()
         if self._warm is None:
@@ -145,7 +152,7 @@ class Gateway:
 
     async def close(self) -> None:
         """Stop pollers, close pooled engine connections, the scan helpers and the span exporter."""
-        for task in (self._warm, self._scale_reports):
+        for task in (self._warm, *self._operator_tasks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -176,6 +183,8 @@ class Gateway:
                     break
         except SpillwayError as exc:
             ctx.finish(exc.status, exc.code or f"http_{exc.status}")
+            if ctx.split is not None and ctx.model:  # which variant failed: A/B and rollout clients see it
+                exc.headers = {**exc.headers, HEADER_VARIANT: ctx.model}
             raise
         except ClientDisconnect:
             ctx.finish(STATUS_CLIENT_CLOSED, OUTCOME_CANCELLED)
@@ -222,18 +231,48 @@ class Gateway:
                 demand[self.targets[model_id][group_id].deployment] = sequences
         return demand
 
-    async def _report_scale_demand(self) -> None:
-        """Tell the cloud scaler what this router's requests want, every ``REPORT_INTERVAL_S``
-        (a scaler that does not answer misses a report; the next one replaces it)."""
+    async def _report_to_operator(self) -> None:
+        """Tell the operator what this router's requests want (scale demand) and how each split's
+        variants did (cumulative counters), every ``REPORT_INTERVAL_S`` (a report that does not
+        arrive is replaced by the next one)."""
         while True:
             try:
                 async with asyncio.timeout(SCALE_REPORT_TIMEOUT_S):
-                    await self.scaler.report.remote(self.replica_tag, self.scale_demand())
+                    await self.operator.report.remote(
+                        self.replica_tag, self.scale_demand(),
+                        {alias: split.counters() for alias, split in self.splits.items()})
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - scaling must never break the request path
-                logger.warning("could not report scale demand: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the operator must never break the request path
+                logger.warning("could not report to the operator: %s", exc)
             await asyncio.sleep(SCALE_REPORT_INTERVAL_S)
+
+    async def _follow_split_weights(self) -> None:
+        """Apply the split weights the operator published (rollouts), within ``SPLIT_POLL_S``."""
+        from serve_app.ops.operator import read_splits
+
+        while True:
+            try:
+                self.apply_split_weights(await asyncio.to_thread(read_splits, self.config.name))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the last weights stay in force
+                logger.warning("could not read split weights: %s", exc)
+            await asyncio.sleep(SPLIT_POLL_S)
+
+    def apply_split_weights(self, overrides: dict[str, dict[str, float]]) -> None:
+        """Published weights per alias, on the event loop. An alias may be new (a rollout of a name
+        no split configures) but never a model id; unknown models are ignored."""
+        models = {m.id for m in self.config.models}
+        for alias, weights in overrides.items():
+            weights = {m: w for m, w in weights.items() if m in models}
+            if alias in models or not weights or sum(weights.values()) <= 0:
+                continue
+            split = self.splits.get(alias)
+            if split is None:
+                self.splits[alias] = TrafficSplit(alias, [Variant(m, w) for m, w in weights.items()])
+            elif {v.model: v.weight for v in split.variants} != weights:
+                split.set_weights(weights)
 
     # ---- reports ---------------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ class OutcomeSink:
             self._cache.store(ctx)
         self._metrics.served(model, site, ttft_ms, itl_ms, summary.usage, cost)
         if ctx.split is not None and ctx.model:
-            ctx.split.record(ctx.model, error=not ok, ttft_ms=ttft_ms,
+            ctx.split.record(ctx.model, error=not ok, server_error=ctx.status >= 500, ttft_ms=ttft_ms,
                              output_tokens=summary.usage[1] if summary.usage else 0)
         if ok and summary.usage is not None and ctx.model in self._schedulers:
             self._schedulers[ctx.model].observe_usage(ctx.shape.max_tokens, summary.usage[1])
