@@ -98,3 +98,25 @@ def test_local_cluster_pins_ray_auth_mode_unless_the_user_set_it(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     LocalCluster(load_config(DEFAULT_CONFIG_PATH))
     assert os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def test_a_new_model_version_changes_only_that_models_engine_versions(raw):
+    """Deployments carry a digest of what they run: Serve replaces only what changed."""
+    def versions(raw_config):
+        router = build_app(load_config(raw_config))._bound_deployment
+        found = {"router": router.version, "ledger": router.init_args[2]._bound_deployment.version,
+                 "operator": router.init_args[3]._bound_deployment.version}
+        for by_site in router.init_args[1].values():
+            for engine in by_site.values():
+                found[engine._bound_deployment.name] = engine._bound_deployment.version
+        return found
+
+    before = versions(raw)
+    assert versions(yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())) == before  # deterministic
+    raw["models"][0]["version"] = "v2"
+    raw["models"][0]["engine"]["extra_args"] = {"max_num_batched_tokens": 4096}
+    after = versions(raw)
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"engine-spillway-dense-onprem", "engine-spillway-dense-cloud"}
+    raw["models"][0]["engine"]["max_num_seqs"] = 8  # the routers' capacity changes: they restart too
+    assert versions(raw)["router"] != before["router"]

@@ -248,3 +248,44 @@ def test_a_failed_scale_call_is_retried_on_the_next_tick():
         assert calls == [1, 1] and scaler.targets["engine-m-cloud"] == 1 and scaler.errors == 1
 
     asyncio.run(main())
+
+
+def test_serves_policy_follows_the_published_target_and_reads_it_at_most_twice_a_second(monkeypatch):
+    """``follow_cloud_scaler`` runs in Serve's controller; Ray's KV store is stubbed here."""
+    import types
+
+    import ray.experimental.internal_kv as kv
+
+    from serve_app.ops import autoscale
+
+    store, reads = {}, []
+
+    def fake_get(key, namespace=None):
+        reads.append((key, namespace))
+        return store.get(key)
+
+    monkeypatch.setattr(kv, "_internal_kv_get", fake_get)
+    clock = [1000.0]
+    monkeypatch.setattr(autoscale.time, "monotonic", lambda: clock[0])
+    ctx = types.SimpleNamespace(app_name="app", deployment_name="engine-m-cloud", policy_state={},
+                                target_num_replicas=0)
+    assert autoscale.follow_cloud_scaler(ctx)[0] == 0  # nothing published yet: the current target
+    store[autoscale.scale_key("app", "engine-m-cloud")] = b"2"
+    target, state = autoscale.follow_cloud_scaler(types.SimpleNamespace(**{**vars(ctx), "policy_state": {}}))
+    assert target == 2 and reads[-1] == ("app/engine-m-cloud", autoscale.SCALE_KV_NAMESPACE)
+    store[autoscale.scale_key("app", "engine-m-cloud")] = b"0"
+    ctx.policy_state = state
+    assert autoscale.follow_cloud_scaler(ctx)[0] == 2 and len(reads) == 2  # read again only after 0.5 s
+    clock[0] += autoscale.POLICY_READ_EVERY_S
+    assert autoscale.follow_cloud_scaler(ctx)[0] == 0
+
+
+def test_autoscaled_deployment_gets_serves_bounds_without_serves_delays():
+    from serve_app.app import build_app
+
+    app = build_app(SpillwayConfig.model_validate(config()))
+    cloud = app._bound_deployment.init_args[1]["m"]["cloud"]._bound_deployment
+    scaling = cloud._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (0, 3, 0)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.downscale_to_zero_delay_s) == (0, 0, 0)
+    assert app._bound_deployment.init_args[1]["m"]["onprem"]._bound_deployment.num_replicas == 1

@@ -1,7 +1,7 @@
 """Cloud capacity from zero, the whole chain on this machine (`spillway demo cloud-burst`): a Ray
-head with the fake multi-node provider (cluster_configs/ray/fake-multinode.yaml), Spillway with a
-cloud deployment at 0..1 replicas (cluster_configs/fake-cloud.yaml), a burst of streaming
-requests. Real Ray autoscaler, real Serve, real vLLM engines on both sites.
+head with the fake multi-node provider (cluster_configs/ray/fake-multinode.yaml), Spillway deployed
+with `serve deploy cluster_configs/serve/fake-cloud.yaml` (a cloud deployment at 0..1 replicas), a
+burst of streaming requests. Real Ray autoscaler, real Serve, real vLLM engines on both sites.
 
 The demo runs in its own process and cluster (its own ports), beside the session's e2e cluster."""
 
@@ -44,6 +44,8 @@ def test_burst_brings_cloud_nodes_and_replicas_from_zero_serves_there_and_return
     (artifacts / "cloud-burst.txt").write_text(report)
     print(report)  # the timeline and the cold-start breakdown (shown with -rP, and on failure)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Deployed with Ray Serve's own CLI from the repository's serve config.
+    assert "serve deploy cluster_configs/serve/fake-cloud.yaml" in proc.stdout
     timeline = result["timeline"]
     first, last = timeline[0], timeline[-1]
     # Before the burst: no cloud node, no cloud replica.

@@ -3,7 +3,8 @@
 1. Starts a Ray head (the on-prem site) with Ray's fake multi-node provider
    (``cluster_configs/ray/fake-multinode.yaml``): Ray's autoscaler adds "cloud nodes" as extra Ray
    nodes on this machine when work waits for ``site:cloud``, and removes them when idle.
-2. Deploys ``cluster_configs/fake-cloud.yaml``: dense on-prem (fixed), dense in the cloud (0..1).
+2. Deploys ``cluster_configs/serve/fake-cloud.yaml`` with Serve's own ``serve deploy`` (its Spillway
+   config, ``cluster_configs/fake-cloud.yaml``: dense on-prem, fixed; dense in the cloud, 0..1).
 3. Bursts: streaming requests, more than on-prem's slots, until a cloud replica has served several.
    The router queues them on-prem, reports the spill pressure, the cloud scaler asks Serve for a
    cloud replica, the replica waits for a node, Ray's autoscaler starts one, the engine loads and
@@ -39,7 +40,7 @@ from serve_app.config import DEFAULT_CONFIG_PATH, SpillwayConfig, load_config
 
 PROJECT_ROOT = DEFAULT_CONFIG_PATH.parent.parent
 FAKE_RAY_CONFIG = PROJECT_ROOT / "cluster_configs" / "ray" / "fake-multinode.yaml"
-DEMO_CONFIG = PROJECT_ROOT / "cluster_configs" / "fake-cloud.yaml"
+DEMO_SERVE_CONFIG = PROJECT_ROOT / "cluster_configs" / "serve" / "fake-cloud.yaml"
 DEFAULT_RAY_PORT = 6395
 SAMPLE_EVERY_S = 0.5
 HEAD_START_TIMEOUT_S = 60.0
@@ -277,20 +278,29 @@ def cold_start(t0: float, scale_at: float | None, node_at: float | None, startup
     return breakdown
 
 
-def run_demo(config_path: Path = DEMO_CONFIG, ray_port: int = DEFAULT_RAY_PORT, plan: BurstPlan | None = None,
+def serve_deploy(serve_config: Path, dashboard: str, log: Callable[[str], None]) -> None:
+    """Ray Serve's own CLI, as an ML engineer deploys: `serve deploy <yaml> -a <dashboard>`."""
+    serve_bin = str(Path(sys.executable).with_name("serve"))
+    log(f"serve deploy {serve_config.relative_to(PROJECT_ROOT)} -a {dashboard}")
+    subprocess.run([serve_bin, "deploy", str(serve_config), "-a", dashboard], cwd=PROJECT_ROOT, check=True,
+                   timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def run_demo(serve_config: Path = DEMO_SERVE_CONFIG, ray_port: int = DEFAULT_RAY_PORT, plan: BurstPlan | None = None,
              log: Callable[[str], None] = print, session_file: Path | None = None) -> DemoResult:
     import ray
     from ray import serve
 
     from serve_app.app import deployment_name
-    from serve_app.ops.deploy import deploy
+    from serve_app.ops.deploy import wait_healthy
 
     from serve_app.ops.local_cluster import AUTH_MODE_ENV, DEFAULT_LOCAL_AUTH_MODE
 
     # As for `spillway up --local`: one auth mode for the cluster's processes and this driver.
     os.environ.setdefault(AUTH_MODE_ENV, DEFAULT_LOCAL_AUTH_MODE)
     plan = plan or BurstPlan()
-    config = load_config(config_path)
+    (application,) = yaml.safe_load(serve_config.read_text())["applications"]
+    config = load_config(PROJECT_ROOT / application["args"]["config"])
     cloud = next(s for s in config.sites if s.kind.value == "cloud")
     model = next(m for m in config.models if cloud.name in m.autoscaling)
     deployment = deployment_name(model.id, cloud.name)
@@ -304,7 +314,9 @@ def run_demo(config_path: Path = DEMO_CONFIG, ray_port: int = DEFAULT_RAY_PORT, 
         cluster.start()
         if session_file is not None:
             session_file.write_text(str(os.getsid(cluster.proc.pid)))
-        deploy(config, cluster.address, log=log)
+        serve_deploy(serve_config, f"http://127.0.0.1:{cluster.ray_port + 1900}", log)
+        wait_healthy(config, log=log)
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False, namespace="spillway")
         sampler.start()
         wait_until(lambda: len(sampler.raw) > 0, 30, 0.2)
         log(f"deployed; cloud replicas {sampler.raw[-1][2] if sampler.raw else '?'}, "
@@ -356,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="spillway demo cloud-burst", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG)
+    parser.add_argument("--serve-config", type=Path, default=DEMO_SERVE_CONFIG,
+                        help="the `serve deploy` YAML (its args.config names the Spillway config)")
     parser.add_argument("--ray-port", type=int, default=DEFAULT_RAY_PORT)
     parser.add_argument("--concurrency", type=int, default=BurstPlan.concurrency)
     parser.add_argument("--max-tokens", type=int, default=BurstPlan.max_tokens)
@@ -364,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--session-file", type=Path,
                         help="write the cluster's session id here (a caller that kills this demo can reap it)")
     args = parser.parse_args(argv)
-    result = run_demo(args.config, args.ray_port, BurstPlan(concurrency=args.concurrency, max_tokens=args.max_tokens),
+    result = run_demo(args.serve_config.resolve(), args.ray_port, BurstPlan(concurrency=args.concurrency, max_tokens=args.max_tokens),
                       session_file=args.session_file)
     print_report(result)
     if args.json:
