@@ -24,7 +24,9 @@ class Router:
     def __init__(self, config: dict, engines: dict[str, dict[str, Any]], ledger: Any = None, operator: Any = None):
         self._gateway = Gateway(SpillwayConfig.model_validate(config), engines, ledger=ledger, operator=operator)
         # The replica's Serve id: x-spillway-router and the reports name the replica as Ray does.
-        self._gateway.replica_tag = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self._gateway.replica_tag = context.replica_id.unique_id
+        self._gateway.app_name = context.app_name  # (where the operator publishes this app's split weights)
 
     def __serve_build_asgi_app__(self):
         return build_api(self._gateway)

@@ -135,6 +135,7 @@ class Gateway:
         # weights it publishes (rollouts) come back through Ray's KV store.
         self.operator = operator
         self._operator_tasks: list[asyncio.Task] = []
+        self.app_name = config.name  # the Serve application (the Router sets it from its replica context)
 
     def start(self) -> None:
         """Background work on the running loop (idempotent; called on every request)."""
@@ -253,7 +254,7 @@ class Gateway:
 
         while True:
             try:
-                self.apply_split_weights(await asyncio.to_thread(read_splits, self.config.name))
+                self.apply_split_weights(await asyncio.to_thread(read_splits, self.app_name))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the last weights stay in force
