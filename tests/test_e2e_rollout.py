@@ -30,15 +30,22 @@ def rollout_status(base_url: str, alias: str) -> dict:
     return next(r for r in rows if r["alias"] == alias)
 
 
-async def drive(base_url: str, alias: str, users: int, until, timeout_s: float) -> list[tuple[str, int, str]]:
-    """Clients with fixed user ids send short requests to ``alias`` until ``until()`` holds.
+USERS_PER_CLIENT = 10
+
+
+async def drive(base_url: str, alias: str, clients: int, until, timeout_s: float) -> list[tuple[str, int, str]]:
+    """Clients send short requests to ``alias`` until ``until()`` holds, each cycling through its own
+    ``USERS_PER_CLIENT`` user ids (so some users land on a 20 % canary whatever the alias hashes to).
     Returns (user, status, variant) per request."""
     results: list[tuple[str, int, str]] = []
     deadline = time.monotonic() + timeout_s
     done = asyncio.Event()
 
-    async def client(http: httpx.AsyncClient, user: str) -> None:
+    async def client(http: httpx.AsyncClient, name: str) -> None:
+        sent = 0
         while not done.is_set() and time.monotonic() < deadline:
+            user = f"{name}-{sent % USERS_PER_CLIENT}"
+            sent += 1
             resp = await http.post("/v1/chat/completions", json={
                 "model": alias, "user": user, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
             results.append((user, resp.status_code, resp.headers.get(VARIANT, "")))
@@ -51,7 +58,7 @@ async def drive(base_url: str, alias: str, users: int, until, timeout_s: float) 
         done.set()
 
     async with httpx.AsyncClient(base_url=base_url, headers=auth(), timeout=120) as http:
-        await asyncio.gather(watch(), *(client(http, f"user-{i}") for i in range(users)))
+        await asyncio.gather(watch(), *(client(http, f"user-{i}") for i in range(clients)))
     return results
 
 
@@ -76,7 +83,7 @@ def test_a_healthy_canary_is_raised_in_steps_and_promoted(base_url, e2e_cluster)
     results = asyncio.run(drive(base_url, alias, 6, lambda: rollout_status(base_url, alias)["state"] != "running",
                                 timeout_s=180))
     status = rollout_status(base_url, alias)
-    assert status["state"] == "promoted", status
+    assert status["state"] == "promoted", (status["reason"], status["window"], status["history"])
     assert [e["event"].split(":")[0] for e in status["history"]][:3] == [
         "started at 20.0% canary", "raised to 60.0% canary", "raised to 100.0% canary"]
     assert all(code == 200 for _, code, _ in results)
@@ -114,7 +121,7 @@ def test_a_canary_whose_engine_dies_is_rolled_back_and_stable_clients_see_no_fai
         results = asyncio.run(drive(base_url, alias, 8, until, timeout_s=120))
         status = rollout_status(base_url, alias)
         assert killed == [1]
-        assert status["state"] == "rolled_back", status
+        assert status["state"] == "rolled_back", (status["reason"], status["window"], status["history"])
         assert "server-error rate" in status["reason"]
         failed = [(user, code, variant) for user, code, variant in results if code != 200]
         assert failed and all(variant == MOE for _, _, variant in failed)  # only the canary's clients
