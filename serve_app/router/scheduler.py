@@ -293,12 +293,7 @@ class ModelScheduler:
         pressure_s = self.spill.spill_after_ms * self.spill.close_ratio / 1000
         spilled_on_prediction = pressure = False
         next_deadline = float("inf")
-        for queued in self.queue.ordered()[:self.spill.max_scan]:
-            ticket: Ticket = queued.payload
-            if ticket.future.done():
-                continue
-            sequences = ticket.request.sequences
-            service_ms = speed.ttft_ms + ticket.expected_tokens * speed.itl_ms
+        for queued, ticket, sequences, service_ms in self._waiting(speed):
             if ticket.pinned:
                 simulation.take(sequences, service_ms)
                 continue
@@ -328,6 +323,15 @@ class ModelScheduler:
         else:
             self._disarm()
         return room
+
+    def _waiting(self, speed: Speed):
+        """The first ``max_scan`` live queued requests, in queue order, with their sequences and
+        predicted service time: ``(queued, ticket, sequences, service_ms)``."""
+        for queued in self.queue.ordered()[:self.spill.max_scan]:
+            ticket: Ticket = queued.payload
+            if not ticket.future.done():
+                yield (queued, ticket, ticket.request.sequences,
+                       speed.ttft_ms + ticket.expected_tokens * speed.itl_ms)
 
     def _free_at(self, now: float, groups: list[EngineGroup]) -> list[float]:
         """When each sequence of ``groups`` frees: our leases from their progress, other routers'
@@ -445,12 +449,7 @@ class ModelScheduler:
         simulation = self.predictor.simulate(now, self._free_at(now, preferred)) if preferred else None
         speed = self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
         budget_s = self.spill.spill_after_ms / 1000
-        for queued in self.queue.ordered()[:self.spill.max_scan]:
-            ticket: Ticket = queued.payload
-            if ticket.future.done():
-                continue
-            sequences = ticket.request.sequences
-            service_ms = speed.ttft_ms + ticket.expected_tokens * speed.itl_ms
+        for queued, ticket, sequences, service_ms in self._waiting(speed):
             target = next((g for g in scaled if ticket.request.data_class <= g.trusted_up_to
                            and g.group_id not in ticket.exclude), None)
             misses = simulation is None or simulation.start(sequences) > queued.enqueued_at + budget_s
