@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Callable
 
 from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
-from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, sequences_of
+from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS, sequences_of
 
 logger = logging.getLogger("spillway.engine")
 
@@ -93,6 +93,7 @@ def vllm_cli_args(model: ModelConfig, model_path: str, tracing: TracingConfig | 
         "--pipeline-parallel-size", str(engine.pipeline_parallel_size),
         "--data-parallel-size", str(engine.data_parallel_size),
         "--seed", str(engine.seed),
+        "--runner", engine.runner,
     ]
     if engine.workers_per_replica > 1 and model.resources.num_gpus > 0:
         # The workers run as Ray actors in the replica's placement group (one bundle each, every
@@ -106,7 +107,7 @@ def vllm_cli_args(model: ModelConfig, model_path: str, tracing: TracingConfig | 
         args.append("--enforce-eager")
     if engine.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
-    if engine.tool_parser:
+    if engine.tool_parser and engine.runner == "generate":
         args += ["--enable-auto-tool-choice", "--tool-call-parser", engine.tool_parser]
     if engine.chat_template:
         args += ["--chat-template", engine.chat_template]
@@ -168,6 +169,7 @@ class EngineServer:
         self._engine = None
         self._chat = None
         self._completion = None
+        self._embedding = None
         self._in_flight = 0
         self._sequences = 0
         self._aborted = 0
@@ -197,8 +199,9 @@ class EngineServer:
         state = State()
         supported_tasks = await self._engine.get_supported_tasks()
         await init_app_state(self._engine, state, args, supported_tasks)
-        self._chat = state.openai_serving_chat
-        self._completion = state.openai_serving_completion
+        self._chat = getattr(state, "openai_serving_chat", None)  # (none on a pooling model)
+        self._completion = getattr(state, "openai_serving_completion", None)
+        self._embedding = getattr(state, "serving_embedding", None)
         logger.info("engine for %s ready on site %s (%s)", self.model.id, self.site.name, self.model_path)
 
     @property
@@ -249,12 +252,15 @@ class EngineServer:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
         from vllm.exceptions import VLLMClientError
 
-        if endpoint == ENDPOINT_CHAT:
+        if endpoint == ENDPOINT_CHAT and self._chat is not None:
             request_cls, create = ChatCompletionRequest, self._chat.create_chat_completion
-        elif endpoint == ENDPOINT_COMPLETIONS:
+        elif endpoint == ENDPOINT_COMPLETIONS and self._completion is not None:
             request_cls, create = CompletionRequest, self._completion.create_completion
+        elif endpoint == ENDPOINT_EMBEDDINGS and self._embedding is not None:
+            request_cls, create = EmbeddingCompletionRequest, self._embed
         else:
             return self._error(404, f"unknown endpoint {endpoint!r}")
         try:
@@ -271,12 +277,12 @@ class EngineServer:
             # vLLM's own request checks (e.g. stream_options without stream) raise this from a
             # validator: the client's error, never the engine's (no failover, no cooldown).
             return self._error(400, f"invalid request: {exc}", getattr(exc, "parameter", None))
-        sequences = sequences_of(endpoint, fields)
+        sequences = sequences_of(endpoint, fields, self.model.engine.max_num_seqs)
         if admit_sequences is not None and self._sequences + sequences > self.model.engine.max_num_seqs:
             self._refused_full += 1
             return Opened(503, self.replica_id, full=True)  # no await since the count: exact on this loop
         self._enter(sequences)
-        if not request.stream:
+        if not getattr(request, "stream", False):
             pending = asyncio.ensure_future(self._complete(create, request, trace_headers))
             pending.add_done_callback(lambda _: self._leave(sequences))
             return Opened(200, self.replica_id, pending=pending)
@@ -328,6 +334,11 @@ class EngineServer:
         except Exception as exc:  # noqa: BLE001 - vLLM raises some request errors instead of returning them
             return create_error_response(exc)
 
+    async def _embed(self, request, raw_request):
+        """vLLM's embedding serving answers a Starlette response and raises its request errors."""
+        response = await self._embedding(request, raw_request)
+        return _Answered(response.status_code, bytes(response.body))
+
     async def _complete(self, create, request, trace_headers) -> tuple[int, bytes, bool]:
         return self._answer(await self._create(create, request, trace_headers))
 
@@ -335,9 +346,13 @@ class EngineServer:
         """``(status, body, engine_dead)`` of a non-streamed result."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+        if isinstance(result, _Answered):
+            return result.status, result.body, False
         if isinstance(result, ErrorResponse):
             error = result.error
-            body = _json(error_body(error.message, error.type, error.code, param=error.param))
+            # OpenAI's type for a client error (vLLM names its exception class there)
+            kind = "invalid_request_error" if 400 <= error.code < 500 else error.type
+            body = _json(error_body(error.message, kind, error.code, param=error.param))
             return error.code, body, error.code >= 500 and self.engine_dead
         return 200, result.model_dump_json(exclude_unset=False).encode(), False
 
@@ -365,6 +380,14 @@ class EngineServer:
                 yield event
         finally:
             await events.aclose()
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A complete answer vLLM already encoded (its pooling endpoints answer responses)."""
+
+    status: int
+    body: bytes
 
 
 class _CountedStream:

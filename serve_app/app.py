@@ -24,7 +24,7 @@ from ray.serve import Application
 
 from deployments.engine import validate_engine_args
 from deployments.replica import EngineReplica, engine_env
-from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SpillwayConfig, load_config
+from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SiteKind, SpillwayConfig, load_config
 from serve_app.governance.service import LedgerDeployment
 from serve_app.ingress import Router
 from serve_app.ops.autoscale import cloud_autoscaling
@@ -112,12 +112,13 @@ def build_app(config: SpillwayConfig) -> Application:
     """The Serve application for ``config``: engines per (model, site) behind the Router."""
     engines: dict[str, dict[str, Application]] = {}
     for model in config.models:
-        validate_engine_args(model)
-        for site_name, replicas in model.replicas.items():
-            if not model.deploys_on(site_name):
-                continue
+        sites = [name for name in model.replicas
+                 if model.deploys_on(name) and config.site(name).kind != SiteKind.external]
+        if sites:
+            validate_engine_args(model)
+        for site_name in sites:  # (an external site has no deployment: the routers call its API)
             engines.setdefault(model.id, {})[site_name] = engine_deployment(
-                config, model, config.site(site_name), replicas
+                config, model, config.site(site_name), model.replicas[site_name]
             )
     router_site = config.router_site
     # One ledger per cluster (limits and budgets hold for the sum over router replicas), on the

@@ -38,7 +38,8 @@ def fleet(onprem=ONPREM, cloud=CLOUD, api=API, throughput=THROUGHPUT, **model_ex
         "sites": [
             {"name": "onprem", "resource": "site:onprem", "kind": "onprem", "cost": onprem},
             {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1, "cost": cloud},
-            {"name": "api", "resource": "site:api", "kind": "external", "preference": 2, "cost": api},
+            {"name": "api", "kind": "external", "preference": 2, "cost": api,
+             "external": {"base_url": "https://api.example.com/v1"}},
         ],
         "models": [{"id": "llama-8b", "source": "org/llama-8b", "replicas": {"onprem": 1, "cloud": 0, "api": 0},
                     "throughput": throughput, **model_extra}],

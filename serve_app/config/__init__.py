@@ -82,6 +82,14 @@ class SpillwayConfig(Strict):
                 if not scaling.min_replicas <= model.replicas[site_name] <= scaling.max_replicas:
                     raise ValueError(f"model {model.id!r}: replicas[{site_name!r}] ({model.replicas[site_name]}) "
                                      f"must lie between min_replicas and max_replicas of its autoscaling")
+            kinds = {self.site(name).kind for name, count in model.replicas.items() if model.deploys_on(name)}
+            if kinds - {SiteKind.external} and model.source is None:
+                raise ValueError(f"model {model.id!r} runs engines of its own: it needs a `source`")
+            for site_name in model.replicas:
+                external = self.site(site_name).external
+                if external is not None and model.replicas[site_name] > 1:
+                    raise ValueError(f"model {model.id!r}: replicas[{site_name!r}] on an external site is 0 or 1 "
+                                     "(its slots are the site's max_concurrency)")
             if sum(model.replicas.values()) == 0 and not model.autoscaling:
                 raise ValueError(f"model {model.id!r} has no replica on any site")
         if self.autoscaled and not self.router.direct_dispatch:
@@ -89,6 +97,13 @@ class SpillwayConfig(Strict):
                              "from the engine ports they discover")
         if self.router.site is not None and self.router.site not in site_names:
             raise ValueError(f"router.site {self.router.site!r} is not a configured site")
+        if self.router_site.kind == SiteKind.external:
+            raise ValueError("the router needs a site of its own (onprem or cloud); external sites run no Ray nodes")
+        for site in self.sites:
+            if site.external is not None:
+                unknown = set(site.external.models) - set(model_ids)
+                if unknown:
+                    raise ValueError(f"site {site.name!r}: external.models names unknown model(s) {sorted(unknown)}")
         _check_policy_names(self.router)
         for alias, split in self.router.splits.items():
             if alias in model_ids:
@@ -96,6 +111,7 @@ class SpillwayConfig(Strict):
             unknown = set(split.variants) - set(model_ids)
             if unknown:
                 raise ValueError(f"split {alias!r} names unknown model(s) {sorted(unknown)}")
+        _check_semantic_routes(self)
         if self.engine_port.max_frame_bytes < self.router.max_body_bytes + FRAME_OVERHEAD_BYTES:
             raise ValueError(f"engine_port.max_frame_bytes must be at least router.max_body_bytes + "
                              f"{FRAME_OVERHEAD_BYTES} (a request frame carries the body)")
@@ -115,6 +131,8 @@ class SpillwayConfig(Strict):
             for node in self.local_cluster.nodes:
                 if node.site not in site_names:
                     raise ValueError(f"local_cluster node names unknown site {node.site!r}")
+                if self.site(node.site).kind == SiteKind.external:
+                    raise ValueError(f"local_cluster node on external site {node.site!r}: external sites run no nodes")
         return self
 
     def control_plane_dump(self) -> dict:
@@ -173,6 +191,26 @@ def _check_policy_names(router: "RouterConfig") -> None:
     unknown = set(router.policy_params) - known
     if unknown:
         raise ValueError(f"router.policy_params names policies that are not configured: {sorted(unknown)}")
+
+
+def _check_semantic_routes(config: "SpillwayConfig") -> None:
+    models = {m.id: m for m in config.models}
+    for alias, route in config.router.semantic_routes.items():
+        if alias in models or alias in config.router.splits:
+            raise ValueError(f"semantic route alias {alias!r} is also a model id or a split alias")
+        embedder = models.get(route.embedding_model)
+        if embedder is None or embedder.engine.runner != "pooling":
+            raise ValueError(f"semantic route {alias!r}: embedding_model {route.embedding_model!r} is not a configured "
+                             "embedding model (engine.runner: pooling)")
+        for name, target in route.targets.items():
+            for field, model_id in (("model", target.model), ("confidential_fallback", target.confidential_fallback)):
+                if model_id is None:
+                    continue
+                model = models.get(model_id)
+                if model is None:
+                    raise ValueError(f"semantic route {alias!r}: target {name!r} names unknown {field} {model_id!r}")
+                if model.engine.runner != "generate":
+                    raise ValueError(f"semantic route {alias!r}: target {name!r}: {model_id!r} is an embedding model")
 
 
 def load_config(source: str | Path | dict) -> SpillwayConfig:

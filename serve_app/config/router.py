@@ -8,6 +8,7 @@ from pydantic import Field
 
 from serve_app.config.base import DataClassName, Strict
 from serve_app.config.models import SplitConfig
+from serve_app.config.semantic import SemanticRouteConfig
 from serve_app.policy.detectors import DEFAULT_DETECTORS as DEFAULT_PII_DETECTORS
 from serve_app.policy.filters import DEFAULT_FILTERS
 from serve_app.policy.scorers import DEFAULT_SCORERS
@@ -26,6 +27,8 @@ class RouterConfig(Strict):
     max_json_depth: int = Field(default=64, ge=2, le=512, description="Deepest nesting of a request body (400 past it).")
     max_n: int = Field(default=16, ge=1, description="Largest `n` (sequences per prompt) accepted (400 past it).")
     max_prompts: int = Field(default=64, ge=1, description="Prompts in one completions request (400 past it).")
+    max_embedding_inputs: int = Field(
+        default=256, ge=1, description="Inputs in one embeddings request (400 past it).")
     max_messages: int = Field(default=4096, ge=1, description="Messages in one chat request (400 past it).")
     inline_scan_max_bytes: int = Field(
         default=16_384, ge=0,
@@ -70,6 +73,10 @@ class RouterConfig(Strict):
     splits: dict[str, SplitConfig] = Field(
         default_factory=dict, description="Model aliases split across model variants by weight (A/B, canary)."
     )
+    semantic_routes: dict[str, SemanticRouteConfig] = Field(
+        default_factory=dict,
+        description="Model aliases routed by meaning (e.g. {auto: {...}}): each request goes to the target whose "
+        "description and examples its prompt is most like. See serve_app/config/semantic.py.")
     load_poll_interval_ms: float = Field(
         default=250,
         gt=0,

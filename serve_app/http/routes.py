@@ -12,7 +12,7 @@ from serve_app.http import errors
 from serve_app.http.admin import install_admin
 from serve_app.http.owner import RequestOwner, owned
 from serve_app.pipeline.gateway import Gateway
-from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS
+from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
 
 
 def build_api(gateway: Gateway):
@@ -28,6 +28,10 @@ def build_api(gateway: Gateway):
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gateway.handle(request, ENDPOINT_COMPLETIONS, owned(request))
+
+    @api.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await gateway.handle(request, ENDPOINT_EMBEDDINGS, owned(request))
 
     @api.get("/v1/models")
     async def list_models() -> Response:

@@ -66,11 +66,27 @@ class RouterMetrics:
             "elsewhere had room for them.",
             tag_keys=("model",),
         )
+        self._routes = metrics.Counter(
+            "spillway_semantic_route_total",
+            description="Requests to a semantic alias, by the target chosen and why (match, below_threshold, "
+            "no_text, embedding_unavailable).",
+            tag_keys=("alias", "target", "reason"),
+        )
+        self._route_latency = metrics.Histogram(
+            "spillway_semantic_route_ms",
+            description="Time the semantic routing step added to a request (its prompt's embedding included).",
+            boundaries=QUEUE_WAIT_BOUNDARIES_MS,
+            tag_keys=("alias",),
+        )
         self._kv_cache = metrics.Gauge(
             "spillway_engine_kv_cache_usage",
             description="KV-cache use (0-1) of an engine group's replica, as last polled by the router.",
             tag_keys=("model", "site"),
         )
+
+    def semantic_route(self, alias: str, target: str, reason: str, latency_ms: float) -> None:
+        self._routes.inc(tags={"alias": alias, "target": target, "reason": reason})
+        self._route_latency.observe(latency_ms, tags={"alias": alias})
 
     def admitted(self, model: str, site: str, queue_ms: float, spill_reason: str) -> None:
         self._queue_wait.observe(queue_ms, tags={"model": model})

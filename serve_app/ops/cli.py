@@ -50,13 +50,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _prepare_builtin_models(config) -> None:
-    from deployments.model_prep import prepare_model
-    from deployments.sources import BUILTIN_PREFIX
+    from deployments.sources import BUILTIN_PREFIX, resolve_model_source
 
     for model in config.models:
-        if model.source.startswith(BUILTIN_PREFIX):
+        if model.source is not None and model.source.startswith(BUILTIN_PREFIX):
             name = model.source[len(BUILTIN_PREFIX):]
-            _log(f"model '{model.id}': builtin '{name}' at {prepare_model(name, config.model_cache_dir)}")
+            _log(f"model '{model.id}': builtin '{name}' at {resolve_model_source(model.source, config.model_cache_dir)}")
 
 
 def cmd_up(args: argparse.Namespace) -> int:

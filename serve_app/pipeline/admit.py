@@ -31,7 +31,7 @@ class AdmitStage:
 
     def request_view(self, ctx: RequestContext) -> RequestView:
         return RequestView(ctx.request_id, ctx.model, ctx.classification.data_class, affinity_key=affinity_key(ctx),
-                           sequences=ctx.shape.sequences)
+                           sequences=ctx.sequences)
 
     async def acquire(self, ctx: RequestContext, retry: bool, arrived_at: float | None = None) -> Lease:
         """A lease for the request; ``retry`` after a failed attempt jumps the queue and may go to

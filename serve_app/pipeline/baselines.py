@@ -42,7 +42,9 @@ class Pow2BaselineStage:
     async def run(self, ctx: RequestContext) -> None:
         if ctx.headers.routing_mode != ROUTING_POW2:
             return
-        groups = list(self._targets[ctx.model].values())
+        groups = [t for t in self._targets[ctx.model].values() if t.external is None]
+        if not groups:
+            return  # (a model only an external site serves: normal admission)
         target = min(random.sample(groups, min(2, len(groups))), key=lambda t: self.in_flight[t.group.group_id])
         group_id = target.group.group_id
         self.in_flight[group_id] += 1

@@ -71,6 +71,8 @@ class RequestContext:
     requested_model: str = ""
     model: str = ""
     split: TrafficSplit | None = None
+    sequences: int = 1  # engine sequences it occupies (the resolve stage sets it)
+    route: Any = None  # RouteChoice of a semantic alias (the semantic route stage)
     classification: Classification | None = None
     lease: Lease | None = None
     reply: EngineReply | None = None

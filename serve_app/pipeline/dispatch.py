@@ -56,7 +56,7 @@ class DispatchStage:
             target = self._fleet.targets[ctx.model][lease.group.group_id]
             trace_headers = ctx.trace.start_generation(site=lease.group.site, engine_group=lease.group.group_id,
                                                        attempt=ctx.attempts)
-            request = EngineRequest(ctx.endpoint, body, ctx.request_id, ctx.stream, trace_headers, ctx.shape.sequences)
+            request = EngineRequest(ctx.endpoint, body, ctx.request_id, ctx.stream, trace_headers, ctx.sequences)
             try:
                 ctx.reply = await self._fleet.send(target, request, self._timeout_s)  # the context owns it now
                 if ctx.reply.stream is not None:

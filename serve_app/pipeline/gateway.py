@@ -46,12 +46,14 @@ from serve_app.pipeline.context import (
     RequestHeaders,
 )
 from serve_app.pipeline.dispatch import DispatchStage
+from serve_app.pipeline.embedder import PipelineEmbedder
 from serve_app.pipeline.govern import GovernStage
 from serve_app.pipeline.outcome import OutcomeSink
 from serve_app.pipeline.parse import ParseStage
 from serve_app.pipeline.redact import RedactStage, StreamRestorer, restore_body
 from serve_app.pipeline.relay import relay
 from serve_app.pipeline.resolve import ResolveStage
+from serve_app.pipeline.route import SemanticStage
 from serve_app.pipeline.scan import ScanSpec
 from serve_app.pipeline.scanner import Scanner
 from serve_app.pipeline.schema import ShapeLimits
@@ -67,6 +69,7 @@ HEADER_SPILL_REASON = "x-spillway-spill-reason"
 HEADER_QUEUE_MS = "x-spillway-queue-ms"
 HEADER_VARIANT = "x-spillway-variant"
 HEADER_REDACTED = "x-spillway-redacted"  # PII values replaced before the engine, restored in the answer
+HEADER_ROUTE = "x-spillway-route"  # semantic routing: "<target>; score=<cosine>; reason=<why>"
 HEADER_ROUTER = "x-spillway-router"  # the router replica that served it (logs, and tests across replicas)
 SSE_MEDIA_TYPE = "text/event-stream"
 PROMPT_PREVIEW_CHARS = 8_192
@@ -94,11 +97,12 @@ class Gateway:
         self.tracing = tracing or Tracing(config.tracing)
         self.fleet = Fleet(config, self.targets, self.schedulers, metrics, directory=directory, clock=clock)
         self.scanner = Scanner(ScanSpec(
-            ShapeLimits(router.max_n, router.max_prompts, router.max_messages), router.max_json_depth,
+            ShapeLimits(router.max_n, router.max_prompts, router.max_messages, router.max_embedding_inputs), router.max_json_depth,
             tuple(router.pii_detectors),
             tuple((name, tuple(sorted(params.items()))) for name, params in sorted(router.policy_params.items())
                   if name in router.pii_detectors),
             PROMPT_PREVIEW_CHARS if config.tracing.record_content else 0,
+            max((route.max_prompt_chars for route in router.semantic_routes.values()), default=0),
         ), router.inline_scan_max_bytes, router.scan_workers)
         self.splits = {alias: TrafficSplit(alias, [Variant(model, weight) for model, weight in split.variants.items()])
                        for alias, split in router.splits.items()}
@@ -113,24 +117,32 @@ class Gateway:
         governed = self.ledger is not None
         onprem_models = frozenset(m.id for m in config.models if any(n > 0 for s, n in m.replicas.items()
                                                                      if s in onprem_sites))
+        dispatch = DispatchStage(self.fleet, admit, self.schedulers, router.max_dispatch_attempts,
+                                 router.first_response_timeout_s)
+        models = {m.id: m for m in config.models}
+        self.semantic = SemanticStage(config, PipelineEmbedder(admit, dispatch, models), metrics) \
+            if router.semantic_routes else None
         self.stages: list[Any] = [
             ParseStage(self.scanner, router.max_body_bytes),
             *([AuthStage(self.ledger)] if governed else []),
-            ResolveStage({m.id: m for m in config.models}, self.splits),
-            *([AccessStage(onprem_models)] if governed else []),
+            # (classified before the model is resolved: semantic routing embeds the prompt, and
+            # where that may happen depends on the prompt's class)
             ClassifyStage(DataClass[router.default_data_class], DataClass[router.opaque_data_class]),
+            *([self.semantic] if self.semantic is not None else []),
+            ResolveStage(models, self.splits),
+            *([AccessStage(onprem_models)] if governed else []),
             *([RedactStage(self.scanner.spec)] if governed else []),
             *([GovernStage(config, self.ledger, CostModel(config)), AuditStage()] if governed else []),
             *([self.cache] if self.cache is not None else []),
         ]
         if router.benchmark_modes:
             self.stages.append(Pow2BaselineStage(self.targets))
-        self.stages += [admit, DispatchStage(self.fleet, admit, self.schedulers, router.max_dispatch_attempts,
-                                             router.first_response_timeout_s)]
+        self.stages += [admit, dispatch]
         self.router_site = config.router_site.name
         self.replica_tag = uuid.uuid4().hex[:8]
         self.created = int(time.time())
         self._warm: asyncio.Task | None = None
+        self._warm_routes: asyncio.Task | None = None
         # The operator's handle (ops/operator.py): scale demand and split counters go to it; split
         # weights it publishes (rollouts) come back through Ray's KV store.
         self.operator = operator
@@ -150,10 +162,12 @@ class Gateway:
             self.ledger.start()
         if self._warm is None:
             self._warm = asyncio.get_running_loop().create_task(self.scanner.warm())
+        if self.semantic is not None and self._warm_routes is None:
+            self._warm_routes = asyncio.get_running_loop().create_task(self.semantic.warm())
 
     async def close(self) -> None:
         """Stop pollers, close pooled engine connections, the scan helpers and the span exporter."""
-        for task in (self._warm, *self._operator_tasks):
+        for task in (self._warm, self._warm_routes, *self._operator_tasks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -207,6 +221,8 @@ class Gateway:
         }
         if ctx.split is not None:
             headers[HEADER_VARIANT] = ctx.model
+        if ctx.route is not None:
+            headers[HEADER_ROUTE] = route_header(ctx.route)
         if headers[HEADER_SPILL_REASON] is None:  # not placed: a cache hit
             del headers[HEADER_SPILL_REASON]
         headers.update(ctx.response_headers)
@@ -313,3 +329,12 @@ class Gateway:
             alias: {model: {"requests": st.requests, "errors": st.errors, "mean_ttft_ms": st.mean_ttft_ms,
                             "output_tokens": st.output_tokens} for model, st in split.stats.items()}
             for alias, split in self.splits.items()}}
+
+
+def route_header(choice) -> str:
+    parts = [choice.target, f"reason={choice.reason}"]
+    if choice.score is not None:
+        parts.insert(1, f"score={choice.score:.4f}")
+    if choice.fallback_from is not None:
+        parts.append(f"fallback_from={choice.fallback_from}")
+    return "; ".join(parts)

@@ -21,6 +21,7 @@ from serve_app.governance.client import LedgerClient, LedgerUnavailable
 from serve_app.governance.cost import CostModel
 from serve_app.governance.ledger import AdmitRequest, Denial
 from serve_app.pipeline.context import RequestContext
+from serve_app.pipeline.schema import ENDPOINT_EMBEDDINGS
 
 
 class GovernStage:
@@ -41,7 +42,8 @@ class GovernStage:
         ctx.prompt_tokens_estimate = prompt
         if principal.key_id is None:
             return
-        completion = (shape.max_tokens or max(1, self._context[ctx.model] - prompt)) * shape.sequences
+        completion = 0 if ctx.endpoint == ENDPOINT_EMBEDDINGS else \
+            (shape.max_tokens or max(1, self._context[ctx.model] - prompt)) * ctx.sequences
         on_any = [self._cost(ctx.model, site, prompt, completion) for site, onprem in self._sites[ctx.model]
                   if onprem or not ctx.onprem_only]
         on_prem = [self._cost(ctx.model, site, prompt, completion) for site, onprem in self._sites[ctx.model] if onprem]

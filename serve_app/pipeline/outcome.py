@@ -117,6 +117,9 @@ def audit_record(ctx: RequestContext, site: str, cost: float | None, router: str
         "cache": "hit" if ctx.cache_hit else ("miss" if ctx.cache_key else None),
         "redacted": len(ctx.redaction.values) if ctx.redaction is not None else 0,
     }
+    if ctx.route is not None:  # semantic routing: the target chosen, its score and why
+        record["route"] = {"target": ctx.route.target, "score": ctx.route.score, "reason": ctx.route.reason,
+                           "fallback_from": ctx.route.fallback_from}
     if ctx.audit_text:
         completion = bytes(ctx.captured) if ctx.stream else (reply.body if reply is not None else None)
         record["text"] = {"request": ctx.scan.rest.decode("utf-8", "replace") if ctx.scan is not None else None,

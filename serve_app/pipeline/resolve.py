@@ -5,6 +5,7 @@ from __future__ import annotations
 from serve_app.config import ModelConfig
 from serve_app.errors import InvalidRequest, ModelNotFound
 from serve_app.pipeline.context import RequestContext
+from serve_app.pipeline.schema import ENDPOINT_EMBEDDINGS
 from serve_app.policy.splits import TrafficSplit
 
 
@@ -27,16 +28,26 @@ class ResolveStage:
     async def run(self, ctx: RequestContext) -> None:
         ctx.requested_model = model_id = ctx.shape.model
         split = self._splits.get(model_id)
-        if split is not None:
+        if ctx.route is not None:  # a semantic alias: the semantic route stage picked the model
+            model_id = ctx.route.model
+        elif split is not None:
             ctx.split = split
             model_id = split.choose(affinity_key(ctx))
             ctx.trace.set(requested_model=split.alias, variant=model_id)
         model = self._models.get(model_id)
         if model is None:
             raise ModelNotFound(f"The model '{model_id[:256]}' does not exist", param="model")
-        if ctx.shape.sequences > model.engine.max_num_seqs:
+        pooling = model.engine.runner == "pooling"
+        if pooling != (ctx.endpoint == ENDPOINT_EMBEDDINGS):
+            what = "an embedding model: use /v1/embeddings" if pooling else "not an embedding model"
+            raise InvalidRequest(f"model '{model_id}' is {what}", param="model")
+        if pooling:
+            ctx.sequences = min(ctx.shape.prompts, model.engine.max_num_seqs)
+        elif ctx.shape.sequences > model.engine.max_num_seqs:
             raise InvalidRequest(
                 f"the request needs {ctx.shape.sequences} sequences (n x prompts); model '{model_id}' runs at most "
                 f"{model.engine.max_num_seqs} per engine", param="n")
+        else:
+            ctx.sequences = ctx.shape.sequences
         ctx.model = model_id
         ctx.trace.set(model=model_id, stream=ctx.stream)

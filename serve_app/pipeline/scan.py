@@ -27,7 +27,15 @@ from typing import Any
 
 import msgspec
 
-from serve_app.pipeline.schema import RequestShape, ShapeError, ShapeLimits, check_shape
+from serve_app.pipeline.schema import (
+    ENDPOINT_CHAT,
+    ENDPOINT_COMPLETIONS,
+    TEXT_PART_TYPES,
+    RequestShape,
+    ShapeError,
+    ShapeLimits,
+    check_shape,
+)
 from serve_app.policy.classify import DataClass, Finding, normalize
 from serve_app.policy.detectors import DEFAULT_DETECTORS, DetectorSet
 
@@ -46,6 +54,7 @@ class ScanSpec:
     detectors: tuple[str, ...] = DEFAULT_DETECTORS
     detector_params: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     preview_chars: int = 0  # >0: keep the start of the prompt text (only for tracing.record_content)
+    route_chars: int = 0  # >0: keep the end of the last user message (semantic routing embeds it)
 
 
 @dataclass
@@ -59,6 +68,7 @@ class ScanResult:
     scan_error: str | None = None
     text_chars: int = 0
     preview: str | None = None
+    route_text: str | None = None
 
 
 class _Malformed(ValueError):
@@ -106,7 +116,26 @@ def scan_request(raw: bytes, endpoint: str, spec: ScanSpec) -> ScanResult:
         result.scan_error = type(exc).__name__
     if spec.preview_chars:
         result.preview = "\n".join(values)[:spec.preview_chars]
+    if spec.route_chars:
+        result.route_text = route_text(endpoint, body, spec.route_chars)
     return result
+
+
+def route_text(endpoint: str, body: dict, max_chars: int) -> str | None:
+    """What semantic routing embeds: the last user message's text (chat), or the first text prompt
+    (completions), its last ``max_chars`` characters. Call on a body that passed ``check_shape``."""
+    text = None
+    if endpoint == ENDPOINT_CHAT:
+        for message in reversed(body["messages"]):
+            if message.get("role") == "user":
+                content = message.get("content")
+                text = content if isinstance(content, str) else "\n".join(
+                    part["text"] for part in content or () if part.get("type") in TEXT_PART_TYPES)
+                break
+    elif endpoint == ENDPOINT_COMPLETIONS:
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else (prompt[0] if prompt and isinstance(prompt[0], str) else None)
+    return text[-max_chars:] if text else None
 
 
 def _strings(body: dict, max_depth: int) -> tuple[list[str], list[str]]:
@@ -161,6 +190,7 @@ def result_to_wire(result: ScanResult) -> dict:
                                              shape.deterministic],
         "rest": result.rest, "findings": [[f.detector, int(f.data_class)] for f in result.findings],
         "scan_error": result.scan_error, "text_chars": result.text_chars, "preview": result.preview,
+        "route_text": result.route_text,
     }
 
 
@@ -174,21 +204,23 @@ def result_from_wire(data: dict) -> ScanResult:
         rest=bytes(data["rest"]),
         findings=tuple(Finding(str(name), DataClass(level)) for name, level in data["findings"]),
         scan_error=data["scan_error"], text_chars=int(data["text_chars"]), preview=data["preview"],
+        route_text=data["route_text"],
     )
 
 
 def spec_to_wire(spec: ScanSpec) -> dict:
     limits = spec.limits
-    return {"limits": [limits.max_n, limits.max_prompts, limits.max_messages], "max_json_depth": spec.max_json_depth,
+    return {"limits": [limits.max_n, limits.max_prompts, limits.max_messages, limits.max_embedding_inputs],
+            "max_json_depth": spec.max_json_depth,
             "detectors": list(spec.detectors),
             "detector_params": [[name, [[k, v] for k, v in values]] for name, values in spec.detector_params],
-            "preview_chars": spec.preview_chars}
+            "preview_chars": spec.preview_chars, "route_chars": spec.route_chars}
 
 
 def spec_from_wire(data: dict) -> ScanSpec:
     return ScanSpec(ShapeLimits(*data["limits"]), data["max_json_depth"], tuple(data["detectors"]),
                     tuple((name, tuple((k, _frozen(v)) for k, v in values)) for name, values in data["detector_params"]),
-                    data["preview_chars"])
+                    data["preview_chars"], data["route_chars"])
 
 
 def _frozen(value: Any) -> Any:

@@ -6,7 +6,9 @@ parameter, never a 500 (``{"messages": 5}`` or ``"tool_calls": true`` used to be
 names the parameter path (``messages[3].tool_calls[0].function.arguments``).
 
 ``sequences`` is what the request occupies in an engine: vLLM schedules ``n`` sequences per
-prompt, and a completions request may carry a batch of prompts.
+prompt, and a completions request may carry a batch of prompts. An embeddings request is one
+pooling step per input, which vLLM batches: it counts one sequence per input, at most
+``max_num_seqs`` (vLLM runs the rest of a large batch as the first ones finish).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 ENDPOINT_CHAT = "chat"
 ENDPOINT_COMPLETIONS = "completions"
+ENDPOINT_EMBEDDINGS = "embeddings"
+EMBEDDING_FORMATS = ("float", "base64")
 TEXT_PART_TYPES = frozenset({"text", "input_text"})
 MAX_MODEL_NAME_CHARS = 256
 MAX_USER_CHARS = 512
@@ -52,6 +56,7 @@ class ShapeLimits:
     max_n: int = 16
     max_prompts: int = 64
     max_messages: int = 4096
+    max_embedding_inputs: int = 256
 
 
 def _is_int(value: Any) -> bool:
@@ -93,6 +98,11 @@ def check_shape(endpoint: str, body: dict, limits: ShapeLimits = ShapeLimits()) 
         _check_tools(body.get("tools"))
     elif endpoint == ENDPOINT_COMPLETIONS:
         prompts = _check_prompt(body.get("prompt"), limits, opaque, has_embeds=bool(opaque))
+    elif endpoint == ENDPOINT_EMBEDDINGS:
+        prompts = _check_embedding(body, limits, opaque)
+        if stream:
+            raise ShapeError("embeddings cannot be streamed", "stream")
+        max_tokens = 1  # one pooling step: what the scheduler predicts its slot time from
     else:
         raise ShapeError(f"unknown endpoint {endpoint!r}")
     temperature, seed = body.get("temperature"), body.get("seed")
@@ -182,8 +192,57 @@ def _check_prompt(prompt: Any, limits: ShapeLimits, opaque: list[str], has_embed
                      "prompt")
 
 
-def sequences_of(endpoint: str, body: dict) -> int:
-    """Sequences an already validated body occupies (the engine's own count; never raises)."""
+def _check_embedding(body: dict, limits: ShapeLimits, opaque: list[str]) -> int:
+    """``input``: a string, an array of strings, of token ids, or of token-id arrays (OpenAI's
+    forms), none of them empty; returns the number of inputs."""
+    value = body.get("input")
+    if isinstance(value, str):
+        if not value:
+            raise ShapeError("'input' must not be an empty string", "input")
+        count = 1
+    elif isinstance(value, list) and value:
+        kinds = set(map(type, value))
+        if kinds == {str}:
+            if not all(value):
+                raise ShapeError("'input' must not hold empty strings", "input")
+            count = len(value)
+        elif kinds == {int}:
+            opaque.append("token_ids")
+            count = 1
+        elif kinds == {list} and all(p and set(map(type, p)) == {int} for p in value):
+            opaque.append("token_ids")
+            count = len(value)
+        else:
+            raise ShapeError("'input' must be a string, an array of strings, of token ids, or of token-id arrays",
+                             "input")
+    elif isinstance(value, list):
+        raise ShapeError("'input' must not be an empty array", "input")
+    else:
+        raise ShapeError("'input' is required: a string, an array of strings, of token ids, or of token-id arrays",
+                         "input")
+    if count > limits.max_embedding_inputs:
+        raise ShapeError(f"'input' holds {count} inputs; at most {limits.max_embedding_inputs} per request", "input")
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in EMBEDDING_FORMATS:
+        raise ShapeError(f"'encoding_format' must be one of {', '.join(EMBEDDING_FORMATS)}", "encoding_format")
+    dimensions = _optional(body, "dimensions", int, "an integer")
+    if dimensions is not None and dimensions < 1:
+        raise ShapeError("'dimensions' must be at least 1", "dimensions")
+    return count
+
+
+def embedding_inputs(body: dict) -> int:
+    """Inputs of an already validated embeddings body (never raises)."""
+    value = body.get("input")
+    return len(value) if isinstance(value, list) and value and not isinstance(value[0], int) else 1
+
+
+def sequences_of(endpoint: str, body: dict, max_num_seqs: int | None = None) -> int:
+    """Sequences an already validated body occupies (the engine's own count; never raises).
+    Embeddings: one per input, at most ``max_num_seqs``."""
+    if endpoint == ENDPOINT_EMBEDDINGS:
+        inputs = embedding_inputs(body)
+        return min(inputs, max_num_seqs) if max_num_seqs else inputs
     n = body.get("n")
     n = n if _is_int(n) and n > 0 else 1
     prompt = body.get("prompt") if endpoint == ENDPOINT_COMPLETIONS else None

@@ -49,7 +49,8 @@ class Fleet:
             self.directory = GateDirectory(idle_timeout_s=config.engine_port.idle_timeout_s, clock=clock)
         if self.directory is not None:
             for target in self._all_targets():
-                self.directory.watch(target.app, target.deployment)
+                if target.external is None:
+                    self.directory.watch(target.app, target.deployment)
         self.serve_call = ServeCallTransport(lambda: self.directory.secret if self.directory else None)
         self._group_down_until: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
@@ -82,6 +83,8 @@ class Fleet:
         self._tasks, self._background, self._watches = [], set(), {}
         if self.directory is not None:
             self.directory.close()
+        for transport in {id(t.external): t.external for t in self._all_targets() if t.external}.values():
+            await transport.close()
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -113,6 +116,8 @@ class Fleet:
         group, now = target.group, self._clock()
         if self._group_down_until.get(group.group_id, 0.0) > now:
             return 0
+        if target.external is not None:
+            return group.replicas * group.max_num_seqs
         gates = self.directory.gates(target.app, target.deployment) if self.directory is not None else []
         down = sum(1 for g in gates if not g.available(now))
         return max(0, max(len(gates), group.replicas) - down) * group.max_num_seqs
@@ -127,6 +132,8 @@ class Fleet:
     async def send(self, target: EngineTarget, request: EngineRequest, timeout_s: float) -> EngineReply:
         """Raises ``TransportError`` (naming the replica when known) when the request failed before
         anything reached the client, ``EngineFull`` when every replica tried is full."""
+        if target.external is not None:
+            return await target.external.send(request, target.group.model)
         refused: set[str] = set()
         full = False
         while self.directory is not None:
@@ -188,6 +195,8 @@ class Fleet:
         unwatched = []
         for model_id, by_group in self.targets.items():
             for target in by_group.values():
+                if target.external is not None:
+                    continue  # (the router counts an external site's requests itself: its own leases)
                 group_id = target.group.group_id
                 gates = (self.directory.gates(target.app, target.deployment)
                          if self.directory is not None and self.directory.secret is not None else [])
@@ -258,6 +267,11 @@ class Fleet:
     async def engine_report(self, timeout_s: float) -> dict[str, dict[str, Any]]:
         """Each engine group's health and live load, for /health (one replica per group answers)."""
         async def probe(target: EngineTarget) -> dict[str, Any]:
+            if target.external is not None:
+                # (no call to a paid API per health check: healthy unless held out after failures)
+                down = self._group_down_until.get(target.group.group_id, 0.0) > self._clock()
+                return {"healthy": not down, "kind": "external", "failures": target.external.failures,
+                        "max_concurrency": target.external.endpoint.max_concurrency}
             if target.group.autoscaled:
                 return await probe_autoscaled(target)
             try:

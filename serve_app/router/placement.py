@@ -21,15 +21,16 @@ class EngineTarget:
     """One engine deployment a request may be sent to."""
 
     group: EngineGroup
-    handle: Any  # ray.serve.handle.DeploymentHandle (Any keeps this module free of Ray)
+    handle: Any  # ray.serve.handle.DeploymentHandle (Any keeps this module free of Ray); None: external
+    external: Any = None  # ExternalTransport of an external site (transport/external.py)
 
     @property
     def app(self) -> str:
-        return self.handle.app_name
+        return self.handle.app_name if self.handle is not None else ""
 
     @property
     def deployment(self) -> str:
-        return self.handle.deployment_name
+        return self.handle.deployment_name if self.handle is not None else self.external.replica
 
 
 def site_order_key(site: SiteConfig) -> tuple:
@@ -38,10 +39,22 @@ def site_order_key(site: SiteConfig) -> tuple:
 
 
 def build_targets(config: SpillwayConfig, handles: dict[str, dict[str, Any]]) -> dict[str, dict[str, EngineTarget]]:
-    """``{model: {group_id: target}}``; a group's rank is its site's place in the model's site order."""
+    """``{model: {group_id: target}}``; a group's rank is its site's place in the model's site order.
+    ``handles`` holds the engine deployments; external sites come from the config (one transport
+    per site, shared by its models). An external group has one "replica" of ``max_concurrency``
+    slots, shared out between the router replicas."""
+    from serve_app.transport.external import ExternalTransport
+
     targets: dict[str, dict[str, EngineTarget]] = {}
     costs = CostModel(config)
-    for model_id, by_site in handles.items():
+    transports = {s.name: ExternalTransport(s) for s in config.sites if s.kind == SiteKind.external}
+    routers = config.router.replicas
+    by_model = {model_id: dict(by_site) for model_id, by_site in handles.items()}
+    for model in config.models:
+        for site_name, count in model.replicas.items():
+            if site_name in transports and count > 0:
+                by_model.setdefault(model.id, {})[site_name] = None
+    for model_id, by_site in by_model.items():
         model = config.model(model_id)
         sites = sorted((config.site(name) for name in by_site), key=site_order_key)
         targets[model_id] = {}
@@ -53,12 +66,14 @@ def build_targets(config: SpillwayConfig, handles: dict[str, dict[str, Any]]) ->
                 site_rank=rank,
                 trusted_up_to=DataClass[site.trust],
                 # An autoscaled group's replicas are whatever discovery finds (none at first).
-                replicas=0 if site.name in model.autoscaling else model.replicas[site.name],
-                max_num_seqs=model.engine.max_num_seqs,
+                replicas=0 if site.name in model.autoscaling else (
+                    1 if site.name in transports else model.replicas[site.name]),
+                max_num_seqs=max(1, site.external.max_concurrency // routers) if site.name in transports
+                else model.engine.max_num_seqs,
                 cost_per_1k_tokens=costs.per_1k_output(model_id, site.name),
                 autoscaled=site.name in model.autoscaling,
             )
-            targets[model_id][group.group_id] = EngineTarget(group, by_site[site.name])
+            targets[model_id][group.group_id] = EngineTarget(group, by_site[site.name], transports.get(site.name))
     return targets
 
 
