@@ -41,7 +41,8 @@ def test_app_has_one_engine_per_model_site_and_router_on_onprem(raw):
     assert router.name == "router"
     assert router.ray_actor_options["resources"] == {"site:onprem": SITE_RESOURCE_PER_BUNDLE}
     engines = router.init_args[1]
-    assert {m: sorted(s) for m, s in engines.items()} == {"spillway-dense": ["cloud", "onprem"], "spillway-moe": ["onprem"]}
+    assert {m: sorted(s) for m, s in engines.items()} == {"spillway-dense": ["cloud", "onprem"], "spillway-moe": ["onprem"],
+                                                          "all-minilm-l6-v2": ["onprem"]}
     cloud = engines["spillway-dense"]["cloud"]._bound_deployment
     assert cloud.name == "engine-spillway-dense-cloud"
     assert cloud.ray_actor_options["resources"] == {"site:cloud": SITE_RESOURCE_PER_BUNDLE}
@@ -81,7 +82,7 @@ def test_serve_deploy_yaml_is_valid_and_builds_the_same_app():
     assert app_cfg.import_path == "serve_app.app:app_builder"
     app = app_builder(app_cfg.args)
     engines = app._bound_deployment.init_args[1]
-    assert sorted(engines) == ["spillway-dense", "spillway-moe"]
+    assert sorted(engines) == ["all-minilm-l6-v2", "spillway-dense", "spillway-moe"]
 
 
 def test_local_cluster_pins_ray_auth_mode_unless_the_user_set_it(monkeypatch):

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from serve_app.errors import EngineUnavailable, RateLimited
+from serve_app.errors import EngineUnavailable, ModelNotAllowed, RateLimited
 from serve_app.policy.admission import AdmissionParams, AdmissionQueue, QueuedRequest
 from serve_app.policy.classify import DataClass
 from serve_app.policy.placement import Decision, GroupView, PlacementPipeline, RequestView
@@ -89,6 +89,13 @@ class NoHealthyEngine(EngineUnavailable):
     code = "engine_unavailable"
 
 
+class NoAllowedSite(ModelNotAllowed):
+    """No site of the model may take the request (its data class, its key's residency): 403 at
+    once, never a wait in a queue that no engine can serve."""
+
+    code = "residency_violation"
+
+
 class QueueTimeout(EngineUnavailable):
     code = "queue_timeout"
 
@@ -136,6 +143,11 @@ class ModelScheduler:
         again (its engine was full) keeps its place and its budget."""
         eligible = [g.group_id for g in self.groups.values()
                     if request.data_class <= g.trusted_up_to and g.group_id not in exclude]
+        if not eligible:
+            raise NoAllowedSite(
+                f"the model '{self.model}' runs on no site allowed to process this request (data class "
+                f"{request.data_class.name}{', on-prem only' if exclude else ''}); it was not sent anywhere",
+                param="model")
         if (eligible and not any(self.capacity[g] > 0 for g in eligible)
                 and not any(self.groups[g].autoscaled for g in eligible)):
             raise NoHealthyEngine(
