@@ -29,6 +29,8 @@ E2E_ADMIN_KEY = "e2e-admin-" + secrets.token_hex(16)
 E2E_TENANT = "e2e"
 E2E_LOAD_TENANTS = ("alpha", "beta", "gamma")
 E2E_AUDIT_PREFIX = "e2e/audit/"
+E2E_CENTRAL = "central"  # a model only the external site serves
+E2E_CENTRAL_REMOTE = "central-llm"  # its name on that site
 # Filled by the e2e_cluster fixture: the health report before any key existed, and the session's
 # API key. Once a key exists every request needs one, so every end-to-end test sends it (auth()).
 E2E_STATE: dict = {"moe_prefix": f"e2e-{uuid.uuid4().hex[:12]}/spillway-moe"}
@@ -51,7 +53,8 @@ def admin_headers() -> dict:
     return {"authorization": f"Bearer {E2E_ADMIN_KEY}"}
 
 
-def e2e_raw_config(root=None, s3: tuple[str, str] | None = None, moe_source: str | None = None) -> dict:
+def e2e_raw_config(root=None, s3: tuple[str, str] | None = None, moe_source: str | None = None,
+                   external_url: str | None = None) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["name"] = "spillway-test"
     raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT}
@@ -74,6 +77,20 @@ def e2e_raw_config(root=None, s3: tuple[str, str] | None = None, moe_source: str
         moe["source"] = moe_source
         moe["env"] = {**moe["env"], "AWS_ENDPOINT_URL": s3[0]}  # (a copy: the YAML shares one env dict)
     raw["router"]["splits"] = {E2E_SPLIT_ALIAS: {"variants": {"spillway-dense": 70, "spillway-moe": 30}}}
+    if external_url is not None:
+        # An external API site (a real vLLM server on loopback, behind a recording proxy) is the
+        # only home of the general model "central": `auto` sends general prompts there, and a
+        # confidential one to on-prem dense instead (auto); `auto-strict` has no fallback (403).
+        raw["sites"].append({"name": "api", "kind": "external", "preference": 2,
+                             "cost": {"basis": "api", "input_per_million": 2.5, "output_per_million": 10.0},
+                             "external": {"base_url": external_url, "models": {E2E_CENTRAL: E2E_CENTRAL_REMOTE},
+                                          "max_concurrency": 8, "retries": 1}})
+        raw["models"].append({"id": E2E_CENTRAL, "replicas": {"api": 1}})
+        auto = raw["router"]["semantic_routes"]["auto"]
+        auto["targets"]["general"].update(model=E2E_CENTRAL, confidential_fallback="spillway-dense")
+        strict = yaml.safe_load(yaml.safe_dump(auto))
+        strict["targets"]["general"].pop("confidential_fallback")
+        raw["router"]["semantic_routes"]["auto-strict"] = strict
     # Router spans stay in memory (read back over HTTP); vLLM sends its spans to the test's receiver.
     raw["tracing"] = {
         "exporter": "memory", "sample_ratio": 1.0,
@@ -109,7 +126,23 @@ def otlp_receiver():
 
 
 @pytest.fixture(scope="session")
-def e2e_cluster(tmp_path_factory, otlp_receiver, s3_server):
+def external_api(tmp_path_factory):
+    """The e2e cluster's external site: a real vLLM OpenAI server on loopback (the dense model,
+    named ``central-llm``) behind a proxy that records what reached it. Started with the session;
+    a test that needs it answering calls ``server.wait_ready()``."""
+    from deployments.model_prep import prepare_model
+    from tests.vllm_server import TcpProxy, VllmServer, free_port
+
+    root = tmp_path_factory.mktemp("external-api")
+    server = VllmServer(str(prepare_model("dense")), E2E_CENTRAL_REMOTE, free_port(), root / "vllm.log").start()
+    proxy = TcpProxy(server.port).start()
+    yield server, proxy
+    proxy.stop()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(tmp_path_factory, otlp_receiver, s3_server, external_api):
     """A running Spillway on a real local two-site Ray cluster. Yields (config, config_path, base_url)."""
     from serve_app.ops.deploy import deploy
     from serve_app.ops.local_cluster import LocalCluster
@@ -118,7 +151,8 @@ def e2e_cluster(tmp_path_factory, otlp_receiver, s3_server):
     config_path = root / "config.yaml"
     moe_source = upload_e2e_moe(s3_server)
     # (its AWS_* reach the ledger and the engines through `ray start`'s environment)
-    config_path.write_text(yaml.safe_dump(e2e_raw_config(root, s3=s3_server, moe_source=moe_source)))
+    config_path.write_text(yaml.safe_dump(e2e_raw_config(root, s3=s3_server, moe_source=moe_source,
+                                                         external_url=external_api[1].base_url)))
     os.environ[load_config(config_path).governance.admin_key_env] = E2E_ADMIN_KEY  # ray start passes it on
     config = load_config(config_path)
     cluster = LocalCluster(config, state_file=root / "cluster.json")

@@ -27,6 +27,7 @@ def _config(root) -> dict:
     dense["engine"]["max_num_seqs"] = 8
     raw["models"] = [dense]
     raw["router"]["replicas"] = 1
+    raw["router"].pop("semantic_routes")  # (its targets are gone with the other models)
     raw["governance"] = {"store": {"path": str(root / "ledger.sqlite3")}}  # its own ledger: open, no keys
     raw["http"] = {"host": "127.0.0.1", "port": HTTP_PORT, "ingress": "direct"}
     raw["local_cluster"] = {"ray_port": 6392, "dashboard_port": 8292, "metrics_export_port": 8770,

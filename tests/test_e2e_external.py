@@ -9,7 +9,6 @@ Spillway's router over HTTP with the official ``openai`` SDK. No Ray: an externa
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -19,18 +18,12 @@ import pytest
 from deployments.model_prep import prepare_model
 from serve_app.config import SpillwayConfig
 from tests.test_request_path import RecordingMetrics
-from tests.vllm_server import TcpProxy, VllmServer
+from tests.vllm_server import TcpProxy, VllmServer, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 REMOTE_NAME = "central-llm"
 API_KEY_ENV = "SPILLWAY_TEST_EXTERNAL_KEY"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(proxy_url: str, down_url: str, b_url: str) -> SpillwayConfig:
@@ -61,7 +54,7 @@ class RouterServer:
     """Spillway's HTTP API (the router's routes and pipeline) on a loopback port, in a thread."""
 
     def __init__(self, config: SpillwayConfig):
-        self.config, self.port = config, _free_port()
+        self.config, self.port = config, free_port()
         self.gateway = None
         self._ready = threading.Event()
 
@@ -91,14 +84,14 @@ class RouterServer:
 def external(tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("external")
     model_path = str(prepare_model("dense"))
-    server = VllmServer(model_path, REMOTE_NAME, _free_port(), root / "vllm-a.log").start()
-    server_b = VllmServer(model_path, REMOTE_NAME, _free_port(), root / "vllm-b.log").start()
+    server = VllmServer(model_path, REMOTE_NAME, free_port(), root / "vllm-a.log").start()
+    server_b = VllmServer(model_path, REMOTE_NAME, free_port(), root / "vllm-b.log").start()
     proxy = TcpProxy(server.port).start()
     monkeypatch_module.setenv(API_KEY_ENV, "sk-test-external")
     try:
         server.wait_ready()
         server_b.wait_ready()
-        router = RouterServer(_config(proxy.base_url, f"http://127.0.0.1:{_free_port()}/v1", server_b.base_url)).start()
+        router = RouterServer(_config(proxy.base_url, f"http://127.0.0.1:{free_port()}/v1", server_b.base_url)).start()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{router.port}/v1", api_key="unused", max_retries=0,
                                timeout=120)
         yield client, proxy, server_b

@@ -17,6 +17,14 @@ import httpx
 READY_TIMEOUT_S = 240
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class VllmServer:
     def __init__(self, model_path: str, name: str, port: int, log_path: Path):
         self.model_path, self.name, self.port, self.log_path = model_path, name, port, log_path

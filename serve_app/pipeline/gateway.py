@@ -69,7 +69,7 @@ HEADER_SPILL_REASON = "x-spillway-spill-reason"
 HEADER_QUEUE_MS = "x-spillway-queue-ms"
 HEADER_VARIANT = "x-spillway-variant"
 HEADER_REDACTED = "x-spillway-redacted"  # PII values replaced before the engine, restored in the answer
-HEADER_ROUTE = "x-spillway-route"  # semantic routing: "<target>; score=<cosine>; reason=<why>"
+HEADER_ROUTE = "x-spillway-route"  # semantic routing: "<target>; score=<cosine>; reason=<why>; ms=<step time>"
 HEADER_ROUTER = "x-spillway-router"  # the router replica that served it (logs, and tests across replicas)
 SSE_MEDIA_TYPE = "text/event-stream"
 PROMPT_PREVIEW_CHARS = 8_192
@@ -337,4 +337,6 @@ def route_header(choice) -> str:
         parts.insert(1, f"score={choice.score:.4f}")
     if choice.fallback_from is not None:
         parts.append(f"fallback_from={choice.fallback_from}")
+    if choice.latency_ms is not None:
+        parts.append(f"ms={choice.latency_ms:.1f}")
     return "; ".join(parts)

@@ -18,6 +18,7 @@ default target (reason ``embedding_unavailable``): routing degrades, serving doe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -82,9 +83,10 @@ class SemanticStage:
                 span.set_attributes({"spillway.route_target": choice.target, "spillway.route_model": choice.model,
                                      "spillway.route_reason": choice.reason,
                                      **({"spillway.route_score": choice.score} if choice.score is not None else {})})
-        ctx.route = choice
+        latency_ms = (time.monotonic() - started) * 1000
+        ctx.route = choice = dataclasses.replace(choice, latency_ms=round(latency_ms, 2))
         ctx.trace.set(route_target=choice.target, route_score=choice.score, route_reason=choice.reason)
-        self._metrics.semantic_route(router.alias, choice.target, choice.reason, (time.monotonic() - started) * 1000)
+        self._metrics.semantic_route(router.alias, choice.target, choice.reason, latency_ms)
 
     async def _choose(self, router: SemanticRouter, ctx: RequestContext) -> RouteChoice:
         text = ctx.scan.route_text

@@ -30,6 +30,7 @@ class RouteChoice:
     score: float | None  # the winning target's best-anchor similarity; None when nothing was compared
     reason: str
     fallback_from: str | None = None  # the model the target names, when residency sent it elsewhere
+    latency_ms: float | None = None  # what the routing step took (the prompt's embedding included)
 
 
 class SemanticRouter:
