@@ -359,3 +359,53 @@ def test_the_external_transport_gives_up_with_a_transport_error_naming_the_site(
             await transport.close()
 
     asyncio.run(nothing_listens())
+
+
+# ---- an external site as a spill target (router harness with FAKE engines) -------------------------
+
+def test_public_requests_spill_to_an_external_site_and_confidential_ones_wait_on_prem():
+    from tests.test_engine_port import FakeEngine
+    from tests.test_request_path import MODEL, Cluster, Exchange, chat, wait_for
+
+    async def main():
+        upstream = FakeUpstream([])
+        app = web.Application()
+        app.router.add_post("/v1/{tail:.*}", upstream.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        config = SpillwayConfig.model_validate({
+            "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem"},
+                      {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1},
+                      {"name": "api", "kind": "external", "preference": 2,
+                       "external": {"base_url": f"http://127.0.0.1:{port}/v1", "models": {MODEL: "remote"}}}],
+            "models": [{"id": MODEL, "source": "builtin:dense", "replicas": {"onprem": 1, "cloud": 0, "api": 1},
+                        "engine": {"max_num_seqs": 1}, "spill_after_ms": 50}],
+            "router": {"load_poll_interval_ms": 60_000, "inline_scan_max_bytes": 1 << 20},
+        })
+        slow = FakeEngine(tokens=40, delay_s=0.02)
+        try:
+            async with Cluster({"onprem-0": slow}, config) as cluster:
+                first = asyncio.ensure_future(Exchange(chat(stream=True, max_tokens=40)).run(cluster.app))
+                assert await wait_for(lambda: slow.running() == 1)
+                public = await Exchange(chat(stream=True, max_tokens=40)).run(cluster.app)
+                confidential = await Exchange(chat(max_tokens=40),
+                                              headers={"x-data-classification": "confidential"}).run(cluster.app)
+                await first
+                return public, confidential, upstream, cluster
+        finally:
+            await runner.cleanup()
+
+    public, confidential, upstream, cluster = run_async(main())
+    assert public.status == 200 and public.response_headers["x-spillway-site"] == "api"
+    assert public.response_headers["x-spillway-spill-reason"] != "none"
+    assert public.body.endswith(b"data: [DONE]\n\n")
+    assert confidential.status == 200 and confidential.response_headers["x-spillway-site"] == "onprem"
+    assert [body["model"] for _, _, body in upstream.seen] == ["remote"]  # only the public one went out
+    assert cluster.all_released_once()
+
+
+def run_async(coro):
+    return asyncio.run(coro)

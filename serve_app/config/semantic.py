@@ -30,7 +30,9 @@ class SemanticRouteConfig(Strict):
     targets: dict[str, SemanticTarget] = Field(description="Target name -> model, description, examples.")
     default: str = Field(description="Target that takes prompts no target matches with at least `threshold`.")
     threshold: float = Field(
-        default=0.25, ge=-1, le=1, description="Least cosine similarity to a target's best anchor that routes there.")
+        default=0.15, ge=-1, le=1,
+        description="Least cosine similarity to a target's best anchor that routes there (MiniLM scores short "
+        "prompts against on-topic anchors at about 0.2-0.5; benchmarks/semantic_routing.py measures it).")
     max_prompt_chars: int = Field(
         default=2_000, gt=0, description="Characters of the prompt (its end) that are embedded to route it.")
     embed_timeout_s: float = Field(
