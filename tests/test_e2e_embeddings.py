@@ -118,10 +118,14 @@ def test_a_confidential_prompt_routed_by_auto_never_reaches_the_external_site(cl
     assert not external_api[1].seen(b"3704 0044")
 
 
-def test_the_routing_choice_is_in_the_audit_record(base_url, client):
+def test_the_routing_choice_is_in_the_audit_record_and_the_trace(base_url, client):
+    from tests.test_e2e_observability import _router_spans
+
     request_id = f"route-audit-{uuid.uuid4().hex[:8]}"
+    trace_id = uuid.uuid4().hex
     client.chat.completions.create(model="auto", messages=[{"role": "user", "content": CLEAR["code"]}], max_tokens=4,
-                                   extra_headers={"x-request-id": request_id})
+                                   extra_headers={"x-request-id": request_id,
+                                                  "traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"})
 
     def ours() -> list[dict]:
         rows = httpx.get(f"{base_url}/v1/spillway/admin/audit", params={"limit": 1000}, headers=admin_headers(),
@@ -134,3 +138,8 @@ def test_the_routing_choice_is_in_the_audit_record(base_url, client):
     assert records, "the audit record never arrived"
     assert records[0]["model"] == "auto" and records[0]["variant"] == "spillway-dense"
     assert records[0]["route"]["target"] == "code" and records[0]["route"]["reason"] == "match"
+    spans = {s["name"]: s for s in _router_spans(base_url, trace_id, {"spillway.request",
+                                                                      "spillway.semantic_route"}).values()}
+    route = spans["spillway.semantic_route"]["attributes"]
+    assert route["spillway.route_target"] == "code" and route["spillway.route_score"] >= 0.15
+    assert spans["spillway.request"]["attributes"]["spillway.route_target"] == "code"
