@@ -112,6 +112,18 @@ def _chat(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+def _tokens_before_the_error(stream, kill_after: tuple[int, VllmServer] | None = None) -> int:
+    """Content chunks read before the stream's explicit error event (which the SDK raises); with
+    ``kill_after``, that server is killed once that many arrived."""
+    received = 0
+    with pytest.raises(openai.APIError, match="failed while streaming"):
+        for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+            if kill_after is not None and received == kill_after[0]:
+                kill_after[1].kill()
+    return received
+
+
 def test_chat_and_streams_pass_through_with_the_apis_model_name_and_key(external):
     client, proxy, _ = external
     raw = client.chat.completions.with_raw_response.create(model="central", messages=_chat("Hello there"), max_tokens=8)
@@ -139,11 +151,7 @@ def test_a_stream_cut_midway_ends_with_an_error_event_not_a_silent_truncation(ex
     try:
         stream = client.chat.completions.create(model="central", messages=_chat("Tell me a long story"),
                                                 max_tokens=400, stream=True, extra_body={"ignore_eos": True})
-        received = 0
-        with pytest.raises(openai.APIError, match="failed while streaming"):
-            for chunk in stream:
-                received += bool(chunk.choices and chunk.choices[0].delta.content)
-        assert received >= 1
+        assert _tokens_before_the_error(stream) >= 1
     finally:
         proxy.cut_after_bytes = None
     assert client.chat.completions.create(model="central", messages=_chat("Hi"), max_tokens=4).choices
@@ -153,13 +161,7 @@ def test_a_server_killed_during_a_stream_then_answers_503_in_openais_format(exte
     client, _, server_b = external
     stream = client.chat.completions.create(model="central-b", messages=_chat("Tell me a long story"),
                                             max_tokens=1_500, stream=True, extra_body={"ignore_eos": True})
-    received = 0
-    with pytest.raises(openai.APIError, match="failed while streaming"):
-        for chunk in stream:
-            received += bool(chunk.choices and chunk.choices[0].delta.content)
-            if received == 3:
-                server_b.kill()
-    assert received >= 3
+    assert _tokens_before_the_error(stream, kill_after=(3, server_b)) >= 3
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as refused:
         client.chat.completions.create(model="central-b", messages=_chat("Hi"), max_tokens=4)

@@ -6,6 +6,7 @@ transport against a FAKE upstream (an aiohttp server in the test: retries, pass-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import numpy as np
@@ -51,7 +52,8 @@ def test_embedding_inputs_in_openais_forms(value, inputs, opaque):
     ({"input": ""}, "input", "empty string"),
     ({"input": ["a", ""]}, "input", "empty strings"),
     ({"input": ["a", 1]}, "input", "must be a string"),
-    ({"input": [[1], []]}, "input", "must be a string"),
+    ({"input": [[1], []]}, "input", "empty strings or arrays"),
+    ({"input": [[1], "a"]}, "input", "must be a string"),
     ({}, "input", "required"),
     ({"input": ["x"] * 5}, "input", "at most 4"),
     ({"input": "x", "encoding_format": "bytes"}, "encoding_format", "float, base64"),
@@ -293,24 +295,32 @@ class FakeUpstream:
         return web.json_response({"model": body["model"], "choices": [], "usage": {"prompt_tokens": 1}})
 
 
-async def _with_upstream(statuses, check, **endpoint):
-    upstream = FakeUpstream(statuses)
+@contextlib.asynccontextmanager
+async def serving(upstream: FakeUpstream):
+    """The FAKE upstream on a loopback port; yields its base URL."""
     app = web.Application()
     app.router.add_post("/v1/{tail:.*}", upstream.handle)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    transport = ExternalTransport(SiteConfig.model_validate({
-        "name": "api", "kind": "external", "external": {
-            "base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": "FAKE_UPSTREAM_KEY", "retry_backoff_s": 0.01,
-            "models": {"central": "remote-name"}, **endpoint}}))
     try:
-        await check(transport, upstream)
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
     finally:
-        await transport.close()
         await runner.cleanup()
+
+
+async def _with_upstream(statuses, check, **endpoint):
+    upstream = FakeUpstream(statuses)
+    async with serving(upstream) as base_url:
+        transport = ExternalTransport(SiteConfig.model_validate({
+            "name": "api", "kind": "external", "external": {
+                "base_url": base_url, "api_key_env": "FAKE_UPSTREAM_KEY", "retry_backoff_s": 0.01,
+                "models": {"central": "remote-name"}, **endpoint}}))
+        try:
+            await check(transport, upstream)
+        finally:
+            await transport.close()
 
 
 def _request(stream=False) -> EngineRequest:
@@ -369,24 +379,17 @@ def test_public_requests_spill_to_an_external_site_and_confidential_ones_wait_on
 
     async def main():
         upstream = FakeUpstream([])
-        app = web.Application()
-        app.router.add_post("/v1/{tail:.*}", upstream.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        config = SpillwayConfig.model_validate({
-            "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem"},
-                      {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1},
-                      {"name": "api", "kind": "external", "preference": 2,
-                       "external": {"base_url": f"http://127.0.0.1:{port}/v1", "models": {MODEL: "remote"}}}],
-            "models": [{"id": MODEL, "source": "builtin:dense", "replicas": {"onprem": 1, "cloud": 0, "api": 1},
-                        "engine": {"max_num_seqs": 1}, "spill_after_ms": 50}],
-            "router": {"load_poll_interval_ms": 60_000, "inline_scan_max_bytes": 1 << 20},
-        })
-        slow = FakeEngine(tokens=40, delay_s=0.02)
-        try:
+        async with serving(upstream) as base_url:
+            config = SpillwayConfig.model_validate({
+                "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem"},
+                          {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1},
+                          {"name": "api", "kind": "external", "preference": 2,
+                           "external": {"base_url": base_url, "models": {MODEL: "remote"}}}],
+                "models": [{"id": MODEL, "source": "builtin:dense", "replicas": {"onprem": 1, "cloud": 0, "api": 1},
+                            "engine": {"max_num_seqs": 1}, "spill_after_ms": 50}],
+                "router": {"load_poll_interval_ms": 60_000, "inline_scan_max_bytes": 1 << 20},
+            })
+            slow = FakeEngine(tokens=40, delay_s=0.02)
             async with Cluster({"onprem-0": slow}, config) as cluster:
                 first = asyncio.ensure_future(Exchange(chat(stream=True, max_tokens=40)).run(cluster.app))
                 assert await wait_for(lambda: slow.running() == 1)
@@ -395,8 +398,6 @@ def test_public_requests_spill_to_an_external_site_and_confidential_ones_wait_on
                                               headers={"x-data-classification": "confidential"}).run(cluster.app)
                 await first
                 return public, confidential, upstream, cluster
-        finally:
-            await runner.cleanup()
 
     public, confidential, upstream, cluster = run_async(main())
     assert public.status == 200 and public.response_headers["x-spillway-site"] == "api"

@@ -173,23 +173,27 @@ def _check_prompt(prompt: Any, limits: ShapeLimits, opaque: list[str], has_embed
     if isinstance(prompt, str):
         return 1
     if isinstance(prompt, list) and prompt:
-        kinds = set(map(type, prompt))
-        if kinds == {str}:
-            count = len(prompt)
-        elif kinds == {int}:
-            opaque.append("token_ids")
-            count = 1
-        elif kinds == {list} and all(p and set(map(type, p)) == {int} for p in prompt):
-            opaque.append("token_ids")
-            count = len(prompt)
-        else:
-            raise ShapeError("'prompt' must be a string, an array of strings, of token ids, or of token-id arrays",
-                             "prompt")
+        count = _count_items(prompt, "prompt", opaque)
         if count > limits.max_prompts:
             raise ShapeError(f"'prompt' holds more than {limits.max_prompts} prompts", "prompt")
         return count
     raise ShapeError("'prompt' is required: a string, an array of strings, of token ids, or of token-id arrays",
                      "prompt")
+
+
+def _count_items(items: list, name: str, opaque: list[str]) -> int:
+    """Prompts in a non-empty array of OpenAI's forms: strings, token ids (one prompt), or arrays of
+    token ids (token ids are opaque to the PII scan)."""
+    kinds = set(map(type, items))
+    if kinds == {str}:
+        return len(items)
+    if kinds == {int}:
+        opaque.append("token_ids")
+        return 1
+    if kinds == {list} and all(p and set(map(type, p)) == {int} for p in items):
+        opaque.append("token_ids")
+        return len(items)
+    raise ShapeError(f"'{name}' must be a string, an array of strings, of token ids, or of token-id arrays", name)
 
 
 def _check_embedding(body: dict, limits: ShapeLimits, opaque: list[str]) -> int:
@@ -201,20 +205,9 @@ def _check_embedding(body: dict, limits: ShapeLimits, opaque: list[str]) -> int:
             raise ShapeError("'input' must not be an empty string", "input")
         count = 1
     elif isinstance(value, list) and value:
-        kinds = set(map(type, value))
-        if kinds == {str}:
-            if not all(value):
-                raise ShapeError("'input' must not hold empty strings", "input")
-            count = len(value)
-        elif kinds == {int}:
-            opaque.append("token_ids")
-            count = 1
-        elif kinds == {list} and all(p and set(map(type, p)) == {int} for p in value):
-            opaque.append("token_ids")
-            count = len(value)
-        else:
-            raise ShapeError("'input' must be a string, an array of strings, of token ids, or of token-id arrays",
-                             "input")
+        if not all(value):
+            raise ShapeError("'input' must not hold empty strings or arrays", "input")
+        count = _count_items(value, "input", opaque)
     elif isinstance(value, list):
         raise ShapeError("'input' must not be an empty array", "input")
     else:
