@@ -80,6 +80,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _print_usage(config) -> None:
     base = f"http://{config.http.host}:{config.http.port}"
     model = config.models[0].id
+    extra = ""
+    embedder = next((m.id for m in config.models if m.engine.runner == "pooling"), None)
+    if embedder is not None:
+        extra += (f"\n  curl {base}/v1/embeddings -H 'content-type: application/json' "
+                  f"-d '{{\"model\": \"{embedder}\", \"input\": [\"The cat sits on the mat.\"]}}'\n")
+    for alias in config.router.semantic_routes:
+        extra += (f"\n  curl {base}/v1/chat/completions -H 'content-type: application/json' -i "
+                  f"-d '{{\"model\": \"{alias}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+                  f"\"Is this NDA clause enforceable?\"}}], \"max_tokens\": 8}}'   # see x-spillway-route\n")
     print(
         f"""
 Spillway is serving on {base}/v1  (models: {', '.join(m.id for m in config.models)})
@@ -90,6 +99,7 @@ Spillway is serving on {base}/v1  (models: {', '.join(m.id for m in config.model
   python -c "import openai; c = openai.OpenAI(base_url='{base}/v1', api_key='none'); \\
 [print(x.choices[0].delta.content or '', end='') for x in c.chat.completions.create( \\
 model='{model}', messages=[{{'role': 'user', 'content': 'Hello'}}], max_tokens=32, stream=True) if x.choices]"
+{extra}
 
   spillway status    # sites, deployments, replicas
   spillway keys create --tenant TEAM    # API keys (then every request needs one)
