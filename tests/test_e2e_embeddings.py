@@ -88,6 +88,8 @@ def _route(raw) -> dict:
 
 def test_auto_sends_clearly_legal_code_and_general_prompts_to_their_targets(client, e2e_cluster, external_api):
     external_api[0].wait_ready()
+    listed = {model.id: model for model in client.models.list().data}
+    assert listed["auto"].routes_to["general"] == E2E_CENTRAL and EMBED in listed
     targets = e2e_cluster[0].router.semantic_routes["auto"].targets
     for expected, prompt in CLEAR.items():
         raw = client.chat.completions.with_raw_response.create(

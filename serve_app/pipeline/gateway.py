@@ -312,6 +312,9 @@ class Gateway:
                 for m in self.config.models]
         data += [{"id": alias, "object": "model", "created": self.created, "owned_by": "spillway",
                   "variants": {v.model: v.weight for v in split.variants}} for alias, split in self.splits.items()]
+        data += [{"id": alias, "object": "model", "created": self.created, "owned_by": "spillway",
+                  "routes_to": {name: target.model for name, target in route.targets.items()}}
+                 for alias, route in self.config.router.semantic_routes.items()]
         return data
 
     def scheduler_report(self) -> dict:
