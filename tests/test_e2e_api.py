@@ -11,11 +11,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import auth, router_dispatch_views
+from tests.conftest import E2E_CENTRAL, auth, router_dispatch_views
 
 pytestmark = pytest.mark.e2e
 
-DENSE, MOE = "spillway-dense", "spillway-moe"
+DENSE, MOE, EMBED = "spillway-dense", "spillway-moe", "all-minilm-l6-v2"
 HELLO = [{"role": "user", "content": "Say hello"}]
 WEATHER_TOOL = {
     "type": "function",
@@ -37,7 +37,8 @@ def test_models_list(client):
     raw = client.models.with_raw_response.list()
     assert raw.headers["x-spillway-site"] == "onprem" and raw.headers["x-request-id"]
     ids = {m.id for m in raw.parse().data}
-    assert ids == {DENSE, MOE, "spillway-chat"}  # two models and one split alias
+    # three local models, one on the external site, one split alias, two semantic aliases
+    assert ids == {DENSE, MOE, EMBED, E2E_CENTRAL, "spillway-chat", "auto", "auto-strict"}
     assert client.models.retrieve(MOE).id == MOE
 
 
@@ -182,7 +183,7 @@ def test_requests_go_straight_to_engine_replicas_not_through_ray_calls(base_url,
     before = router_dispatch_views(base_url)
     for view in before.values():
         assert set(view["replicas"]) == {"engine-spillway-dense-onprem", "engine-spillway-dense-cloud",
-                                         "engine-spillway-moe-onprem"}
+                                         "engine-spillway-moe-onprem", "engine-all-minilm-l6-v2-onprem"}
     for i in range(3):
         client.chat.completions.create(model=MOE, messages=HELLO, max_tokens=2)
         chunks = list(client.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=3, stream=True))
@@ -235,7 +236,12 @@ def test_health_reports_every_engine_with_live_load(base_url):
     report = httpx.get(f"{base_url}/health", timeout=30).json()
     assert report["status"] == "ok"
     assert set(report["models"][DENSE]) == {"onprem", "cloud"}
+    external = report["models"][E2E_CENTRAL]["api"]
+    assert {k: external[k] for k in ("healthy", "kind", "model", "site", "max_concurrency")} == {
+        "healthy": True, "kind": "external", "model": E2E_CENTRAL, "site": "api", "max_concurrency": 8}
     for model, sites in report["models"].items():
+        if model == E2E_CENTRAL:
+            continue  # an external API reports no engine figures
         for site, stats in sites.items():
             assert stats["healthy"] and stats["site"] == site and stats["model"] == model
             assert stats["max_num_seqs"] == (8 if model == DENSE else 32)

@@ -270,7 +270,8 @@ class Fleet:
             if target.external is not None:
                 # (no call to a paid API per health check: healthy unless held out after failures)
                 down = self._group_down_until.get(target.group.group_id, 0.0) > self._clock()
-                return {"healthy": not down, "kind": "external", "failures": target.external.failures,
+                return {"healthy": not down, "kind": "external", "model": target.group.model,
+                        "site": target.group.site, "failures": target.external.failures,
                         "max_concurrency": target.external.endpoint.max_concurrency}
             if target.group.autoscaled:
                 return await probe_autoscaled(target)
