@@ -16,11 +16,11 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import auth, router_dispatch_views
+from tests.conftest import E2E_CENTRAL, auth, router_dispatch_views
 
 pytestmark = pytest.mark.e2e
 
-DENSE, MOE = "spillway-dense", "spillway-moe"
+DENSE, MOE, EMBED = "spillway-dense", "spillway-moe", "all-minilm-l6-v2"
 HELLO = [{"role": "user", "content": "hi"}]
 RECOVERY_TIMEOUT_S = 300
 
@@ -40,8 +40,10 @@ def test_every_engine_runs_on_a_node_of_its_site(base_url, e2e_cluster):
                 node_site[node["NodeID"]] = site.name
     assert sorted(node_site.values()) == ["cloud", "onprem"]
     report = _health(base_url).json()["models"]
-    placed = {(model, site): node_site[stats["node_id"]] for model, sites in report.items() for site, stats in sites.items()}
-    assert placed == {(DENSE, "onprem"): "onprem", (DENSE, "cloud"): "cloud", (MOE, "onprem"): "onprem"}
+    placed = {(model, site): node_site[stats["node_id"]] for model, sites in report.items()
+              for site, stats in sites.items() if stats.get("kind") != "external"}
+    assert placed == {(DENSE, "onprem"): "onprem", (DENSE, "cloud"): "cloud", (MOE, "onprem"): "onprem",
+                      (EMBED, "onprem"): "onprem"}
 
 
 def test_the_moe_engine_loaded_its_weights_from_s3_and_serves(base_url, e2e_cluster):
@@ -68,7 +70,9 @@ def test_status_cli_shows_sites_deployments_and_replicas(e2e_cluster):
     assert {site: len(nodes) for site, nodes in report["sites"].items()} == {"onprem": 1, "cloud": 1}
     assert report["router"]["replicas"] == {"RUNNING": 2}  # the test config runs two routers
     engines = {(e["model"], e["site"]): e["state"] for e in report["engines"]}
-    assert set(engines) == {(DENSE, "onprem"), (DENSE, "cloud"), (MOE, "onprem")}
+    assert set(engines) == {(DENSE, "onprem"), (DENSE, "cloud"), (MOE, "onprem"), (EMBED, "onprem")}
+    assert report["external_sites"] == {"api": {"base_url": e2e_cluster[0].site("api").external.base_url,
+                                                "models": [E2E_CENTRAL]}}
     assert all(state["status"] == "HEALTHY" and state["replicas"] == {"RUNNING": 1} for state in engines.values())
 
 

@@ -137,6 +137,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"application {config.name}: {report['application']}")
     for site, nodes in report["sites"].items():
         print(f"site {site:10s} nodes={len(nodes)} " + " ".join(f"{n['node_id']}({n['cpus']:g} cpu)" for n in nodes))
+    for site, info in report["external_sites"].items():
+        print(f"site {site:10s} external {info['base_url']} models={','.join(info['models'])}")
     router = report["router"] or {}
     print(f"router     {router.get('status', 'NOT_DEPLOYED'):12s} replicas={router.get('replicas', {})}")
     for engine in report["engines"]:

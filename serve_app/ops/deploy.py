@@ -66,12 +66,15 @@ def status(config: SpillwayConfig, address: str) -> dict[str, Any]:
     from ray import serve
 
     connect(address)
-    sites: dict[str, list[dict[str, Any]]] = {site.name: [] for site in config.sites}
+    sites: dict[str, list[dict[str, Any]]] = {site.name: [] for site in config.sites if site.external is None}
+    external = {site.name: {"base_url": site.external.base_url,
+                            "models": sorted(m.id for m in config.models if m.replicas.get(site.name, 0) > 0)}
+                for site in config.sites if site.external is not None}
     for node in ray.nodes():
         if not node["Alive"]:
             continue
         for site in config.sites:
-            if site.resource in node["Resources"]:
+            if site.external is None and site.resource in node["Resources"]:
                 sites[site.name].append({"node_id": node["NodeID"][:12], "cpus": node["Resources"].get("CPU", 0)})
     app_status = serve.status().applications.get(config.name)
     deployments: dict[str, Any] = {}
@@ -81,6 +84,8 @@ def status(config: SpillwayConfig, address: str) -> dict[str, Any]:
     engines = []
     for model in config.models:
         for site_name, wanted in model.replicas.items():
+            if site_name in external:
+                continue  # (no deployment: the routers call its API)
             name = deployment_name(model.id, site_name)
             engines.append({
                 "model": model.id,
@@ -92,6 +97,7 @@ def status(config: SpillwayConfig, address: str) -> dict[str, Any]:
     return {
         "application": None if app_status is None else str(app_status.status.value),
         "sites": sites,
+        "external_sites": external,
         "router": deployments.get("router"),
         "engines": engines,
     }
