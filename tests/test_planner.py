@@ -1,0 +1,90 @@
+"""The capacity planner's simulator: virtual time, and the router's own scheduler and policies
+driven by simulated engines (no Ray, no engines)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.config import SpillwayConfig
+from serve_app.planner.profile import EngineProfile
+from serve_app.planner.sim import Simulation
+from serve_app.planner.traffic import poisson
+from serve_app.planner.virtual_time import Stalled, run_virtual
+from serve_app.policy.admission import AdmissionQueue
+from serve_app.policy.placement import PlacementPipeline
+from serve_app.policy.spill import SpillGate
+from serve_app.router.scheduler import ModelScheduler
+
+PROFILE = EngineProfile(name="test", source="made up for the test", max_num_seqs=8, prefill_tokens_per_s=4_000,
+                        ttft_overhead_ms=20, itl_ms={1: 20, 8: 30})
+
+
+def config(spill_after_ms: float = 2_000) -> SpillwayConfig:
+    return SpillwayConfig.model_validate({
+        "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem"},
+                  {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1,
+                   "cost": {"basis": "per_1k_tokens", "per_1k_tokens": 0.01}}],
+        "models": [{"id": "m", "source": "builtin:dense", "replicas": {"onprem": 1, "cloud": 1},
+                    "engine": {"max_num_seqs": 8}, "spill_after_ms": spill_after_ms}]})
+
+
+def simulate(spill_after_ms: float, requests):
+    sim = Simulation(config(spill_after_ms), {("m", "onprem"): PROFILE, ("m", "cloud"): PROFILE})
+    return sim, sim.run(requests)
+
+
+def test_virtual_time_jumps_to_the_next_timer_and_a_stalled_simulation_says_so():
+    async def an_hour(loop):
+        await asyncio.sleep(3_600)
+        later = loop.create_future()
+        loop.call_later(5, later.set_result, "done")
+        return await later, loop.time()
+
+    assert run_virtual(an_hour) == ("done", 3_605.0)
+
+    async def forever(loop):
+        await loop.create_future()
+
+    with pytest.raises(Stalled):
+        run_virtual(forever)
+
+
+def test_the_simulation_drives_the_routers_own_scheduler_and_policies():
+    sim, result = simulate(2_000, poisson("m", 2, 30, seed=3))
+    scheduler = sim.schedulers["m"]
+    assert type(scheduler) is ModelScheduler
+    assert isinstance(scheduler.pipeline, PlacementPipeline) and isinstance(scheduler.queue, AdmissionQueue)
+    assert isinstance(scheduler.gate, SpillGate)
+    assert [type(f).__name__ for f in scheduler.pipeline.filters] and result.sites["onprem"] > 0
+    assert sum(scheduler.in_flight.values()) == 0  # every lease was given back
+    assert result.summary({"onprem"})["requests_served"] == len(result.ttft_ms) > 40
+
+
+def test_a_longer_ttft_budget_spills_less_and_waits_longer():
+    requests = poisson("m", 5, 300, seed=1, bursts=[(60, 30, 10)])
+    shares, p50s = [], []
+    for budget_ms in (300, 2_000, 10_000):
+        _, result = simulate(budget_ms, requests)
+        summary = result.summary({"onprem"})
+        shares.append(summary["spill_share"])
+        p50s.append(summary["ttft_p50_ms"])
+        assert summary["residency_violations"] == 0
+    assert shares[0] > shares[1] > shares[2] > 0
+    assert p50s[0] < p50s[1] < p50s[2]
+
+
+def test_confidential_requests_stay_on_prem_under_saturation_and_cloud_costs_show():
+    requests = poisson("m", 6, 120, seed=2, confidential_share=0.3)
+    _, result = simulate(300, requests)
+    summary = result.summary({"onprem"})
+    assert result.sites_by_class[("confidential", "cloud")] == 0
+    assert result.sites_by_class[("confidential", "onprem")] > 0 and result.sites_by_class[("public", "cloud")] > 0
+    assert summary["residency_violations"] == 0 and summary["cost_per_hour"] > 0
+
+
+def test_profiles_interpolate_time_per_token_between_batch_sizes():
+    assert PROFILE.itl_at(1) == 20 and PROFILE.itl_at(8) == 30 and PROFILE.itl_at(64) == 30
+    assert PROFILE.itl_at(4) == pytest.approx(20 + 3 / 7 * 10)
+    assert PROFILE.ttft_ms(400) == pytest.approx(120)
