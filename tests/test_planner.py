@@ -4,6 +4,7 @@ driven by simulated engines (no Ray, no engines)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -88,3 +89,15 @@ def test_profiles_interpolate_time_per_token_between_batch_sizes():
     assert PROFILE.itl_at(1) == 20 and PROFILE.itl_at(8) == 30 and PROFILE.itl_at(64) == 30
     assert PROFILE.itl_at(4) == pytest.approx(20 + 3 / 7 * 10)
     assert PROFILE.ttft_ms(400) == pytest.approx(120)
+
+
+def test_plan_simulate_command_prints_the_planners_figures(capsys):
+    from serve_app.ops.cli import main
+
+    assert main(["plan", "simulate", "--rate", "3", "--duration-s", "60", "--confidential-share", "0.2",
+                 "--burst", "20,10,20", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["requests_served"] == figures["requests"] > 100
+    assert figures["residency_violations"] == 0 and figures["ttft_p99_ms"] >= figures["ttft_p50_ms"] > 0
+    assert 0 < figures["onprem_share"] <= 1 and figures["cost_per_hour"] > 0
+    assert main(["plan", "simulate", "--profiles", "/nonexistent.yaml"]) == 2

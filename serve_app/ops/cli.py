@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     burst.add_argument("rest", nargs=argparse.REMAINDER)
     burst.set_defaults(func=cmd_demo_cloud_burst)
     admin_cli.add_parsers(sub, with_config)
+    from serve_app.planner import cli as planner_cli
+
+    planner_cli.add_parsers(sub, with_config)
     return parser
 
 
