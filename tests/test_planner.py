@@ -101,3 +101,30 @@ def test_plan_simulate_command_prints_the_planners_figures(capsys):
     assert figures["residency_violations"] == 0 and figures["ttft_p99_ms"] >= figures["ttft_p50_ms"] > 0
     assert 0 < figures["onprem_share"] <= 1 and figures["cost_per_hour"] > 0
     assert main(["plan", "simulate", "--profiles", "/nonexistent.yaml"]) == 2
+
+
+def test_sizing_finds_the_cheapest_fleet_that_meets_the_target_and_draws_the_curve(tmp_path):
+    from serve_app.planner.size import cheapest, fleet_cost_per_hour, plot, size
+
+    base = SpillwayConfig.model_validate({
+        "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem",
+                   "cost": {"basis": "amortised", "accelerator_price": 36_000, "lifetime_years": 4, "power_kw": 1.0,
+                            "pue": 1.5, "power_price_per_kwh": 0.1, "operations_per_hour": 0.3}},
+                  {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1,
+                   "cost": {"basis": "cloud", "on_demand_per_hour": 10.0, "spot_per_hour": 4.0}}],
+        "models": [{"id": "m", "source": "builtin:dense", "replicas": {"onprem": 1, "cloud": 0},
+                    "engine": {"max_num_seqs": 8}, "throughput": {"output_tokens_per_s": 1_000}}]})
+    hourly_onprem = 36_000 / (4 * 8_766) + 1.0 * 1.5 * 0.1 + 0.3
+    assert fleet_cost_per_hour(base, "m", {"onprem": 2, "cloud": 1}, 0.0, 60) == pytest.approx(2 * hourly_onprem + 10)
+    profiles = {("m", "onprem"): PROFILE, ("m", "cloud"): PROFILE}
+    requests = poisson("m", 6, 60, seed=4)
+    candidates = size(base, profiles, requests, "m", 1_000, "onprem", range(1, 4), "cloud", range(0, 2))
+    assert len(candidates) == 6
+    best = cheapest(candidates)
+    assert best is not None and best.meets and best.ttft_p99_ms <= 1_000
+    assert all(c.cost_per_hour >= best.cost_per_hour for c in candidates if c.meets)
+    # more replicas never make the simulated p99 worse on the same trace
+    alone = {c.onprem: c.ttft_p99_ms for c in candidates if c.cloud == 0}
+    assert alone[1] >= alone[2] >= alone[3]
+    plot(candidates, 1_000, str(tmp_path / "curve.png"))
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

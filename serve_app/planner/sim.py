@@ -71,6 +71,7 @@ class SimResult:
     residency_violations: int = 0
     budget_misses: int = 0
     cost: float = 0.0
+    cost_by_site: Counter = field(default_factory=Counter)
     duration_s: float = 0.0
     events: int = 0
 
@@ -119,9 +120,10 @@ class Simulation:
 
     async def _run(self, loop, requests: list[SimRequest]) -> SimResult:
         config = self.config
+        wanted = {r.model for r in requests}  # (only the models the trace asks for need profiles)
         handles = {m.id: {site: None for site in m.replicas if m.deploys_on(site)
-                          and config.site(site).kind != SiteKind.external} for m in config.models}
-        targets = build_targets(config, handles)
+                          and config.site(site).kind != SiteKind.external} for m in config.models if m.id in wanted}
+        targets = {m: t for m, t in build_targets(config, handles).items() if m in wanted}
         schedulers = self.schedulers = build_schedulers(config, targets, clock=loop.time)
         groups: dict[str, SimGroup] = {}
         for model_id, by_group in targets.items():
@@ -169,8 +171,9 @@ class Simulation:
                 result.sites[lease.group.site] += 1
                 result.sites_by_class[(request.data_class.name, lease.group.site)] += 1
                 result.spilled += lease.spill_reason != SPILL_REASON_NONE
-                result.cost += costs.request_cost(request.model, lease.group.site,
-                                                  (request.prompt_tokens, request.output_tokens))
+                cost = costs.request_cost(request.model, lease.group.site, (request.prompt_tokens, request.output_tokens))
+                result.cost += cost
+                result.cost_by_site[lease.group.site] += cost
                 result.events += 3
             remaining -= 1
             if remaining == 0 and not done.done():

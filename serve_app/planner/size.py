@@ -1,0 +1,106 @@
+"""Fleet sizing: the cheapest (on-prem replicas, cloud replicas) for one model that meets a p99 TTFT
+target on a trace, each candidate simulated with the router's own policies (``sim.py``).
+
+A fleet's cost per hour: sites priced per accelerator-hour (amortised on-prem, cloud) pay for every
+replica they run, busy or idle (replicas x accelerators per replica x the site's hourly price);
+sites priced per token (an API, the flat form) pay for what the simulation served there. Cloud
+replicas are counted for the whole hour: an upper bound until the simulation scales them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_app.config import SpillwayConfig
+from serve_app.governance.cost import CostModel
+from serve_app.planner.profile import EngineProfile
+from serve_app.planner.sim import SimRequest, Simulation
+
+
+@dataclass(frozen=True)
+class Candidate:
+    onprem: int
+    cloud: int
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    spill_share: float | None
+    rejected: int
+    cost_per_hour: float
+    meets: bool
+
+
+def fleet_config(config: SpillwayConfig, model_id: str, replicas: dict[str, int]) -> SpillwayConfig:
+    """The config with ``model_id``'s replicas per site replaced (other models untouched)."""
+    raw = config.model_dump(mode="json", exclude_none=True)
+    for model in raw["models"]:
+        if model["id"] == model_id:
+            model["replicas"] = {**model["replicas"], **replicas}
+            model.pop("autoscaling", None)  # the sizing decides the counts
+    return SpillwayConfig.model_validate(raw)
+
+
+def fleet_cost_per_hour(config: SpillwayConfig, model_id: str, replicas: dict[str, int],
+                        per_token_cost: float, duration_s: float) -> float:
+    costs, model = CostModel(config), config.model(model_id)
+    hourly = sum(count * model.accelerators_per_replica(site) * (costs.hourly(site) or 0.0)
+                 for site, count in replicas.items())
+    per_token_sites = {site for site in replicas if costs.hourly(site) is None}
+    return hourly + (per_token_cost * 3600 / duration_s if per_token_sites and duration_s else 0.0)
+
+
+def size(config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile], requests: list[SimRequest],
+         model_id: str, p99_target_ms: float, onprem_site: str, onprem_counts: range, cloud_site: str | None,
+         cloud_counts: range) -> list[Candidate]:
+    """Every candidate fleet, simulated; the caller picks the cheapest that ``meets``."""
+    duration_s = max((r.arrival_s for r in requests), default=0.0) or 1.0
+    candidates = []
+    for onprem in onprem_counts:
+        for cloud in (cloud_counts if cloud_site is not None else [0]):
+            replicas = {onprem_site: onprem, **({cloud_site: cloud} if cloud_site is not None else {})}
+            fleet = fleet_config(config, model_id, replicas)
+            simulation = Simulation(fleet, profiles)
+            result = simulation.run(requests)
+            summary = result.summary(simulation.onprem_sites)
+            per_token = sum(cost for site, cost in result.cost_by_site.items()
+                            if CostModel(fleet).hourly(site) is None)
+            rejected = sum(result.rejected.values())
+            p99 = summary["ttft_p99_ms"]
+            candidates.append(Candidate(
+                onprem, cloud, summary["ttft_p50_ms"], p99, summary["spill_share"], rejected,
+                round(fleet_cost_per_hour(fleet, model_id, replicas, per_token, duration_s), 4),
+                meets=p99 is not None and p99 <= p99_target_ms and rejected == 0))
+    return candidates
+
+
+def cheapest(candidates: list[Candidate]) -> Candidate | None:
+    meeting = [c for c in candidates if c.meets]
+    return min(meeting, key=lambda c: (c.cost_per_hour, c.onprem + c.cloud)) if meeting else None
+
+
+def plot(candidates: list[Candidate], p99_target_ms: float, path: str) -> None:
+    """Cost per hour against p99 TTFT, one point per fleet; the cheapest that meets the target ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for meets, colour, label in ((True, "tab:green", "meets the target"), (False, "tab:red", "misses it")):
+        points = [c for c in candidates if c.meets == meets and c.ttft_p99_ms is not None]
+        ax.scatter([c.cost_per_hour for c in points], [c.ttft_p99_ms for c in points], c=colour, label=label)
+        for c in points:
+            ax.annotate(f"{c.onprem}+{c.cloud}", (c.cost_per_hour, c.ttft_p99_ms), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    best = cheapest(candidates)
+    if best is not None:
+        ax.scatter([best.cost_per_hour], [best.ttft_p99_ms], s=200, facecolors="none", edgecolors="black",
+                   label=f"cheapest: {best.onprem} on-prem + {best.cloud} cloud")
+    ax.axhline(p99_target_ms, linestyle="--", color="grey", label=f"p99 target {p99_target_ms:g} ms")
+    ax.set_xlabel("fleet cost per hour")
+    ax.set_ylabel("p99 TTFT (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Fleets simulated with the router's own policies (on-prem + cloud replicas)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
