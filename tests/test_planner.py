@@ -115,7 +115,9 @@ def test_sizing_finds_the_cheapest_fleet_that_meets_the_target_and_draws_the_cur
         "models": [{"id": "m", "source": "builtin:dense", "replicas": {"onprem": 1, "cloud": 0},
                     "engine": {"max_num_seqs": 8}, "throughput": {"output_tokens_per_s": 1_000}}]})
     hourly_onprem = 36_000 / (4 * 8_766) + 1.0 * 1.5 * 0.1 + 0.3
-    assert fleet_cost_per_hour(base, "m", {"onprem": 2, "cloud": 1}, 0.0, 60) == pytest.approx(2 * hourly_onprem + 10)
+    # two on-prem replicas all along, one cloud replica half the time
+    assert fleet_cost_per_hour(base, "m", {"onprem": 120, "cloud": 30}, 0.0, 60) == pytest.approx(
+        2 * hourly_onprem + 10 / 2)
     profiles = {("m", "onprem"): PROFILE, ("m", "cloud"): PROFILE}
     requests = poisson("m", 6, 60, seed=4)
     candidates = size(base, profiles, requests, "m", 1_000, "onprem", range(1, 4), "cloud", range(0, 2))
@@ -128,3 +130,22 @@ def test_sizing_finds_the_cheapest_fleet_that_meets_the_target_and_draws_the_cur
     assert alone[1] >= alone[2] >= alone[3]
     plot(candidates, 1_000, str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_autoscaled_cloud_capacity_arrives_after_the_provisioning_delay_and_leaves_when_idle():
+    raw = config(300).model_dump(mode="json", exclude_none=True)
+    raw["models"][0]["replicas"] = {"onprem": 1, "cloud": 0}
+    raw["models"][0]["autoscaling"] = {"cloud": {"min_replicas": 0, "max_replicas": 2, "scale_down_idle_s": 20}}
+    scaled = SpillwayConfig.model_validate(raw)
+    requests = poisson("m", 2, 300, seed=5, bursts=[(50, 40, 20)])
+    profiles = {("m", "onprem"): PROFILE, ("m", "cloud"): PROFILE}
+    slow = Simulation(scaled, profiles, provisioning_delay_s=30).run(requests)
+    fast = Simulation(scaled, profiles, provisioning_delay_s=1).run(requests)
+    ups = [event for event in slow.scale_events if event[3] > event[2]]
+    downs = [event for event in slow.scale_events if event[3] < event[2]]
+    assert ups and ups[0][0] >= 50 and downs and downs[-1][3] == 0  # up in the burst, back to zero after it
+    assert slow.sites["cloud"] > 0 and slow.sites_by_class[("confidential", "cloud")] == 0
+    assert 0 < slow.replica_seconds["cloud"] < 2 * 300  # paid only while scaled up
+    assert slow.replica_seconds["onprem"] == pytest.approx(300, rel=0.01)
+    # capacity that comes sooner serves the burst sooner
+    assert fast.percentile(99) < slow.percentile(99)

@@ -50,7 +50,7 @@ def cmd_plan_simulate(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"no profile for {', '.join(missing)} in {args.profiles}")
     requests = _trace(args)
-    simulation = Simulation(config, profiles)
+    simulation = Simulation(config, profiles, args.provisioning_delay_s)
     started = time.perf_counter()
     result = simulation.run(requests)
     wall_s = time.perf_counter() - started
@@ -85,7 +85,7 @@ def cmd_plan_size(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     profiles = load_profiles(args.profiles)
     candidates = size(config, profiles, _trace(args), args.model, args.p99_ms, args.onprem_site,
-                      _counts(args.onprem), args.cloud_site or None, _counts(args.cloud))
+                      _counts(args.onprem), args.cloud_site or None, _counts(args.cloud), args.provisioning_delay_s)
     best = cheapest(candidates)
     if args.png:
         plot(candidates, args.p99_ms, args.png)
@@ -117,6 +117,8 @@ def _traffic_arguments(parser) -> None:
     parser.add_argument("--max-tokens", default="64", help="a loadtests distribution")
     parser.add_argument("--confidential-share", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--provisioning-delay-s", type=float, default=60.0,
+                        help="an autoscaled cloud replica serves this long after it is asked for (node + engine start)")
     parser.add_argument("--json", action="store_true")
 
 

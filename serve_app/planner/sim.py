@@ -9,6 +9,11 @@ engines (``EngineProfile``: time to first token from prefill speed, time per tok
 batch), and the load reports the router's fleet would read from them (sent at every change, as the
 fleet's load watch does).
 
+Cloud groups with ``autoscaling`` scale as in production: every ``REPORT_INTERVAL_S`` the
+scheduler's own ``scale_demand`` goes through the operator's ``ScalePolicy`` (up at once, down after
+``scale_down_idle_s``); a new replica serves ``provisioning_delay_s`` later (node and engine start),
+an idle one leaves at once. Replica-seconds are counted per site, for the cost of hourly sites.
+
 One router replica is simulated (its scheduler sees all traffic); the residency check counts any
 request placed on a site not trusted with its data class (it must stay 0).
 """
@@ -24,6 +29,7 @@ from serve_app.config import SiteKind, SpillwayConfig
 from serve_app.errors import SpillwayError
 from serve_app.governance.cost import CostModel
 from serve_app.planner.profile import EngineProfile
+from serve_app.ops.autoscale import REPORT_INTERVAL_S, ScalePolicy
 from serve_app.planner.virtual_time import run_virtual
 from serve_app.policy.classify import DataClass
 from serve_app.policy.placement import RequestView
@@ -48,13 +54,23 @@ class SimReplica:
 
 @dataclass
 class SimGroup:
-    """A simulated engine deployment: its replicas and their profile."""
+    """A simulated engine deployment: its replicas and their profile; an autoscaled one also its
+    scale policy, the replicas still starting, and replica-seconds so far."""
 
     profile: EngineProfile
     replicas: list[SimReplica]
+    policy: ScalePolicy | None = None
+    target: int = 0
+    starting: int = 0
+    replica_s: float = 0.0
+    counted_at: float = 0.0
 
     def pick(self) -> SimReplica:
         return min(self.replicas, key=lambda replica: replica.running)
+
+    def count(self, now: float) -> None:
+        self.replica_s += (len(self.replicas) + self.starting) * (now - self.counted_at)
+        self.counted_at = now
 
     @property
     def running(self) -> int:
@@ -72,6 +88,8 @@ class SimResult:
     budget_misses: int = 0
     cost: float = 0.0
     cost_by_site: Counter = field(default_factory=Counter)
+    replica_seconds: Counter = field(default_factory=Counter)  # per site (starting replicas included)
+    scale_events: list = field(default_factory=list)  # (time s, group, replicas from, to)
     duration_s: float = 0.0
     events: int = 0
 
@@ -109,9 +127,11 @@ def _round(value: float | None) -> float | None:
 class Simulation:
     """``profiles``: ``{(model, site): EngineProfile}`` for every (model, site) with replicas."""
 
-    def __init__(self, config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile]):
+    def __init__(self, config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile],
+                 provisioning_delay_s: float = 60.0):
         self.config = config
         self.profiles = profiles
+        self.provisioning_delay_s = provisioning_delay_s
         self.onprem_sites = {s.name for s in config.sites if s.kind == SiteKind.onprem}
         self.schedulers: dict = {}  # the last run's (the production ModelScheduler per model)
 
@@ -130,7 +150,13 @@ class Simulation:
             for group_id, target in by_group.items():
                 group = target.group
                 profile = self.profiles[(model_id, group.site)]
-                groups[group_id] = SimGroup(profile, [SimReplica() for _ in range(group.replicas)])
+                sim_group = groups[group_id] = SimGroup(profile, [SimReplica() for _ in range(group.replicas)])
+                scaling = config.model(model_id).autoscaling.get(group.site)
+                if scaling is not None:
+                    count = config.model(model_id).replicas[group.site]
+                    sim_group.replicas = [SimReplica() for _ in range(count)]
+                    sim_group.policy, sim_group.target = ScalePolicy(scaling, group.max_num_seqs), count
+                    schedulers[model_id].set_capacity(group_id, count * group.max_num_seqs)
         costs = CostModel(config)
         result = SimResult()
         start = loop.time()
@@ -179,11 +205,52 @@ class Simulation:
             if remaining == 0 and not done.done():
                 done.set_result(None)
 
+        def replica_up(model_id: str, group_id: str) -> None:
+            group = groups[group_id]
+            group.count(loop.time())
+            group.starting -= 1
+            if len(group.replicas) >= group.target:
+                return  # scaled down while it was starting: the start is cancelled
+            group.replicas.append(SimReplica())
+            schedulers[model_id].set_capacity(group_id, len(group.replicas) * targets[model_id][group_id].group.max_num_seqs)
+
+        async def autoscale() -> None:
+            scaled = [(m, g) for m, by_group in targets.items() for g in by_group if groups[g].policy is not None]
+            while scaled:
+                await asyncio.sleep(REPORT_INTERVAL_S)
+                now = loop.time()
+                for model_id, group_id in scaled:
+                    group = groups[group_id]
+                    demand = schedulers[model_id].scale_demand().get(group_id, 0)
+                    target = group.policy.decide(group.target, demand, now)
+                    if target != group.target:
+                        result.scale_events.append((round(now, 1), group_id, group.target, target))
+                    group.count(now)
+                    for _ in range(target - len(group.replicas) - group.starting):
+                        group.starting += 1
+                        loop.call_later(self.provisioning_delay_s, replica_up, model_id, group_id)
+                    idle = [r for r in group.replicas if r.running == 0]  # (busy ones leave once idle)
+                    for replica in idle[:max(0, len(group.replicas) - target)]:
+                        group.replicas.remove(replica)
+                    group.target = target
+                    max_num_seqs = targets[model_id][group_id].group.max_num_seqs
+                    schedulers[model_id].set_capacity(group_id, len(group.replicas) * max_num_seqs)
+
+        scaler = loop.create_task(autoscale())
         tasks: set[asyncio.Task] = set()
         for index, request in enumerate(requests):
             loop.call_at(start + request.arrival_s, _spawn, loop, tasks, serve(request, index))
         if requests:
             await done
+        scaler.cancel()
         result.duration_s = max((r.arrival_s for r in requests), default=0.0) or 1.0
+        for model_id, by_group in targets.items():
+            for group_id, target in by_group.items():
+                group = groups[group_id]
+                if group.policy is None:
+                    group.replica_s = len(group.replicas) * result.duration_s
+                else:
+                    group.count(loop.time())
+                result.replica_seconds[target.group.site] += group.replica_s
         result.budget_misses = sum(s.budget_misses for s in schedulers.values())
         return result

@@ -1,10 +1,12 @@
 """Fleet sizing: the cheapest (on-prem replicas, cloud replicas) for one model that meets a p99 TTFT
 target on a trace, each candidate simulated with the router's own policies (``sim.py``).
 
-A fleet's cost per hour: sites priced per accelerator-hour (amortised on-prem, cloud) pay for every
-replica they run, busy or idle (replicas x accelerators per replica x the site's hourly price);
-sites priced per token (an API, the flat form) pay for what the simulation served there. Cloud
-replicas are counted for the whole hour: an upper bound until the simulation scales them.
+The cloud count is a cap: where the config autoscales the model on the cloud site, the simulation
+scales it between 0 and the count (after ``provisioning_delay_s``), else the count runs all along.
+
+A fleet's cost per hour: sites priced per accelerator-hour (amortised on-prem, cloud) pay for the
+replica-seconds they ran, busy or idle (x accelerators per replica x the site's hourly price);
+sites priced per token (an API, the flat form) pay for what the simulation served there.
 """
 
 from __future__ import annotations
@@ -30,27 +32,34 @@ class Candidate:
 
 
 def fleet_config(config: SpillwayConfig, model_id: str, replicas: dict[str, int]) -> SpillwayConfig:
-    """The config with ``model_id``'s replicas per site replaced (other models untouched)."""
+    """The config with ``model_id``'s replicas per site replaced (other models untouched); an
+    autoscaled site's count becomes its ``max_replicas`` (from zero)."""
     raw = config.model_dump(mode="json", exclude_none=True)
     for model in raw["models"]:
-        if model["id"] == model_id:
-            model["replicas"] = {**model["replicas"], **replicas}
-            model.pop("autoscaling", None)  # the sizing decides the counts
+        if model["id"] != model_id:
+            continue
+        scaling = model.get("autoscaling", {})
+        for site, count in replicas.items():
+            if site in scaling and count > 0:
+                scaling[site].update(min_replicas=0, max_replicas=count)
+                model["replicas"][site] = 0
+            else:
+                scaling.pop(site, None)
+                model["replicas"][site] = count
     return SpillwayConfig.model_validate(raw)
 
 
-def fleet_cost_per_hour(config: SpillwayConfig, model_id: str, replicas: dict[str, int],
+def fleet_cost_per_hour(config: SpillwayConfig, model_id: str, replica_seconds: dict[str, float],
                         per_token_cost: float, duration_s: float) -> float:
     costs, model = CostModel(config), config.model(model_id)
-    hourly = sum(count * model.accelerators_per_replica(site) * (costs.hourly(site) or 0.0)
-                 for site, count in replicas.items())
-    per_token_sites = {site for site in replicas if costs.hourly(site) is None}
-    return hourly + (per_token_cost * 3600 / duration_s if per_token_sites and duration_s else 0.0)
+    hourly = sum(seconds / duration_s * model.accelerators_per_replica(site) * (costs.hourly(site) or 0.0)
+                 for site, seconds in replica_seconds.items())
+    return hourly + per_token_cost * 3600 / duration_s
 
 
 def size(config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile], requests: list[SimRequest],
          model_id: str, p99_target_ms: float, onprem_site: str, onprem_counts: range, cloud_site: str | None,
-         cloud_counts: range) -> list[Candidate]:
+         cloud_counts: range, provisioning_delay_s: float = 60.0) -> list[Candidate]:
     """Every candidate fleet, simulated; the caller picks the cheapest that ``meets``."""
     duration_s = max((r.arrival_s for r in requests), default=0.0) or 1.0
     candidates = []
@@ -58,7 +67,7 @@ def size(config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile],
         for cloud in (cloud_counts if cloud_site is not None else [0]):
             replicas = {onprem_site: onprem, **({cloud_site: cloud} if cloud_site is not None else {})}
             fleet = fleet_config(config, model_id, replicas)
-            simulation = Simulation(fleet, profiles)
+            simulation = Simulation(fleet, profiles, provisioning_delay_s)
             result = simulation.run(requests)
             summary = result.summary(simulation.onprem_sites)
             per_token = sum(cost for site, cost in result.cost_by_site.items()
@@ -67,7 +76,7 @@ def size(config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile],
             p99 = summary["ttft_p99_ms"]
             candidates.append(Candidate(
                 onprem, cloud, summary["ttft_p50_ms"], p99, summary["spill_share"], rejected,
-                round(fleet_cost_per_hour(fleet, model_id, replicas, per_token, duration_s), 4),
+                round(fleet_cost_per_hour(fleet, model_id, result.replica_seconds, per_token, duration_s), 4),
                 meets=p99 is not None and p99 <= p99_target_ms and rejected == 0))
     return candidates
 
