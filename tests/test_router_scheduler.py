@@ -378,3 +378,32 @@ def test_kv_cache_full_group_takes_nothing_until_it_drains():
         assert waiting.done() and waiting.result().group.site == "onprem"
 
     asyncio.run(main())
+
+
+def test_a_release_under_a_deep_queue_places_only_what_the_freed_room_can_take():
+    """The preferred site full and a long queue: a release grants the next request and stops there,
+    instead of asking the placement pipeline about every queued request (a per-release cost that
+    grew with the queue)."""
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem=1, cloud=0, spill_after_ms=10**9, max_len=1_000)
+        first = await sched.acquire(req(0))
+        waiting = [asyncio.create_task(sched.acquire(req(i))) for i in range(1, 201)]
+        await settle()
+        placed = 0
+        original = sched._place
+
+        def counting(*args, **kwargs):
+            nonlocal placed
+            placed += 1
+            return original(*args, **kwargs)
+
+        sched._place = counting
+        first.release()
+        await settle()
+        assert waiting[0].done() and not any(t.done() for t in waiting[1:])
+        assert placed <= 3, placed
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(main())

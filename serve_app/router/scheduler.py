@@ -294,6 +294,8 @@ class ModelScheduler:
             if not queued.payload.future.done():
                 self._grant(queued, decisions[id(queued)], now)
                 views = self.views()
+                if not self._retries and not sum(v.free for v in views if v.site_rank == 0 and v.healthy):
+                    break  # (the entry condition again: no request can be granted here; a deep queue is not scanned)
         return views
 
     def _spill_scan(self, now: float, views: list[GroupView]) -> bool:
