@@ -149,3 +149,20 @@ def test_autoscaled_cloud_capacity_arrives_after_the_provisioning_delay_and_leav
     assert slow.replica_seconds["onprem"] == pytest.approx(300, rel=0.01)
     # capacity that comes sooner serves the burst sooner
     assert fast.percentile(99) < slow.percentile(99)
+
+
+def test_an_external_api_site_is_a_spill_target_with_its_own_latency_and_price():
+    fleet = SpillwayConfig.model_validate({
+        "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem"},
+                  {"name": "api", "kind": "external", "preference": 2,
+                   "cost": {"basis": "api", "input_per_million": 2.5, "output_per_million": 10.0},
+                   "external": {"base_url": "https://api.example.com/v1", "max_concurrency": 16}}],
+        "models": [{"id": "m", "source": "builtin:dense", "replicas": {"onprem": 1, "api": 1},
+                    "engine": {"max_num_seqs": 8}, "spill_after_ms": 500}]})
+    api = EngineProfile(name="api", source="made up for the test", max_num_seqs=16, prefill_tokens_per_s=50_000,
+                        ttft_overhead_ms=400, itl_ms={1: 15})
+    result = Simulation(fleet, {("m", "onprem"): PROFILE, ("m", "api"): api}).run(
+        poisson("m", 4, 200, seed=6, confidential_share=0.2, bursts=[(50, 30, 15)]))
+    assert result.sites["api"] > 0 and result.sites_by_class[("confidential", "api")] == 0
+    assert result.cost_by_site["api"] > 0 and result.cost_by_site["onprem"] == 0  # on-prem has no price here
+    assert result.residency_violations == 0
