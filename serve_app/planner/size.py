@@ -70,8 +70,8 @@ def size(config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile],
             simulation = Simulation(fleet, profiles, provisioning_delay_s)
             result = simulation.run(requests)
             summary = result.summary(simulation.onprem_sites)
-            per_token = sum(cost for site, cost in result.cost_by_site.items()
-                            if CostModel(fleet).hourly(site) is None)
+            prices = CostModel(fleet)  # (once per fleet, not once per site)
+            per_token = sum(cost for site, cost in result.cost_by_site.items() if prices.hourly(site) is None)
             rejected = sum(result.rejected.values())
             p99 = summary["ttft_p99_ms"]
             candidates.append(Candidate(
