@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/planner_scale.py --rate 2000 --duration-s 3600   # the issue's full hour
 
 A two-site fleet of one model (``--onprem`` and ``--cloud`` replicas of ``--slots`` sequences each),
-Poisson arrivals, output lengths log-normal around 200 tokens, a made-up GPU-like profile (the speed
-of the simulator does not depend on the figures). Prints simulated requests and events per second of
-real time, and the simulated figures.
+Poisson arrivals, output lengths log-normal around 200 tokens, every replica an H100 serving
+Llama-3.1-8B (the published profile ``h100-llama-3.1-8b`` in cluster_configs/profiles/published-gpu.yaml).
+Prints simulated requests and events per second of real time, and the simulated figures.
 """
 
 from __future__ import annotations
@@ -16,18 +16,23 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
+
+import yaml
 
 from serve_app.config import SpillwayConfig
 from serve_app.planner.profile import EngineProfile
 from serve_app.planner.sim import Simulation
 from serve_app.planner.traffic import poisson
 
+PROFILES = Path(__file__).resolve().parent.parent / "cluster_configs" / "profiles" / "published-gpu.yaml"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onprem", type=int, default=600)
     parser.add_argument("--cloud", type=int, default=400)
-    parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=128)
     parser.add_argument("--rate", type=float, default=2_000)
     parser.add_argument("--duration-s", type=float, default=30)
     args = parser.parse_args()
@@ -36,9 +41,8 @@ def main() -> None:
                   {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1}],
         "models": [{"id": "m", "source": "org/model", "replicas": {"onprem": args.onprem, "cloud": args.cloud},
                     "engine": {"max_num_seqs": args.slots}}]})
-    profile = EngineProfile(name="scale", source="made up: the simulator's speed does not depend on it",
-                            max_num_seqs=args.slots, prefill_tokens_per_s=20_000, ttft_overhead_ms=30,
-                            itl_ms={1: 15, args.slots: 40})
+    published = yaml.safe_load(PROFILES.read_text())["profiles"]["h100-llama-3.1-8b"]
+    profile = EngineProfile(name="h100-llama-3.1-8b", **{**published, "max_num_seqs": args.slots})
     requests = poisson("m", args.rate, args.duration_s, max_tokens="lognormal:200,0.5")
     started = time.perf_counter()
     result = Simulation(config, {("m", "onprem"): profile, ("m", "cloud"): profile}).run(requests)

@@ -185,8 +185,9 @@ class SpillwayUser(HttpUser):
 
     def stream_chat(self, content: str, row: str, headers: dict[str, str] | None = None, check=None) -> StreamTiming:
         """One streamed chat. ``check(response) -> error or None`` runs on the response headers."""
+        body = self._body(content, True)
         started_wall, started = time.time(), time.perf_counter()
-        with self.client.post("/v1/chat/completions", json=self._body(content, True), headers=self._headers(headers),
+        with self.client.post("/v1/chat/completions", json=body, headers=self._headers(headers),
                               stream=True, catch_response=True, name=f"chat stream {row}") as response:
             problem = check(response) if check and response.status_code == 200 else None
             timing = time_stream(response, started)
@@ -202,8 +203,9 @@ class SpillwayUser(HttpUser):
         RUN_LOG.record(start=started_wall, end=time.time(), kind=type(self).__name__, tenant=self.tenant,
                        model=MODEL, status=timing.status, ok=timing.error is None, ttft_ms=timing.ttft_ms,
                        itl_ms=timing.itl_ms, e2e_ms=timing.e2e_ms, output_tokens=timing.output_tokens,
-                       site=timing.site, data_class=response.headers.get("x-spillway-data-class"),
-                       error=timing.error)
+                       prompt_tokens=timing.prompt_tokens, max_tokens=body["max_tokens"], site=timing.site,
+                       data_class=response.headers.get("x-spillway-data-class"),
+                       spill_reason=response.headers.get("x-spillway-spill-reason"), error=timing.error)
         return timing
 
 
@@ -224,15 +226,17 @@ class ChatUser(SpillwayUser):
 
     @task
     def chat(self) -> None:
+        body = self._body(prompt(), False)
         started_wall, started = time.time(), time.perf_counter()
-        tokens, error = 0, None
-        with self.client.post("/v1/chat/completions", json=self._body(prompt(), False), headers=self._headers(),
+        tokens, prompt_tokens, error = 0, None, None
+        with self.client.post("/v1/chat/completions", json=body, headers=self._headers(),
                               catch_response=True, name=f"chat {MODEL}") as response:
             if response.status_code != 200:
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
             else:
                 try:
-                    tokens = int(response.json()["usage"]["completion_tokens"])
+                    usage = response.json()["usage"]
+                    tokens, prompt_tokens = int(usage["completion_tokens"]), int(usage["prompt_tokens"])
                 except (ValueError, KeyError, TypeError):
                     error = "response has no usage"
             if error:
@@ -244,8 +248,10 @@ class ChatUser(SpillwayUser):
                exception=RuntimeError(error) if error else None)
         RUN_LOG.record(start=started_wall, end=time.time(), kind="ChatUser", tenant=self.tenant, model=MODEL,
                        status=response.status_code, ok=error is None, ttft_ms=None, itl_ms=None, e2e_ms=e2e_ms,
-                       output_tokens=tokens, site=response.headers.get("x-spillway-site"),
-                       data_class=response.headers.get("x-spillway-data-class"), error=error)
+                       output_tokens=tokens, prompt_tokens=prompt_tokens, max_tokens=body["max_tokens"],
+                       site=response.headers.get("x-spillway-site"),
+                       data_class=response.headers.get("x-spillway-data-class"),
+                       spill_reason=response.headers.get("x-spillway-spill-reason"), error=error)
 
 
 def _must_stay_on_prem(response) -> str | None:

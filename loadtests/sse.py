@@ -23,6 +23,7 @@ class StreamTiming:
     ttft_ms: float | None = None
     e2e_ms: float = 0.0
     output_tokens: int = 0
+    prompt_tokens: int | None = None  # (from the usage event, when the stream sends one)
     token_gaps_ms: list[float] = field(default_factory=list)
     site: str | None = None
     error: str | None = None
@@ -65,6 +66,7 @@ def time_stream(response, started: float, clock=time.perf_counter) -> StreamTimi
             break
         if event.get("usage"):
             timing.output_tokens = event["usage"].get("completion_tokens", timing.output_tokens)
+            timing.prompt_tokens = event["usage"].get("prompt_tokens", timing.prompt_tokens)
         choices = event.get("choices") or []
         if choices and (choices[0].get("delta", {}).get("content") or choices[0].get("text")):
             if timing.ttft_ms is None:

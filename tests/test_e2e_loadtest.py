@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_headless_mixed_run_writes_csvs_and_report(base_url, tmp_path):
+def test_headless_mixed_run_writes_csvs_and_report(e2e_cluster, base_url, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "loadtests.run", "--host", base_url, "--scenario", "mixed", "-u", "8", "-r", "8",
@@ -44,6 +44,24 @@ def test_headless_mixed_run_writes_csvs_and_report(base_url, tmp_path):
     records = [json.loads(line) for line in (report / "requests.jsonl").read_text().splitlines()]
     sensitive = [r for r in records if r["data_class"] in ("confidential", "restricted")]
     assert sensitive and all(r["site"] == "onprem" for r in sensitive)
+    # What the capacity planner replays: each request's lengths and how the router placed it.
+    served = [r for r in records if r["status"] == 200]
+    assert all(r["prompt_tokens"] > 0 and 8 <= r["max_tokens"] <= 24 for r in served)
+    assert all(r["spill_reason"] in ("none", "onprem_wait_over_budget", "failover") for r in served)
     assert "| all |" in (report / "report.md").read_text()
+
+    # The recorded run replays through the planner, set against what it measured.
+    _, config_path, _ = e2e_cluster
+    result = subprocess.run(
+        [sys.executable, "-m", "serve_app.ops.cli", "plan", "accuracy", "--config", str(config_path),
+         "--profiles", str(ROOT / "cluster_configs" / "profiles" / "local-cpu.yaml"), "--trace", str(report), "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accuracy = json.loads(result.stdout)
+    assert accuracy["requests"] == len(served) and accuracy["ttft_samples"] > 0
+    rows = {row["metric"]: row for row in accuracy["rows"]}
+    assert rows["ttft_p50_ms"]["measured"] > 0 and rows["ttft_p50_ms"]["simulated"] > 0
+    assert 0 < rows["onprem_share"]["simulated"] <= 1 and rows["onprem_share"]["measured"] > 0
     for png in ("ttft.png", "throughput.png", "queue_depth.png", "site_share.png"):
         assert (report / png).stat().st_size > 5_000

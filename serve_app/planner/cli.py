@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import yaml
 from pydantic import Field, ValidationError
 
-from serve_app.config import load_config
+from serve_app.config import SiteKind, load_config
 from serve_app.config.base import Strict
 from serve_app.errors import ConfigError
 from serve_app.planner.profile import EngineProfile
@@ -39,23 +40,18 @@ def load_profiles(path: str | Path) -> dict[tuple[str, str], EngineProfile]:
 
 
 def cmd_plan_simulate(args: argparse.Namespace) -> int:
-    import time
-
     from serve_app.planner.sim import Simulation
 
     config = load_config(args.config)
     profiles = load_profiles(args.profiles)
-    missing = [f"{m.id}@{site}" for m in config.models for site in m.replicas
-               if m.id == args.model and m.deploys_on(site) and (m.id, site) not in profiles]
-    if missing:
-        raise ConfigError(f"no profile for {', '.join(missing)} in {args.profiles}")
-    requests = _trace(args)
+    requests, notes = _trace(args)
+    check_fleet(config, profiles, {r.model for r in requests}, args.profiles)
     simulation = Simulation(config, profiles, args.provisioning_delay_s)
     started = time.perf_counter()
     result = simulation.run(requests)
     wall_s = time.perf_counter() - started
-    summary = {**result.summary(simulation.onprem_sites), "requests": len(requests),
-               "simulated_s": args.duration_s, "wall_s": round(wall_s, 2),
+    summary = {**result.summary(simulation.onprem_sites), "requests": len(requests), **notes,
+               "simulated_s": round(result.duration_s, 1), "wall_s": round(wall_s, 2),
                "requests_per_wall_s": round(len(requests) / wall_s) if wall_s else None}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -65,13 +61,37 @@ def cmd_plan_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trace(args: argparse.Namespace):
-    from serve_app.planner.traffic import poisson
+def check_fleet(config, profiles: dict, models: set[str], profiles_path) -> None:
+    """Every model the traffic asks for is in the config, with a profile for each site it runs on."""
+    known = {m.id for m in config.models}
+    unknown = sorted(models - known)
+    if unknown:
+        raise ConfigError(f"the traffic asks for {', '.join(unknown)}, not a model of the config "
+                          f"(models: {', '.join(sorted(known))}; rename with --trace-model OLD=NEW)")
+    missing = [f"{m.id}@{site}" for m in config.models if m.id in models for site in m.replicas
+               if m.deploys_on(site) and config.site(site).kind != SiteKind.external and (m.id, site) not in profiles]
+    if missing:
+        raise ConfigError(f"no profile for {', '.join(missing)} in {profiles_path}")
 
+
+def _trace(args: argparse.Namespace) -> tuple[list, dict]:
+    """The requests (Poisson, or ``--trace`` replayed) and what the summary says about them."""
+    from serve_app.planner.traffic import poisson, replay
+
+    if args.trace:
+        renames = dict(pair.split("=", 1) for pair in args.trace_model)
+        try:
+            trace = replay(args.trace, models=renames)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"trace {args.trace}: {exc}") from None
+        if not trace.requests:
+            raise ConfigError(f"trace {args.trace}: no request to replay (left out: {dict(trace.skipped)})")
+        return trace.requests, {"trace_skipped": dict(trace.skipped),
+                                "trace_prompt_tokens_estimated": trace.prompt_tokens_estimated}
     bursts = [tuple(float(x) for x in burst.split(",")) for burst in args.burst]
     return poisson(args.model, args.rate, args.duration_s, prompt_tokens=args.prompt_tokens,
                    max_tokens=args.max_tokens, confidential_share=args.confidential_share, seed=args.seed,
-                   bursts=bursts)
+                   bursts=bursts), {}
 
 
 def _counts(text: str) -> range:
@@ -84,7 +104,9 @@ def cmd_plan_size(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     profiles = load_profiles(args.profiles)
-    candidates = size(config, profiles, _trace(args), args.model, args.p99_ms, args.onprem_site,
+    requests, _ = _trace(args)
+    check_fleet(config, profiles, {r.model for r in requests}, args.profiles)
+    candidates = size(config, profiles, requests, args.model, args.p99_ms, args.onprem_site,
                       _counts(args.onprem), args.cloud_site or None, _counts(args.cloud), args.provisioning_delay_s)
     best = cheapest(candidates)
     if args.png:
@@ -105,6 +127,69 @@ def cmd_plan_size(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_profile(args: argparse.Namespace) -> int:
+    """Measure one model's profile on a running Spillway and write it as a profiles YAML."""
+    import asyncio
+    import os
+    import platform
+
+    from serve_app.planner.measure import measure
+
+    config = load_config(args.config)
+    model = next((m for m in config.models if m.id == args.model), None)
+    if model is None or not model.deploys_on(args.site):
+        raise ConfigError(f"the config has no model {args.model!r} on site {args.site!r}")
+    print(f"measuring {args.model} on {args.site} through {args.host} ...")
+    measured = asyncio.run(measure(args.host, args.model, args.site, model.engine.max_num_seqs,
+                                   api_key=args.api_key or os.environ.get("SPILLWAY_API_KEY"),
+                                   max_tokens=args.max_tokens, rounds=args.rounds))
+    name = args.name or f"measured-{args.model}"
+    source = (f"spillway plan profile --model {args.model} --site {args.site} on {platform.node()} "
+              f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M')}, through the router")
+    profile = measured.profile(name, model.engine.max_num_seqs, source)
+    sites = [site for site in model.replicas if model.deploys_on(site) and config.site(site).kind != SiteKind.external]
+    document = {"profiles": {name: profile.model_dump(mode="json", exclude={"name"})},
+                "use": {args.model: {site: name for site in sites}}}
+    text = yaml.safe_dump(document, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(f"# Measured by `{source}`; every site of the model uses it.\n" + text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_plan_accuracy(args: argparse.Namespace) -> int:
+    """A recorded run replayed through the simulator, figures side by side with what it measured."""
+    from serve_app.planner.accuracy import compare, measured_figures, table
+    from serve_app.planner.sim import Simulation
+    from serve_app.planner.traffic import replay
+
+    config = load_config(args.config)
+    profiles = load_profiles(args.profiles)
+    try:
+        trace = replay(args.trace, models=dict(pair.split("=", 1) for pair in args.trace_model))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"trace {args.trace}: {exc}") from None
+    if not trace.requests:
+        raise ConfigError(f"trace {args.trace}: no request to replay (left out: {dict(trace.skipped)})")
+    check_fleet(config, profiles, {r.model for r in trace.requests}, args.profiles)
+    simulation = Simulation(config, profiles, args.provisioning_delay_s)
+    result = simulation.run(trace.requests)
+    rows = compare(trace, result, simulation.onprem_sites)
+    measured = measured_figures(trace, simulation.onprem_sites)
+    if args.json:
+        print(json.dumps({"rows": [{"metric": r.metric, "measured": r.measured, "simulated": r.simulated,
+                                    "error": r.error} for r in rows],
+                          "requests": len(trace.requests), "ttft_samples": measured["ttft_samples"],
+                          "skipped": dict(trace.skipped), "rejected_in_simulation": dict(result.rejected)}, indent=2))
+        return 0
+    print(f"{len(trace.requests)} requests replayed ({measured['ttft_samples']} with a measured TTFT; "
+          f"left out: {dict(trace.skipped) or 'none'}); profiles: {args.profiles}")
+    print(table(rows))
+    return 0
+
+
 def _traffic_arguments(parser) -> None:
     parser.add_argument("--profiles", default=str(Path(__file__).resolve().parents[2] / "cluster_configs" /
                                                   "profiles" / "local-cpu.yaml"), help="engine profiles YAML")
@@ -117,6 +202,10 @@ def _traffic_arguments(parser) -> None:
     parser.add_argument("--max-tokens", default="64", help="a loadtests distribution")
     parser.add_argument("--confidential-share", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", help="replay a load test's requests.jsonl (or its report folder) instead of "
+                                        "Poisson traffic: arrivals, lengths and data classes as recorded")
+    parser.add_argument("--trace-model", action="append", default=[], metavar="OLD=NEW",
+                        help="serve the trace's model OLD as the config's model NEW (repeatable)")
     parser.add_argument("--provisioning-delay-s", type=float, default=60.0,
                         help="an autoscaled cloud replica serves this long after it is asked for (node + engine start)")
     parser.add_argument("--json", action="store_true")
@@ -139,3 +228,22 @@ def add_parsers(sub, with_config) -> None:
     sizing.add_argument("--cloud", default="0-2", help="cloud replica counts to try, e.g. 0-4")
     sizing.add_argument("--png", help="write the cost curve (cost per hour against p99 TTFT) here")
     sizing.set_defaults(func=cmd_plan_size)
+    profile = with_config(plan_sub.add_parser("profile", help="measure a model's engine profile on a running "
+                                                              "Spillway (through the router) and write it as YAML"))
+    profile.add_argument("--host", default="http://127.0.0.1:8000")
+    profile.add_argument("--model", default="spillway-dense")
+    profile.add_argument("--site", default="onprem", help="only streams served here count")
+    profile.add_argument("--max-tokens", type=int, default=64, help="tokens per stream when timing a batch")
+    profile.add_argument("--rounds", type=int, default=3)
+    profile.add_argument("--api-key", help="default: $SPILLWAY_API_KEY (once the cluster has keys)")
+    profile.add_argument("--name", help="the profile's name (default measured-<model>)")
+    profile.add_argument("--out", help="write the profiles YAML here (default: print it)")
+    profile.set_defaults(func=cmd_plan_profile)
+    accuracy = with_config(plan_sub.add_parser("accuracy", help="replay a load test's requests.jsonl in the "
+                                                                "simulator and compare with what it measured"))
+    accuracy.add_argument("--trace", required=True, help="the run's requests.jsonl, or its report folder")
+    accuracy.add_argument("--trace-model", action="append", default=[], metavar="OLD=NEW")
+    accuracy.add_argument("--profiles", required=True, help="engine profiles YAML (e.g. from `plan profile`)")
+    accuracy.add_argument("--provisioning-delay-s", type=float, default=60.0)
+    accuracy.add_argument("--json", action="store_true")
+    accuracy.set_defaults(func=cmd_plan_accuracy)

@@ -47,39 +47,82 @@ class SimRequest:
     data_class: DataClass = DataClass.public
 
 
-@dataclass
-class SimReplica:
-    running: int = 0
-
-
-@dataclass
 class SimGroup:
     """A simulated engine deployment: its replicas and their profile; an autoscaled one also its
-    scale policy, the replicas still starting, and replica-seconds so far."""
+    scale policy, the replicas still starting, and replica-seconds so far.
 
-    profile: EngineProfile
-    replicas: list[SimReplica]
-    policy: ScalePolicy | None = None
-    target: int = 0
-    starting: int = 0
-    replica_s: float = 0.0
-    counted_at: float = 0.0
+    A request goes to a least-loaded replica (as the router's direct dispatch does); the replicas
+    are kept in buckets by sequences running, so choosing one costs the same for 1 replica or 1,000."""
 
-    def pick(self) -> SimReplica:
-        return min(self.replicas, key=lambda replica: replica.running)
-
-    def count(self, now: float) -> None:
-        self.replica_s += (len(self.replicas) + self.starting) * (now - self.counted_at)
-        self.counted_at = now
+    def __init__(self, profile: EngineProfile, replicas: int, max_num_seqs: int):
+        self.profile = profile
+        self.max_num_seqs = max_num_seqs
+        self.policy: ScalePolicy | None = None
+        self.target = 0
+        self.starting = 0
+        self.replica_s = 0.0
+        self.counted_at = 0.0
+        self.running = 0  # sequences on all replicas
+        self._load: dict[int, int] = {}  # replica -> sequences
+        self._levels: list[set[int]] = [set()]  # sequences -> replicas running that many
+        self._lowest = 0
+        self._next_id = 0
+        for _ in range(replicas):
+            self.add()
 
     @property
-    def running(self) -> int:
-        return sum(replica.running for replica in self.replicas)
+    def replicas(self) -> int:
+        return len(self._load)
+
+    @property
+    def capacity(self) -> int:
+        return self.replicas * self.max_num_seqs
+
+    def add(self) -> None:
+        self._load[self._next_id] = 0
+        self._levels[0].add(self._next_id)
+        self._next_id += 1
+        self._lowest = 0
+
+    def remove_idle(self, count: int) -> None:
+        """Up to ``count`` idle replicas leave (busy ones stay until idle)."""
+        idle = self._levels[0]
+        for _ in range(min(count, len(idle))):
+            del self._load[idle.pop()]
+
+    def start(self) -> tuple[int, int]:
+        """A sequence starts on a least-loaded replica: (that replica, its sequences now)."""
+        level = self._lowest
+        while not self._levels[level]:
+            level += 1
+        replica = self._levels[level].pop()
+        if level + 1 == len(self._levels):
+            self._levels.append(set())
+        self._levels[level + 1].add(replica)
+        self._load[replica] = level + 1
+        self._lowest = level
+        self.running += 1
+        return replica, level + 1
+
+    def finish(self, replica: int) -> None:
+        level = self._load[replica]
+        self._levels[level].discard(replica)
+        self._levels[level - 1].add(replica)
+        self._load[replica] = level - 1
+        self._lowest = min(self._lowest, level - 1)
+        self.running -= 1
+
+    def mean_batch(self) -> int:
+        return max(1, -(-self.running // max(1, self.replicas)))
+
+    def count(self, now: float) -> None:
+        self.replica_s += (self.replicas + self.starting) * (now - self.counted_at)
+        self.counted_at = now
 
 
 @dataclass
 class SimResult:
-    ttft_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float | None] = field(default_factory=list)  # by request (trace order); None: not served
     sites: Counter = field(default_factory=Counter)
     sites_by_class: Counter = field(default_factory=Counter)  # (data class name, site) -> requests
     spilled: int = 0
@@ -93,11 +136,10 @@ class SimResult:
     duration_s: float = 0.0
     events: int = 0
 
-    def percentile(self, q: float) -> float | None:
-        ordered = sorted(self.ttft_ms)
-        if not ordered:
-            return None
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+    def percentile(self, q: float, indices=None) -> float | None:
+        """TTFT percentile over the served requests (or over those of ``indices`` that were served)."""
+        values = self.ttft_ms if indices is None else (self.ttft_ms[i] for i in indices)
+        return percentile([v for v in values if v is not None], q)
 
     def summary(self, onprem_sites: set[str]) -> dict:
         served = sum(self.sites.values())
@@ -114,10 +156,12 @@ class SimResult:
         }
 
 
-def _spawn(loop, tasks: set, coro) -> None:
-    task = loop.create_task(coro)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank percentile (None for no values)."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def _round(value: float | None) -> float | None:
@@ -150,69 +194,89 @@ class Simulation:
             for group_id, target in by_group.items():
                 group = target.group
                 profile = self.profiles[(model_id, group.site)]
-                sim_group = groups[group_id] = SimGroup(profile, [SimReplica() for _ in range(group.replicas)])
                 scaling = config.model(model_id).autoscaling.get(group.site)
+                count = config.model(model_id).replicas[group.site] if scaling is not None else group.replicas
+                sim_group = groups[group_id] = SimGroup(profile, count, group.max_num_seqs)
                 if scaling is not None:
-                    count = config.model(model_id).replicas[group.site]
-                    sim_group.replicas = [SimReplica() for _ in range(count)]
                     sim_group.policy, sim_group.target = ScalePolicy(scaling, group.max_num_seqs), count
-                    schedulers[model_id].set_capacity(group_id, count * group.max_num_seqs)
+                    schedulers[model_id].set_capacity(group_id, sim_group.capacity)
         costs = CostModel(config)
-        result = SimResult()
+        result = SimResult(ttft_ms=[None] * len(requests))
         start = loop.time()
         done = loop.create_future()
         remaining = len(requests)
 
-        def report(model_id: str, group_id: str) -> None:
-            group = groups[group_id]
-            batch = max(1, group.running)
-            schedulers[model_id].observe_engine_load(group_id, group.running, 0.0, group.profile.itl_at(batch),
-                                                     group.profile.ttft_overhead_ms)
+        def report(scheduler, group_id: str, group: SimGroup) -> None:
+            scheduler.observe_engine_load(group_id, group.running, 0.0, group.profile.itl_at(group.mean_batch()),
+                                          group.profile.ttft_overhead_ms)
             result.events += 1
 
-        async def serve(request: SimRequest, index: int) -> None:
+        def finished() -> None:
             nonlocal remaining
+            remaining -= 1
+            if remaining == 0 and not done.done():
+                done.set_result(None)
+
+        # Arrivals are fed one at a time (not millions of timers up front), in time order.
+        order = range(len(requests))
+        if any(requests[i].arrival_s > requests[i + 1].arrival_s for i in range(len(requests) - 1)):
+            order = sorted(order, key=lambda i: requests[i].arrival_s)
+
+        def arrive(position: int) -> None:
+            index = order[position]
+            loop.create_task(admit(requests[index], index))
+            result.events += 1
+            if position + 1 < len(order):
+                loop.call_at(start + requests[order[position + 1]].arrival_s, arrive, position + 1)
+
+        async def admit(request: SimRequest, index: int) -> None:
             scheduler = schedulers[request.model]
             try:
                 view = RequestView(f"sim-{index}", request.model, request.data_class)
                 lease = await scheduler.acquire(view, max_tokens=request.max_tokens)
             except SpillwayError as exc:
                 result.rejected[exc.code or str(exc.status)] += 1
-            else:
-                group_id = lease.group.group_id
-                group = groups[group_id]
-                if request.data_class > lease.group.trusted_up_to:
-                    result.residency_violations += 1
-                replica = group.pick()
-                replica.running += 1
-                report(request.model, group_id)
-                await asyncio.sleep(group.profile.ttft_ms(request.prompt_tokens) / 1000)
-                result.ttft_ms.append((loop.time() - request.arrival_s) * 1000)
-                decode_s = max(0, request.output_tokens - 1) * group.profile.itl_at(max(1, group.running)) / 1000
-                await asyncio.sleep(decode_s)
-                replica.running -= 1
-                lease.release()
-                scheduler.observe_usage(request.max_tokens, request.output_tokens)
-                report(request.model, group_id)
-                result.sites[lease.group.site] += 1
-                result.sites_by_class[(request.data_class.name, lease.group.site)] += 1
-                result.spilled += lease.spill_reason != SPILL_REASON_NONE
-                cost = costs.request_cost(request.model, lease.group.site, (request.prompt_tokens, request.output_tokens))
-                result.cost += cost
-                result.cost_by_site[lease.group.site] += cost
-                result.events += 3
-            remaining -= 1
-            if remaining == 0 and not done.done():
-                done.set_result(None)
+                finished()
+                return
+            group_id = lease.group.group_id
+            group = groups[group_id]
+            if request.data_class > lease.group.trusted_up_to:
+                result.residency_violations += 1
+            replica, batch = group.start()
+            report(scheduler, group_id, group)
+            loop.call_later(group.profile.ttft_ms(request.prompt_tokens) / 1000, first_token,
+                            request, index, lease, group, replica, batch)
+
+        def first_token(request: SimRequest, index: int, lease, group: SimGroup, replica: int, batch: int) -> None:
+            result.ttft_ms[index] = (loop.time() - start - request.arrival_s) * 1000
+            result.events += 1
+            decode_s = max(0, request.output_tokens - 1) * group.profile.itl_at(batch) / 1000
+            loop.call_later(decode_s, complete, request, lease, group, replica)
+
+        def complete(request: SimRequest, lease, group: SimGroup, replica: int) -> None:
+            site = lease.group.site
+            group.finish(replica)
+            lease.release()
+            scheduler = schedulers[request.model]
+            scheduler.observe_usage(request.max_tokens, request.output_tokens)
+            report(scheduler, lease.group.group_id, group)
+            result.sites[site] += 1
+            result.sites_by_class[(request.data_class.name, site)] += 1
+            result.spilled += lease.spill_reason != SPILL_REASON_NONE
+            cost = costs.request_cost(request.model, site, (request.prompt_tokens, request.output_tokens))
+            result.cost += cost
+            result.cost_by_site[site] += cost
+            result.events += 1
+            finished()
 
         def replica_up(model_id: str, group_id: str) -> None:
             group = groups[group_id]
             group.count(loop.time())
             group.starting -= 1
-            if len(group.replicas) >= group.target:
+            if group.replicas >= group.target:
                 return  # scaled down while it was starting: the start is cancelled
-            group.replicas.append(SimReplica())
-            schedulers[model_id].set_capacity(group_id, len(group.replicas) * targets[model_id][group_id].group.max_num_seqs)
+            group.add()
+            schedulers[model_id].set_capacity(group_id, group.capacity)
 
         async def autoscale() -> None:
             scaled = [(m, g) for m, by_group in targets.items() for g in by_group if groups[g].policy is not None]
@@ -226,21 +290,16 @@ class Simulation:
                     if target != group.target:
                         result.scale_events.append((round(now, 1), group_id, group.target, target))
                     group.count(now)
-                    for _ in range(target - len(group.replicas) - group.starting):
+                    for _ in range(target - group.replicas - group.starting):
                         group.starting += 1
                         loop.call_later(self.provisioning_delay_s, replica_up, model_id, group_id)
-                    idle = [r for r in group.replicas if r.running == 0]  # (busy ones leave once idle)
-                    for replica in idle[:max(0, len(group.replicas) - target)]:
-                        group.replicas.remove(replica)
+                    group.remove_idle(group.replicas - target)
                     group.target = target
-                    max_num_seqs = targets[model_id][group_id].group.max_num_seqs
-                    schedulers[model_id].set_capacity(group_id, len(group.replicas) * max_num_seqs)
+                    schedulers[model_id].set_capacity(group_id, group.capacity)
 
         scaler = loop.create_task(autoscale())
-        tasks: set[asyncio.Task] = set()
-        for index, request in enumerate(requests):
-            loop.call_at(start + request.arrival_s, _spawn, loop, tasks, serve(request, index))
         if requests:
+            loop.call_at(start + requests[order[0]].arrival_s, arrive, 0)
             await done
         scaler.cancel()
         result.duration_s = max((r.arrival_s for r in requests), default=0.0) or 1.0
@@ -248,7 +307,7 @@ class Simulation:
             for group_id, target in by_group.items():
                 group = groups[group_id]
                 if group.policy is None:
-                    group.replica_s = len(group.replicas) * result.duration_s
+                    group.replica_s = group.replicas * result.duration_s
                 else:
                     group.count(loop.time())
                 result.replica_seconds[target.group.site] += group.replica_s

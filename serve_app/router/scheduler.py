@@ -164,6 +164,8 @@ class ModelScheduler:
         self._retries += retry
         try:
             self.pump()
+            if ticket.future.done():  # granted at once (the common case): no timer, nothing to await
+                return ticket.future.result()
             # asyncio.timeout, not wait_for: in Python 3.11 wait_for can lose a cancellation that
             # arrives as the awaited future completes, and a client gone must cancel its request.
             # A request queued again (its engine was full) waits no longer in all than one queued once.

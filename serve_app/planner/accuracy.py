@@ -1,0 +1,82 @@
+"""How close the planner comes to a real run: the load test's ``requests.jsonl`` replayed through
+the simulator, its figures set against what the run measured.
+
+Like is compared with like: TTFT percentiles over the streamed requests that succeeded (the only
+ones with a measured TTFT), the simulated TTFT of those same requests; on-prem and spill shares
+over the requests served (a spill is any ``x-spillway-spill-reason`` other than ``none``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_app.planner.sim import SimResult, percentile
+from serve_app.planner.traffic import Trace
+
+METRICS = ("ttft_p50_ms", "ttft_p99_ms", "onprem_share", "spill_share")
+
+
+@dataclass(frozen=True)
+class Row:
+    metric: str
+    measured: float | None
+    simulated: float | None
+
+    @property
+    def error(self) -> float | None:
+        """Relative error of the simulated figure (None where the measured one is 0 or missing)."""
+        if self.measured in (None, 0) or self.simulated is None:
+            return None
+        return (self.simulated - self.measured) / self.measured
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.measured is None or self.simulated is None else self.simulated - self.measured
+
+
+def measured_figures(trace: Trace, onprem_sites: set[str]) -> dict:
+    timed = [r["ttft_ms"] for r in trace.records if r.get("ok") and isinstance(r.get("ttft_ms"), (int, float))]
+    served = [r for r in trace.records if r.get("ok") and r.get("site")]
+    spilled = [r for r in served if r.get("spill_reason") not in (None, "none")]
+    return {
+        "ttft_p50_ms": percentile(timed, 50), "ttft_p99_ms": percentile(timed, 99),
+        "onprem_share": sum(r["site"] in onprem_sites for r in served) / len(served) if served else None,
+        "spill_share": len(spilled) / len(served) if served else None,
+        "requests": len(trace.records), "ttft_samples": len(timed),
+        "spill_reasons_recorded": sum("spill_reason" in r for r in served),
+    }
+
+
+def simulated_figures(trace: Trace, result: SimResult, onprem_sites: set[str]) -> dict:
+    timed = [i for i, r in enumerate(trace.records) if r.get("ok") and isinstance(r.get("ttft_ms"), (int, float))]
+    summary = result.summary(onprem_sites)
+    return {"ttft_p50_ms": result.percentile(50, timed), "ttft_p99_ms": result.percentile(99, timed),
+            "onprem_share": summary["onprem_share"], "spill_share": summary["spill_share"],
+            "requests": len(trace.requests), "rejected": sum(result.rejected.values())}
+
+
+def compare(trace: Trace, result: SimResult, onprem_sites: set[str]) -> list[Row]:
+    measured, simulated = measured_figures(trace, onprem_sites), simulated_figures(trace, result, onprem_sites)
+    return [Row(metric, measured[metric], simulated[metric]) for metric in METRICS]
+
+
+def _show(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if metric.endswith("_ms") else f"{100 * value:.1f} %"
+
+
+def _error(row: Row) -> str:
+    if row.error is not None:
+        return f"{100 * row.error:+.1f} %"
+    if row.difference is not None:
+        return f"{100 * row.difference:+.1f} pts" if not row.metric.endswith("_ms") else f"{row.difference:+.1f} ms"
+    return "-"
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table: metric, measured, simulated, error (relative; points where measured is 0)."""
+    lines = ["| metric | measured | simulated | error |", "|---|---:|---:|---:|"]
+    lines += [f"| {r.metric} | {_show(r.metric, r.measured)} | {_show(r.metric, r.simulated)} | {_error(r)} |"
+              for r in rows]
+    return "\n".join(lines)
