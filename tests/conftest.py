@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +35,36 @@ E2E_CENTRAL_REMOTE = "central-llm"  # its name on that site
 # Filled by the e2e_cluster fixture: the health report before any key existed, and the session's
 # API key. Once a key exists every request needs one, so every end-to-end test sends it (auth()).
 E2E_STATE: dict = {"moe_prefix": f"e2e-{uuid.uuid4().hex[:12]}/spillway-moe"}
+
+
+# ---- how the test process ends ------------------------------------------------------------
+# The end-to-end tests make this process a Ray driver (several times), and it also holds gRPC,
+# torch and vLLM's native libraries. Their C++ teardown at interpreter exit (static destructors
+# racing background threads) crashed one CI run with SIGSEGV after "545 passed". Once pytest has
+# reported and unconfigured, the result is decided: end the process with that status, skipping
+# only the interpreter's own finalisation. (Every fixture, cluster and server has been stopped by
+# then; a crash during the tests themselves still fails the run, with pytest's faulthandler dump.)
+_SESSION: dict = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION["session"] = session
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    session = _SESSION.get("session")
+    if session is None:
+        return
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.stop_global_capturing()
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter._tw.flush()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        stream.flush()
+    os._exit(int(session.exitstatus))
 
 
 def auth() -> dict:
