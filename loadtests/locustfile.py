@@ -205,7 +205,8 @@ class SpillwayUser(HttpUser):
                        itl_ms=timing.itl_ms, e2e_ms=timing.e2e_ms, output_tokens=timing.output_tokens,
                        prompt_tokens=timing.prompt_tokens, max_tokens=body["max_tokens"], site=timing.site,
                        data_class=response.headers.get("x-spillway-data-class"),
-                       spill_reason=response.headers.get("x-spillway-spill-reason"), error=timing.error)
+                       spill_reason=response.headers.get("x-spillway-spill-reason"),
+                       queue_ms=_float(response.headers.get("x-spillway-queue-ms")), error=timing.error)
         return timing
 
 
@@ -251,7 +252,15 @@ class ChatUser(SpillwayUser):
                        output_tokens=tokens, prompt_tokens=prompt_tokens, max_tokens=body["max_tokens"],
                        site=response.headers.get("x-spillway-site"),
                        data_class=response.headers.get("x-spillway-data-class"),
-                       spill_reason=response.headers.get("x-spillway-spill-reason"), error=error)
+                       spill_reason=response.headers.get("x-spillway-spill-reason"),
+                       queue_ms=_float(response.headers.get("x-spillway-queue-ms")), error=error)
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _must_stay_on_prem(response) -> str | None:

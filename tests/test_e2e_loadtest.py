@@ -65,3 +65,22 @@ def test_headless_mixed_run_writes_csvs_and_report(e2e_cluster, base_url, tmp_pa
     assert 0 < rows["onprem_share"]["simulated"] <= 1 and rows["onprem_share"]["measured"] > 0
     for png in ("ttft.png", "throughput.png", "queue_depth.png", "site_share.png"):
         assert (report / png).stat().st_size > 5_000
+
+
+def test_plan_profile_measures_the_dense_engine_through_the_router(e2e_cluster, base_url, tmp_path):
+    from serve_app.planner.cli import load_profiles
+    from tests.conftest import e2e_api_key
+
+    _, config_path, _ = e2e_cluster
+    out = tmp_path / "profile.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "serve_app.ops.cli", "plan", "profile", "--config", str(config_path), "--host", base_url,
+         "--api-key", e2e_api_key(), "--rounds", "1", "--max-tokens", "24", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    profiles = load_profiles(out)
+    profile = profiles[("spillway-dense", "onprem")]
+    assert profiles[("spillway-dense", "cloud")] == profile  # (every site of the model uses it)
+    assert set(profile.itl_ms) == {1, 2, 4, 8} and all(ms > 0 for ms in profile.itl_ms.values())  # 8 slots
+    assert profile.max_num_seqs == 8 and profile.prefill_tokens_per_s > 0 and "plan profile" in profile.source

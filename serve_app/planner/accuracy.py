@@ -3,7 +3,9 @@ the simulator, its figures set against what the run measured.
 
 Like is compared with like: TTFT percentiles over the streamed requests that succeeded (the only
 ones with a measured TTFT), the simulated TTFT of those same requests; on-prem and spill shares
-over the requests served (a spill is any ``x-spillway-spill-reason`` other than ``none``).
+over the requests served (a spill is any ``x-spillway-spill-reason`` other than ``none``); and the
+wait in the router's queue (``x-spillway-queue-ms``), the part of TTFT that is the router's own
+decision, apart from what the engines and the machine add.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from serve_app.planner.sim import SimResult, percentile
 from serve_app.planner.traffic import Trace
 
-METRICS = ("ttft_p50_ms", "ttft_p99_ms", "onprem_share", "spill_share")
+METRICS = ("ttft_p50_ms", "ttft_p99_ms", "onprem_share", "spill_share", "queue_p99_ms")
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,10 @@ def measured_figures(trace: Trace, onprem_sites: set[str]) -> dict:
     timed = [r["ttft_ms"] for r in trace.records if r.get("ok") and isinstance(r.get("ttft_ms"), (int, float))]
     served = [r for r in trace.records if r.get("ok") and r.get("site")]
     spilled = [r for r in served if r.get("spill_reason") not in (None, "none")]
+    queued = [r["queue_ms"] for r in served if isinstance(r.get("queue_ms"), (int, float))]
     return {
         "ttft_p50_ms": percentile(timed, 50), "ttft_p99_ms": percentile(timed, 99),
+        "queue_p99_ms": percentile(queued, 99),
         "onprem_share": sum(r["site"] in onprem_sites for r in served) / len(served) if served else None,
         "spill_share": len(spilled) / len(served) if served else None,
         "requests": len(trace.records), "ttft_samples": len(timed),
@@ -50,7 +54,9 @@ def measured_figures(trace: Trace, onprem_sites: set[str]) -> dict:
 def simulated_figures(trace: Trace, result: SimResult, onprem_sites: set[str]) -> dict:
     timed = [i for i, r in enumerate(trace.records) if r.get("ok") and isinstance(r.get("ttft_ms"), (int, float))]
     summary = result.summary(onprem_sites)
+    served = [i for i, r in enumerate(trace.records) if r.get("ok") and isinstance(r.get("queue_ms"), (int, float))]
     return {"ttft_p50_ms": result.percentile(50, timed), "ttft_p99_ms": result.percentile(99, timed),
+            "queue_p99_ms": percentile([result.queue_ms[i] for i in served if result.queue_ms[i] is not None], 99),
             "onprem_share": summary["onprem_share"], "spill_share": summary["spill_share"],
             "requests": len(trace.requests), "rejected": sum(result.rejected.values())}
 

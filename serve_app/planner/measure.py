@@ -2,10 +2,19 @@
 through the router (so its overhead is part of the time to first token, as in production).
 
 - Time per output token against batch size: ``b`` streams at once (``b`` = 1, 2, 4, ... up to the
-  engine's ``max_num_seqs``), each ``max_tokens`` long with ``ignore_eos``; a stream's figure is the
-  mean gap between its content events, the batch's the median over streams and rounds.
+  engine's ``max_num_seqs``), each ``max_tokens`` long with ``ignore_eos``. A stream's figure is
+  (time to its last token - the unloaded time to first token) / (its tokens - 1): the whole
+  stream, as the simulator models it (first token, then one step per token). Gaps between SSE
+  events would not do: an event may carry several tokens or none, and a client starved of CPU
+  next to the engines reads late and sees a stream's tokens arrive at once. The batch's figure is
+  the median over streams and rounds.
+- What a busy replica adds to the first token: requests sent one at a time while ``b - 1`` long
+  streams decode, their time to first token over the unloaded one.
+- Time in the router's queue (``x-spillway-queue-ms``) is taken out of every figure: queueing is
+  what the simulator works out itself, from the router's own scheduler.
 - Prefill speed: the time to first token of a long prompt against a short one, one at a time
-  (prompt sizes from the usage the server reports).
+  (prompt sizes from the usage the server reports). Every prompt is drawn afresh, so the
+  engine's prefix cache cannot skip the prefill being timed.
 - Only streams served on ``site`` count: a stream that spilled elsewhere is left out and reported.
 
 The machine should be otherwise idle: what the profile says is what one replica does alone.
@@ -15,31 +24,43 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
 
 from serve_app.planner.profile import EngineProfile
 
+JOIN_SETTLE_S = 0.5
+TTFT_TOKENS = 8  # (a token or two may decode to no text yet: ask for a few, time the first)
 WORDS = "river lake stream spill dam flood basin delta channel canal reservoir weir".split()
 
 
 @dataclass
 class StreamSample:
     ttft_ms: float | None
-    gaps_ms: list[float]
+    decode_ms: float | None  # first content event to last
     site: str | None
     prompt_tokens: int | None
+    completion_tokens: int | None = None
+    queue_ms: float = 0.0  # its wait in the router's queue (x-spillway-queue-ms): the simulator's own part
     error: str | None = None
 
     @property
-    def itl_ms(self) -> float | None:
-        return statistics.fmean(self.gaps_ms) if self.gaps_ms else None
+    def engine_ttft_ms(self) -> float | None:
+        return None if self.ttft_ms is None else max(0.0, self.ttft_ms - self.queue_ms)
+
+    def itl_ms(self, base_ttft_ms: float) -> float | None:
+        """Time per token after an unloaded first token of ``base_ttft_ms`` (None: it cannot say)."""
+        if self.ttft_ms is None or self.decode_ms is None or not self.completion_tokens or self.completion_tokens < 2:
+            return None
+        return max(0.0, self.engine_ttft_ms + self.decode_ms - base_ttft_ms) / (self.completion_tokens - 1)
 
 
 @dataclass
 class Measurement:
     itl_ms: dict[int, float] = field(default_factory=dict)
+    ttft_extra_ms: dict[int, float] = field(default_factory=dict)  # batch -> median TTFT over the unloaded one
     ttft_short_ms: float | None = None
     ttft_long_ms: float | None = None
     prompt_tokens: tuple[int, int] = (0, 0)
@@ -53,40 +74,65 @@ class Measurement:
         overhead = max(0.0, (self.ttft_short_ms or 0) - 1000 * short / prefill)
         return EngineProfile(name=name, source=source, max_num_seqs=max_num_seqs,
                              prefill_tokens_per_s=round(prefill, 1), ttft_overhead_ms=round(overhead, 1),
-                             itl_ms={b: round(ms, 2) for b, ms in sorted(self.itl_ms.items())})
+                             itl_ms={b: round(ms, 2) for b, ms in sorted(self.itl_ms.items())},
+                             ttft_extra_ms={b: round(ms, 1) for b, ms in sorted(self.ttft_extra_ms.items())} or {1: 0.0})
+
+
+def _prompt(words: int) -> str:
+    rng = random.Random()  # (fresh words every time: no prefix-cache hit)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
 async def _stream(client, url: str, model: str, words: int, max_tokens: int, headers: dict) -> StreamSample:
-    body = {"model": model, "messages": [{"role": "user", "content": " ".join(WORDS[i % len(WORDS)] for i in range(words))}],
+    body = {"model": model, "messages": [{"role": "user", "content": _prompt(words)}],
             "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    ttft, last, gaps, prompt_tokens = None, None, [], None
+    first = last = None
+    usage: dict = {}
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             site = response.headers.get("x-spillway-site")
+            try:
+                queue_ms = float(response.headers.get("x-spillway-queue-ms") or 0.0)
+            except ValueError:
+                queue_ms = 0.0
             if response.status_code != 200:
-                return StreamSample(None, [], site, None, f"HTTP {response.status_code}")
+                return StreamSample(None, None, site, None, error=f"HTTP {response.status_code}")
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 now = time.perf_counter()
                 event = json.loads(line[6:])
-                if event.get("usage"):
-                    prompt_tokens = event["usage"].get("prompt_tokens")
+                usage = event.get("usage") or usage
                 choices = event.get("choices") or []
                 if choices and choices[0].get("delta", {}).get("content"):
-                    if ttft is None:
-                        ttft = (now - started) * 1000
-                    else:
-                        gaps.append((now - last) * 1000)
+                    first = first if first is not None else now
                     last = now
     except Exception as exc:  # noqa: BLE001 - a failed stream is reported and left out, never fatal
-        return StreamSample(None, [], None, None, f"{type(exc).__name__}: {exc}")
-    return StreamSample(ttft, gaps, site, prompt_tokens)
+        return StreamSample(None, None, None, None, error=f"{type(exc).__name__}: {exc}")
+    if first is None:
+        return StreamSample(None, None, site, None, error="no content")
+    return StreamSample((first - started) * 1000, (last - first) * 1000, site, usage.get("prompt_tokens"),
+                        usage.get("completion_tokens"), queue_ms)
+
+
+async def _joining(client, url: str, model: str, words: int, max_tokens: int, headers: dict, running: int,
+                   site: str, probes: int) -> list[float]:
+    """Times to first token of requests sent one by one while ``running`` long streams decode."""
+    background = [asyncio.create_task(_stream(client, url, model, words, 4 * max_tokens, headers))
+                  for _ in range(running)]
+    await asyncio.sleep(JOIN_SETTLE_S)  # (let them be admitted and past their own first token)
+    ttfts = []
+    for _ in range(probes):
+        sample = await _stream(client, url, model, words, TTFT_TOKENS, headers)
+        if sample.error is None and sample.site == site and sample.ttft_ms is not None:
+            ttfts.append(sample.engine_ttft_ms)
+    await asyncio.gather(*background)
+    return ttfts
 
 
 async def measure(base_url: str, model: str, site: str, max_num_seqs: int, *, api_key: str | None = None,
-                  max_tokens: int = 64, rounds: int = 3, short_words: int = 8, long_words: int = 1500,
+                  max_tokens: int = 64, rounds: int = 3, short_words: int = 8, long_words: int = 400,
                   log=print) -> Measurement:
     import httpx
 
@@ -96,27 +142,39 @@ async def measure(base_url: str, model: str, site: str, max_num_seqs: int, *, ap
     batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_num_seqs} | {max_num_seqs})
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
         await _stream(client, url, model, short_words, 4, headers)  # (warm the path up)
+        alone = [await _stream(client, url, model, short_words, TTFT_TOKENS, headers) for _ in range(max(3, rounds))]
+        base_ttft = statistics.median([s.engine_ttft_ms for s in alone if s.ttft_ms is not None] or [0.0])
         for batch in batches:
-            itls, left_out = [], 0
+            itls, ttfts_here, left_out = [], [], 0
             for _ in range(rounds):
                 samples = await asyncio.gather(*(_stream(client, url, model, short_words, max_tokens, headers)
                                                  for _ in range(batch)))
                 for sample in samples:
-                    if sample.error or sample.site != site or sample.itl_ms is None:
+                    itl = sample.itl_ms(base_ttft)
+                    if sample.error or sample.site != site or itl is None:
                         left_out += 1
                     else:
-                        itls.append(sample.itl_ms)
+                        itls.append(itl)
+            if batch > 1:  # a new request joining ``batch - 1`` running ones, as in steady traffic
+                ttfts_here = await _joining(client, url, model, short_words, max_tokens, headers, batch - 1, site, rounds)
             if itls:
                 result.itl_ms[batch] = statistics.median(itls)
+                result.ttft_extra_ms[batch] = (max(0.0, statistics.median(ttfts_here) - base_ttft)
+                                               if batch > 1 and ttfts_here else 0.0)
             if left_out:
                 result.left_out[f"batch {batch}"] = left_out
-            log(f"  batch {batch:3d}: time per output token {result.itl_ms.get(batch, float('nan')):.2f} ms"
+            log(f"  batch {batch:3d}: time per output token {result.itl_ms.get(batch, float('nan')):.2f} ms, "
+                f"first token {result.ttft_extra_ms.get(batch, float('nan')):.1f} ms later than alone"
                 + (f" ({left_out} streams left out: served elsewhere or failed)" if left_out else ""))
+        probe = await _stream(client, url, model, long_words, TTFT_TOKENS, headers)
+        while probe.error == "HTTP 400" and long_words > 4 * short_words:  # (longer than the model takes)
+            long_words //= 2
+            probe = await _stream(client, url, model, long_words, TTFT_TOKENS, headers)
         ttfts: dict[int, list[float]] = {short_words: [], long_words: []}
         tokens: dict[int, int] = {}
         for _ in range(max(3, rounds)):
             for words in (short_words, long_words):
-                sample = await _stream(client, url, model, words, 1, headers)
+                sample = await _stream(client, url, model, words, TTFT_TOKENS, headers)
                 if sample.error is None and sample.site == site and sample.ttft_ms is not None:
                     ttfts[words].append(sample.ttft_ms)
                     tokens[words] = sample.prompt_tokens or tokens.get(words, 0)

@@ -5,8 +5,8 @@ What is real: ``build_targets`` and ``build_schedulers`` from the cluster's own 
 model gets the production ``ModelScheduler`` with its ``AdmissionQueue``, ``PlacementPipeline``
 (filters, scorers, picker by name), ``SpillGate`` and spill predictor; requests ``acquire`` leases
 and ``release`` them exactly as the router's admit stage and outcome do. What is simulated: the
-engines (``EngineProfile``: time to first token from prefill speed, time per token from the
-batch), and the load reports the router's fleet would read from them (sent at every change, as the
+engines (``EngineProfile``: time to first token from prefill speed and the replica's batch, time
+per token from the batch), and the load reports the router's fleet would read from them (sent at every change, as the
 fleet's load watch does).
 
 Cloud groups with ``autoscaling`` scale as in production: every ``REPORT_INTERVAL_S`` the
@@ -14,8 +14,11 @@ scheduler's own ``scale_demand`` goes through the operator's ``ScalePolicy`` (up
 ``scale_down_idle_s``); a new replica serves ``provisioning_delay_s`` later (node and engine start),
 an idle one leaves at once. Replica-seconds are counted per site, for the cost of hourly sites.
 
-One router replica is simulated (its scheduler sees all traffic); the residency check counts any
-request placed on a site not trusted with its data class (it must stay 0).
+Every router replica of the config is simulated (``router.replicas``), each with its own
+schedulers, as in production: arrivals go round-robin (the ingress's balancing), every router sees
+the engines' load reports (what is not its own is other routers'), and the cloud scaler sums their
+demand. The residency check counts any request placed on a site not trusted with its data class (it
+must stay 0).
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ class SimGroup:
 @dataclass
 class SimResult:
     ttft_ms: list[float | None] = field(default_factory=list)  # by request (trace order); None: not served
+    queue_ms: list[float | None] = field(default_factory=list)  # by request: its wait in the router's queue
     sites: Counter = field(default_factory=Counter)
     sites_by_class: Counter = field(default_factory=Counter)  # (data class name, site) -> requests
     spilled: int = 0
@@ -188,7 +192,8 @@ class Simulation:
         handles = {m.id: {site: None for site in m.replicas if m.deploys_on(site)
                           and config.site(site).kind != SiteKind.external} for m in config.models if m.id in wanted}
         targets = {m: t for m, t in build_targets(config, handles).items() if m in wanted}
-        schedulers = self.schedulers = build_schedulers(config, targets, clock=loop.time)
+        routers = [build_schedulers(config, targets, clock=loop.time) for _ in range(config.router.replicas)]
+        schedulers = self.schedulers = routers[0]  # (the first router's: the tests look at it)
         groups: dict[str, SimGroup] = {}
         for model_id, by_group in targets.items():
             for group_id, target in by_group.items():
@@ -199,16 +204,19 @@ class Simulation:
                 sim_group = groups[group_id] = SimGroup(profile, count, group.max_num_seqs)
                 if scaling is not None:
                     sim_group.policy, sim_group.target = ScalePolicy(scaling, group.max_num_seqs), count
-                    schedulers[model_id].set_capacity(group_id, sim_group.capacity)
+                    for router in routers:
+                        router[model_id].set_capacity(group_id, sim_group.capacity)
         costs = CostModel(config)
-        result = SimResult(ttft_ms=[None] * len(requests))
+        result = SimResult(ttft_ms=[None] * len(requests), queue_ms=[None] * len(requests))
         start = loop.time()
         done = loop.create_future()
         remaining = len(requests)
 
-        def report(scheduler, group_id: str, group: SimGroup) -> None:
-            scheduler.observe_engine_load(group_id, group.running, 0.0, group.profile.itl_at(group.mean_batch()),
-                                          group.profile.ttft_overhead_ms)
+        def report(model_id: str, group_id: str, group: SimGroup) -> None:
+            batch = group.mean_batch()  # (what the engines' own metrics would say: their step times now)
+            itl, ttft = group.profile.itl_at(batch), group.profile.ttft_ms(0, batch)
+            for router in routers:
+                router[model_id].observe_engine_load(group_id, group.running, 0.0, itl, ttft)
             result.events += 1
 
         def finished() -> None:
@@ -230,7 +238,7 @@ class Simulation:
                 loop.call_at(start + requests[order[position + 1]].arrival_s, arrive, position + 1)
 
         async def admit(request: SimRequest, index: int) -> None:
-            scheduler = schedulers[request.model]
+            scheduler = routers[index % len(routers)][request.model]  # (round-robin over the routers)
             try:
                 view = RequestView(f"sim-{index}", request.model, request.data_class)
                 lease = await scheduler.acquire(view, max_tokens=request.max_tokens)
@@ -240,26 +248,27 @@ class Simulation:
                 return
             group_id = lease.group.group_id
             group = groups[group_id]
+            result.queue_ms[index] = lease.queue_ms
             if request.data_class > lease.group.trusted_up_to:
                 result.residency_violations += 1
             replica, batch = group.start()
-            report(scheduler, group_id, group)
-            loop.call_later(group.profile.ttft_ms(request.prompt_tokens) / 1000, first_token,
-                            request, index, lease, group, replica, batch)
+            report(request.model, group_id, group)
+            loop.call_later(group.profile.ttft_ms(request.prompt_tokens, batch) / 1000, first_token,
+                            request, index, scheduler, lease, group, replica, batch)
 
-        def first_token(request: SimRequest, index: int, lease, group: SimGroup, replica: int, batch: int) -> None:
+        def first_token(request: SimRequest, index: int, scheduler, lease, group: SimGroup, replica: int,
+                        batch: int) -> None:
             result.ttft_ms[index] = (loop.time() - start - request.arrival_s) * 1000
             result.events += 1
             decode_s = max(0, request.output_tokens - 1) * group.profile.itl_at(batch) / 1000
-            loop.call_later(decode_s, complete, request, lease, group, replica)
+            loop.call_later(decode_s, complete, request, scheduler, lease, group, replica)
 
-        def complete(request: SimRequest, lease, group: SimGroup, replica: int) -> None:
+        def complete(request: SimRequest, scheduler, lease, group: SimGroup, replica: int) -> None:
             site = lease.group.site
             group.finish(replica)
             lease.release()
-            scheduler = schedulers[request.model]
             scheduler.observe_usage(request.max_tokens, request.output_tokens)
-            report(scheduler, lease.group.group_id, group)
+            report(request.model, lease.group.group_id, group)
             result.sites[site] += 1
             result.sites_by_class[(request.data_class.name, site)] += 1
             result.spilled += lease.spill_reason != SPILL_REASON_NONE
@@ -276,7 +285,8 @@ class Simulation:
             if group.replicas >= group.target:
                 return  # scaled down while it was starting: the start is cancelled
             group.add()
-            schedulers[model_id].set_capacity(group_id, group.capacity)
+            for router in routers:
+                router[model_id].set_capacity(group_id, group.capacity)
 
         async def autoscale() -> None:
             scaled = [(m, g) for m, by_group in targets.items() for g in by_group if groups[g].policy is not None]
@@ -285,7 +295,7 @@ class Simulation:
                 now = loop.time()
                 for model_id, group_id in scaled:
                     group = groups[group_id]
-                    demand = schedulers[model_id].scale_demand().get(group_id, 0)
+                    demand = sum(router[model_id].scale_demand().get(group_id, 0) for router in routers)
                     target = group.policy.decide(group.target, demand, now)
                     if target != group.target:
                         result.scale_events.append((round(now, 1), group_id, group.target, target))
@@ -295,7 +305,8 @@ class Simulation:
                         loop.call_later(self.provisioning_delay_s, replica_up, model_id, group_id)
                     group.remove_idle(group.replicas - target)
                     group.target = target
-                    schedulers[model_id].set_capacity(group_id, group.capacity)
+                    for router in routers:
+                        router[model_id].set_capacity(group_id, group.capacity)
 
         scaler = loop.create_task(autoscale())
         if requests:
@@ -311,5 +322,5 @@ class Simulation:
                 else:
                     group.count(loop.time())
                 result.replica_seconds[target.group.site] += group.replica_s
-        result.budget_misses = sum(s.budget_misses for s in schedulers.values())
+        result.budget_misses = sum(s.budget_misses for router in routers for s in router.values())
         return result
