@@ -9,7 +9,7 @@ through the router (so its overhead is part of the time to first token, as in pr
   next to the engines reads late and sees a stream's tokens arrive at once. The batch's figure is
   the median over streams and rounds.
 - What a busy replica adds to the first token: requests sent one at a time while ``b - 1`` long
-  streams decode, their time to first token over the unloaded one.
+  streams decode (``b`` below the batch limit), their time to first token over the unloaded one.
 - Time in the router's queue (``x-spillway-queue-ms``) is taken out of every figure: queueing is
   what the simulator works out itself, from the router's own scheduler.
 - Prefill speed: the time to first token of a long prompt against a short one, one at a time
@@ -155,12 +155,17 @@ async def measure(base_url: str, model: str, site: str, max_num_seqs: int, *, ap
                         left_out += 1
                     else:
                         itls.append(itl)
-            if batch > 1:  # a new request joining ``batch - 1`` running ones, as in steady traffic
+            # A new request joining ``batch - 1`` running ones, as in steady traffic. Not at the batch
+            # limit: there a newcomer waits for a sequence to finish, which is queueing, and the
+            # simulator's scheduler works that out itself (the last point holds past it).
+            if 1 < batch < max_num_seqs:
                 ttfts_here = await _joining(client, url, model, short_words, max_tokens, headers, batch - 1, site, rounds)
             if itls:
                 result.itl_ms[batch] = statistics.median(itls)
-                result.ttft_extra_ms[batch] = (max(0.0, statistics.median(ttfts_here) - base_ttft)
-                                               if batch > 1 and ttfts_here else 0.0)
+                if 1 < batch < max_num_seqs and ttfts_here:
+                    result.ttft_extra_ms[batch] = max(0.0, statistics.median(ttfts_here) - base_ttft)
+                elif batch == 1:
+                    result.ttft_extra_ms[batch] = 0.0
             if left_out:
                 result.left_out[f"batch {batch}"] = left_out
             log(f"  batch {batch:3d}: time per output token {result.itl_ms.get(batch, float('nan')):.2f} ms, "
