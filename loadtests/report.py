@@ -3,8 +3,9 @@
     python -m loadtests.report <run dir>        (re-render a finished run)
 
 Inputs in the run directory: ``requests.jsonl`` (one line per request: start/end, user class,
-tenant, status, TTFT, ITL, end-to-end, output tokens, serving site) and ``scheduler.jsonl``
-(the routers' queue depth, sampled every second). Outputs: ``report.md``, ``report.json`` and
+tenant, status, TTFT, ITL, end-to-end, prompt and output tokens, ``max_tokens``, serving site,
+data class, spill reason, router queue wait; ``spillway plan simulate --trace`` replays it) and
+``scheduler.jsonl`` (the routers' queue depth, sampled every second). Outputs: ``report.md``, ``report.json`` and
 PNGs: ``ttft.png`` (TTFT p50/p90/p99 over time), ``throughput.png`` (output tokens/s),
 ``queue_depth.png`` and ``site_share.png``.
 """
