@@ -6,8 +6,8 @@ model gets the production ``ModelScheduler`` with its ``AdmissionQueue``, ``Plac
 (filters, scorers, picker by name), ``SpillGate`` and spill predictor; requests ``acquire`` leases
 and ``release`` them exactly as the router's admit stage and outcome do. What is simulated: the
 engines (``EngineProfile``: time to first token from prefill speed and the replica's batch, time
-per token from the batch), and the load reports the router's fleet would read from them (sent at every change, as the
-fleet's load watch does).
+per token from the batch), and the load reports the router's fleet would read from them (sent
+when a sequence finishes, as the fleet's load watch answers when an engine's release count moves).
 
 Cloud groups with ``autoscaling`` scale as in production: every ``REPORT_INTERVAL_S`` the
 scheduler's own ``scale_demand`` goes through the operator's ``ScalePolicy`` (up at once, down after
@@ -252,7 +252,6 @@ class Simulation:
             if request.data_class > lease.group.trusted_up_to:
                 result.residency_violations += 1
             replica, batch = group.start()
-            report(request.model, group_id, group)
             loop.call_later(group.profile.ttft_ms(request.prompt_tokens, batch) / 1000, first_token,
                             request, index, scheduler, lease, group, replica, batch)
 
