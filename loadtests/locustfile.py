@@ -203,10 +203,8 @@ class SpillwayUser(HttpUser):
         RUN_LOG.record(start=started_wall, end=time.time(), kind=type(self).__name__, tenant=self.tenant,
                        model=MODEL, status=timing.status, ok=timing.error is None, ttft_ms=timing.ttft_ms,
                        itl_ms=timing.itl_ms, e2e_ms=timing.e2e_ms, output_tokens=timing.output_tokens,
-                       prompt_tokens=timing.prompt_tokens, max_tokens=body["max_tokens"], site=timing.site,
-                       data_class=response.headers.get("x-spillway-data-class"),
-                       spill_reason=response.headers.get("x-spillway-spill-reason"),
-                       queue_ms=_float(response.headers.get("x-spillway-queue-ms")), error=timing.error)
+                       prompt_tokens=timing.prompt_tokens, max_tokens=body["max_tokens"], error=timing.error,
+                       **_placement(response))
         return timing
 
 
@@ -249,18 +247,19 @@ class ChatUser(SpillwayUser):
                exception=RuntimeError(error) if error else None)
         RUN_LOG.record(start=started_wall, end=time.time(), kind="ChatUser", tenant=self.tenant, model=MODEL,
                        status=response.status_code, ok=error is None, ttft_ms=None, itl_ms=None, e2e_ms=e2e_ms,
-                       output_tokens=tokens, prompt_tokens=prompt_tokens, max_tokens=body["max_tokens"],
-                       site=response.headers.get("x-spillway-site"),
-                       data_class=response.headers.get("x-spillway-data-class"),
-                       spill_reason=response.headers.get("x-spillway-spill-reason"),
-                       queue_ms=_float(response.headers.get("x-spillway-queue-ms")), error=error)
+                       output_tokens=tokens, prompt_tokens=prompt_tokens, max_tokens=body["max_tokens"], error=error,
+                       **_placement(response))
 
 
-def _float(value: str | None) -> float | None:
+def _placement(response) -> dict:
+    """How the router placed a request, from its response headers (what the planner replays)."""
+    headers = response.headers
     try:
-        return float(value) if value is not None else None
+        queue_ms = float(headers["x-spillway-queue-ms"]) if "x-spillway-queue-ms" in headers else None
     except ValueError:
-        return None
+        queue_ms = None
+    return {"site": headers.get("x-spillway-site"), "data_class": headers.get("x-spillway-data-class"),
+            "spill_reason": headers.get("x-spillway-spill-reason"), "queue_ms": queue_ms}
 
 
 def _must_stay_on_prem(response) -> str | None:

@@ -36,29 +36,32 @@ class Row:
         return None if self.measured is None or self.simulated is None else self.simulated - self.measured
 
 
+def _having(trace: Trace, key: str) -> list[int]:
+    """Indices of the records that succeeded and recorded a number under ``key``."""
+    return [i for i, r in enumerate(trace.records) if r.get("ok") and isinstance(r.get(key), (int, float))]
+
+
 def measured_figures(trace: Trace, onprem_sites: set[str]) -> dict:
-    timed = [r["ttft_ms"] for r in trace.records if r.get("ok") and isinstance(r.get("ttft_ms"), (int, float))]
-    served = [r for r in trace.records if r.get("ok") and r.get("site")]
+    records = trace.records
+    timed = [records[i]["ttft_ms"] for i in _having(trace, "ttft_ms")]
+    served = [r for r in records if r.get("ok") and r.get("site")]
     spilled = [r for r in served if r.get("spill_reason") not in (None, "none")]
-    queued = [r["queue_ms"] for r in served if isinstance(r.get("queue_ms"), (int, float))]
     return {
         "ttft_p50_ms": percentile(timed, 50), "ttft_p99_ms": percentile(timed, 99),
-        "queue_p99_ms": percentile(queued, 99),
+        "queue_p99_ms": percentile([records[i]["queue_ms"] for i in _having(trace, "queue_ms")], 99),
         "onprem_share": sum(r["site"] in onprem_sites for r in served) / len(served) if served else None,
         "spill_share": len(spilled) / len(served) if served else None,
-        "requests": len(trace.records), "ttft_samples": len(timed),
-        "spill_reasons_recorded": sum("spill_reason" in r for r in served),
+        "ttft_samples": len(timed),
     }
 
 
 def simulated_figures(trace: Trace, result: SimResult, onprem_sites: set[str]) -> dict:
-    timed = [i for i, r in enumerate(trace.records) if r.get("ok") and isinstance(r.get("ttft_ms"), (int, float))]
+    timed = _having(trace, "ttft_ms")
     summary = result.summary(onprem_sites)
-    served = [i for i, r in enumerate(trace.records) if r.get("ok") and isinstance(r.get("queue_ms"), (int, float))]
+    queued = [result.queue_ms[i] for i in _having(trace, "queue_ms") if result.queue_ms[i] is not None]
     return {"ttft_p50_ms": result.percentile(50, timed), "ttft_p99_ms": result.percentile(99, timed),
-            "queue_p99_ms": percentile([result.queue_ms[i] for i in served if result.queue_ms[i] is not None], 99),
-            "onprem_share": summary["onprem_share"], "spill_share": summary["spill_share"],
-            "requests": len(trace.requests), "rejected": sum(result.rejected.values())}
+            "queue_p99_ms": percentile(queued, 99),
+            "onprem_share": summary["onprem_share"], "spill_share": summary["spill_share"]}
 
 
 def compare(trace: Trace, result: SimResult, onprem_sites: set[str]) -> list[Row]:

@@ -74,18 +74,25 @@ def check_fleet(config, profiles: dict, models: set[str], profiles_path) -> None
         raise ConfigError(f"no profile for {', '.join(missing)} in {profiles_path}")
 
 
+def _load_trace(args: argparse.Namespace):
+    """``--trace`` replayed (with ``--trace-model`` renames); a trace with nothing to replay is an error."""
+    from serve_app.planner.traffic import replay
+
+    try:
+        trace = replay(args.trace, models=dict(pair.split("=", 1) for pair in args.trace_model))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"trace {args.trace}: {exc}") from None
+    if not trace.requests:
+        raise ConfigError(f"trace {args.trace}: no request to replay (left out: {dict(trace.skipped)})")
+    return trace
+
+
 def _trace(args: argparse.Namespace) -> tuple[list, dict]:
     """The requests (Poisson, or ``--trace`` replayed) and what the summary says about them."""
-    from serve_app.planner.traffic import poisson, replay
+    from serve_app.planner.traffic import poisson
 
     if args.trace:
-        renames = dict(pair.split("=", 1) for pair in args.trace_model)
-        try:
-            trace = replay(args.trace, models=renames)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"trace {args.trace}: {exc}") from None
-        if not trace.requests:
-            raise ConfigError(f"trace {args.trace}: no request to replay (left out: {dict(trace.skipped)})")
+        trace = _load_trace(args)
         return trace.requests, {"trace_skipped": dict(trace.skipped),
                                 "trace_prompt_tokens_estimated": trace.prompt_tokens_estimated}
     bursts = [tuple(float(x) for x in burst.split(",")) for burst in args.burst]
@@ -163,16 +170,10 @@ def cmd_plan_accuracy(args: argparse.Namespace) -> int:
     """A recorded run replayed through the simulator, figures side by side with what it measured."""
     from serve_app.planner.accuracy import compare, measured_figures, table
     from serve_app.planner.sim import Simulation
-    from serve_app.planner.traffic import replay
 
     config = load_config(args.config)
     profiles = load_profiles(args.profiles)
-    try:
-        trace = replay(args.trace, models=dict(pair.split("=", 1) for pair in args.trace_model))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"trace {args.trace}: {exc}") from None
-    if not trace.requests:
-        raise ConfigError(f"trace {args.trace}: no request to replay (left out: {dict(trace.skipped)})")
+    trace = _load_trace(args)
     check_fleet(config, profiles, {r.model for r in trace.requests}, args.profiles)
     simulation = Simulation(config, profiles, args.provisioning_delay_s)
     result = simulation.run(trace.requests)

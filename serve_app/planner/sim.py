@@ -193,7 +193,12 @@ class Simulation:
                           and config.site(site).kind != SiteKind.external} for m in config.models if m.id in wanted}
         targets = {m: t for m, t in build_targets(config, handles).items() if m in wanted}
         routers = [build_schedulers(config, targets, clock=loop.time) for _ in range(config.router.replicas)]
-        schedulers = self.schedulers = routers[0]  # (the first router's: the tests look at it)
+        self.schedulers = routers[0]  # (the first router's: the tests look at it)
+
+        def set_capacity(model_id: str, group_id: str, capacity: int) -> None:
+            for router in routers:
+                router[model_id].set_capacity(group_id, capacity)
+
         groups: dict[str, SimGroup] = {}
         for model_id, by_group in targets.items():
             for group_id, target in by_group.items():
@@ -204,8 +209,7 @@ class Simulation:
                 sim_group = groups[group_id] = SimGroup(profile, count, group.max_num_seqs)
                 if scaling is not None:
                     sim_group.policy, sim_group.target = ScalePolicy(scaling, group.max_num_seqs), count
-                    for router in routers:
-                        router[model_id].set_capacity(group_id, sim_group.capacity)
+                    set_capacity(model_id, group_id, sim_group.capacity)
         costs = CostModel(config)
         result = SimResult(ttft_ms=[None] * len(requests), queue_ms=[None] * len(requests))
         start = loop.time()
@@ -284,8 +288,7 @@ class Simulation:
             if group.replicas >= group.target:
                 return  # scaled down while it was starting: the start is cancelled
             group.add()
-            for router in routers:
-                router[model_id].set_capacity(group_id, group.capacity)
+            set_capacity(model_id, group_id, group.capacity)
 
         async def autoscale() -> None:
             scaled = [(m, g) for m, by_group in targets.items() for g in by_group if groups[g].policy is not None]
@@ -304,8 +307,7 @@ class Simulation:
                         loop.call_later(self.provisioning_delay_s, replica_up, model_id, group_id)
                     group.remove_idle(group.replicas - target)
                     group.target = target
-                    for router in routers:
-                        router[model_id].set_capacity(group_id, group.capacity)
+                    set_capacity(model_id, group_id, group.capacity)
 
         scaler = loop.create_task(autoscale())
         if requests:
