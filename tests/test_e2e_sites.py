@@ -76,23 +76,28 @@ def test_status_cli_shows_sites_deployments_and_replicas(e2e_cluster):
     assert all(state["status"] == "HEALTHY" and state["replicas"] == {"RUNNING": 1} for state in engines.values())
 
 
-def _replica_actors(app_name: str, deployment: str) -> list:
-    import ray
+def _replica_actors(app_name: str, deployment: str) -> list[int]:
+    """The process ids of the deployment's live replicas (the test cluster runs on this machine)."""
     from ray.util.state import list_actors
 
-    return [
-        ray.get_actor(actor.name, namespace="serve")
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        if actor.name and actor.name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")
-    ]
+    return [actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if actor.name and actor.name.startswith(f"SERVE_REPLICA::{app_name}#{deployment}#")]
 
 
-def _kill(actors: list) -> int:
-    import ray
+def _kill(pids: list[int]) -> int:
+    """Each replica dies as in a crash: its process and its children (vLLM's engine core) get
+    SIGKILL, which lands at once; ``ray.kill`` is a request to the GCS that can land seconds later,
+    after the stream a test means to cut has finished."""
+    import psutil
 
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
-    return len(actors)
+    for pid in pids:
+        replica = psutil.Process(pid)
+        for process in [*replica.children(recursive=True), replica]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+    return len(pids)
 
 
 def _stream_events(base_url, body, started: "threading.Event", out: list) -> None:

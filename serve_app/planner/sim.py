@@ -256,15 +256,13 @@ class Simulation:
             if request.data_class > lease.group.trusted_up_to:
                 result.residency_violations += 1
             replica, batch = group.start()
-            loop.call_later(group.profile.ttft_ms(request.prompt_tokens, batch) / 1000, first_token,
-                            request, index, scheduler, lease, group, replica, batch)
-
-        def first_token(request: SimRequest, index: int, scheduler, lease, group: SimGroup, replica: int,
-                        batch: int) -> None:
-            result.ttft_ms[index] = (loop.time() - start - request.arrival_s) * 1000
+            # The first token and the last follow from the profile and the batch at the start: the
+            # first token changes nothing the router sees, so it is counted here, not scheduled.
+            ttft_ms = group.profile.ttft_ms(request.prompt_tokens, batch)
+            result.ttft_ms[index] = (loop.time() - start - request.arrival_s) * 1000 + ttft_ms
             result.events += 1
             decode_s = max(0, request.output_tokens - 1) * group.profile.itl_at(batch) / 1000
-            loop.call_later(decode_s, complete, request, scheduler, lease, group, replica)
+            loop.call_later(ttft_ms / 1000 + decode_s, complete, request, scheduler, lease, group, replica)
 
         def complete(request: SimRequest, scheduler, lease, group: SimGroup, replica: int) -> None:
             site = lease.group.site

@@ -380,8 +380,11 @@ class ModelScheduler:
         return prefill_left + max(1.0, lease.expected_tokens - done) * speed.itl_ms
 
     def _place(self, ticket: Ticket, views: list[GroupView], allow_spill: bool) -> Decision | None:
-        candidates = [v for v in views if v.group_id not in ticket.exclude]
-        decision = self.pipeline.place(replace(ticket.request, allow_spill=allow_spill), candidates)
+        candidates = [v for v in views if v.group_id not in ticket.exclude] if ticket.exclude else views
+        request = ticket.request
+        if request.allow_spill != allow_spill:
+            request = replace(request, allow_spill=allow_spill)
+        decision = self.pipeline.place(request, candidates)
         return decision if decision.group is not None else None
 
     def _grant(self, queued: QueuedRequest, decision: Decision, now: float) -> None:
