@@ -22,7 +22,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from pydantic import Field
 
@@ -111,6 +111,19 @@ class AdmissionQueue:
         for entry in skipped:
             heapq.heappush(self._heap, entry)
         return chosen
+
+    def __contains__(self, request: QueuedRequest) -> bool:
+        return request in self._live
+
+    def pop_best_of(self, candidates: Iterable[QueuedRequest],
+                    can_run: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
+        """``pop_best`` among ``candidates`` (a few the caller keeps track of; those no longer
+        queued are ignored), without a pass over the whole queue."""
+        for request in sorted((r for r in candidates if r in self._live), key=lambda r: (r._sort_key, r._seq)):
+            if can_run(request):
+                self._live.discard(request)  # (its heap entry is skipped later, as after ``remove``)
+                return request
+        return None
 
     def ordered(self) -> list[QueuedRequest]:
         """The queued requests, most urgent first (a snapshot)."""

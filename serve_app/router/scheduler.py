@@ -125,6 +125,7 @@ class ModelScheduler:
         self.unbounded_tokens = float(spill.assumed_output_tokens)  # output of requests without max_tokens
         self._leases: dict[str, set[Lease]] = {g.group_id: set() for g in groups}
         self._retries = 0
+        self._pinned: set[QueuedRequest] = set()  # queued requests that may run on the preferred site only
         self._room_since: float | None = None  # since when a group elsewhere has had room
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -162,6 +163,8 @@ class ModelScheduler:
             raise RateLimited(f"model '{self.model}' has {len(self.queue)} requests waiting (the limit); retry later",
                               retry_after_s=rejection.retry_after_s)
         self._retries += retry
+        if ticket.pinned:
+            self._pinned.add(queued)
         try:
             self.pump()
             if ticket.future.done():  # granted at once (the common case): no timer, nothing to await
@@ -187,6 +190,7 @@ class ModelScheduler:
             raise
         finally:
             self._retries -= retry
+            self._pinned.discard(queued)
 
     def release(self, lease: Lease, engine_full: bool = False) -> None:
         """Called by ``Lease.release`` only (exactly once per lease)."""
@@ -260,6 +264,10 @@ class ModelScheduler:
             return
         now = self._clock()
         views = self._grant_preferred(now, self.views())
+        if views is None:  # everyone queued got room: nothing to spill, no deadline to watch
+            self._disarm()
+            self._room_since = None
+            return
         room = self._room_elsewhere(views)
         if room and self._room_since is None:
             self._room_since = now  # (every release and load change pumps: "now" is when it appeared)
@@ -270,7 +278,8 @@ class ModelScheduler:
         if not room:
             self._room_since = None
 
-    def _grant_preferred(self, now: float, views: list[GroupView]) -> list[GroupView]:
+    def _grant_preferred(self, now: float, views: list[GroupView]) -> list[GroupView] | None:
+        """Grant the preferred site's room; the groups' views after it, or None once the queue is empty."""
         preferred_free = sum(v.free for v in views if v.site_rank == 0 and v.healthy)
         if not preferred_free and not self._retries:
             return views
@@ -288,13 +297,15 @@ class ModelScheduler:
                 decisions[id(queued)] = decision
                 return True
 
-            queued = self.queue.pop_best(lambda q: q.payload.pinned and fits(q)) if elsewhere else None
+            queued = self.queue.pop_best_of(self._pinned, fits) if elsewhere and self._pinned else None
             if queued is None:
                 queued = self.queue.pop_best(fits)
             if queued is None:
                 break
             if not queued.payload.future.done():
                 self._grant(queued, decisions[id(queued)], now)
+                if not len(self.queue):
+                    return None
                 views = self.views()
                 if not self._retries and not sum(v.free for v in views if v.site_rank == 0 and v.healthy):
                     break  # (the entry condition again: no request can be granted here; a deep queue is not scanned)
