@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from serve_app.errors import RateLimited
+from serve_app.planner.virtual_time import run_virtual
 from serve_app.policy.admission import AdmissionParams
 from serve_app.policy.classify import DataClass
 from serve_app.policy.placement import PlacementPipeline, RequestView
@@ -14,6 +15,7 @@ from serve_app.policy.spill import SpillParams
 from serve_app.router.scheduler import (
     SPILL_REASON_FAILOVER,
     SPILL_REASON_NONE,
+    SPILL_REASON_QUEUE_FULL,
     SPILL_REASON_WAIT,
     EngineGroup,
     ModelScheduler,
@@ -159,12 +161,10 @@ def test_a_queued_request_spills_by_its_deadline_when_the_prediction_was_too_hop
     """The engine said 5 tokens were left, but the request keeps running: at the deadline the
     timer spills the waiting request, having waited less than its budget (no budget miss)."""
 
-    async def main():
-        sched = make_scheduler(time_clock := __import__("time").monotonic, onprem=1, cloud=4, spill_after_ms=150,
-                               itl_ms=1.0, margin_ms=30)
-        assert time_clock
+    async def main(loop):  # in virtual time (the planner's loop): the timer fires when it is due
+        sched = make_scheduler(loop.time, onprem=1, cloud=4, spill_after_ms=150, itl_ms=1.0, margin_ms=30)
         running = await sched.acquire(req(0), max_tokens=10)
-        running.streaming, running.first_token_at, running.tokens_out = True, time_clock(), 5
+        running.streaming, running.first_token_at, running.tokens_out = True, loop.time(), 5
         lease = await asyncio.wait_for(sched.acquire(req(1), max_tokens=10), timeout=2)
         assert lease.group.site == "cloud" and lease.spill_reason == SPILL_REASON_WAIT
         assert 90 <= lease.queue_ms < 150  # spilled by the timer, before the 150 ms budget ran out
@@ -172,7 +172,7 @@ def test_a_queued_request_spills_by_its_deadline_when_the_prediction_was_too_hop
         running.release()
         lease.release()
 
-    asyncio.run(main())
+    run_virtual(main, start=100.0)
 
 
 def test_only_waiting_past_the_budget_while_room_elsewhere_existed_is_a_budget_miss():
@@ -259,6 +259,32 @@ def test_queue_bounds_give_429_and_503_with_retry_after():
             await waiting
         assert timeout.value.status == 503 and timeout.value.retry_after_s >= 1
         assert len(sched.queue) == 0
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_spills_what_may_leave_and_refuses_only_what_may_not_or_finds_no_room():
+    async def main():
+        clock = FakeClock()
+        # A long budget: no queued request is predicted to miss it, so only the full queue can spill.
+        sched = make_scheduler(clock, onprem=1, cloud=1, max_len=1, spill_after_ms=60_000)
+        await sched.acquire(req(0))  # on-prem's one sequence
+        waiting = asyncio.create_task(sched.acquire(req(1)))
+        await settle()
+        assert len(sched.queue) == 1 and not waiting.done()
+        confidential = req(2, DataClass.restricted)
+        with pytest.raises(RateLimited):  # it may not leave on-prem: the full queue refuses it
+            await sched.acquire(confidential)
+        spilled = await sched.acquire(req(3))  # it may: the cloud's free sequence takes it at once
+        assert spilled.group.site == "cloud" and spilled.spill_reason == SPILL_REASON_QUEUE_FULL
+        assert spilled.queue_ms == 0 and sched.spilled[SPILL_REASON_QUEUE_FULL] == 1
+        with pytest.raises(RateLimited) as full:  # the cloud is full too: 429
+            await sched.acquire(req(4))
+        assert full.value.retry_after_s >= 1
+        assert len(sched.queue) == 1 and not waiting.done()  # the queued request kept its place
+        spilled.release()
+        assert sched.in_flight["m@cloud"] == 0
+        waiting.cancel()
 
     asyncio.run(main())
 

@@ -22,7 +22,7 @@ class RouterMetrics:
         )
         self._spills = metrics.Counter(
             "spillway_spill_total",
-            description="Requests placed off the preferred site, by reason (onprem_wait_over_budget, failover).",
+            description="Requests placed off the preferred site, by reason (onprem_wait_over_budget, onprem_queue_full, failover).",
             tag_keys=("model", "reason"),
         )
         self._queue_wait = metrics.Histogram(

@@ -13,6 +13,8 @@ one (model, site) deployment; its capacity is the sequences its healthy replicas
   (``policy/spill.py``), and at the latest when the budget runs out.
 - A request that may run nowhere else (residency) gets freed preferred sequences first while
   others have room elsewhere.
+- A full queue refuses (429) only what may not leave the preferred site or finds no room
+  elsewhere either: a request that may spill goes elsewhere at once instead.
 - A request none of whose groups has a healthy replica gets a 503 at once (Retry-After), rather
   than a wait for an engine Serve is still replacing.
 
@@ -39,6 +41,7 @@ from serve_app.router.lease import Lease
 SPILL_REASON_NONE = "none"
 SPILL_REASON_WAIT = "onprem_wait_over_budget"
 SPILL_REASON_FAILOVER = "failover"
+SPILL_REASON_QUEUE_FULL = "onprem_queue_full"
 RETRY_PRIORITY_BOOST = 1_000
 NO_HEALTHY_RETRY_AFTER_S = 5.0
 LATE_TOLERANCE_S = 0.005  # a timer that fires this late is not a budget miss
@@ -160,6 +163,9 @@ class ModelScheduler:
         queued = QueuedRequest(request.request_id, priority + (RETRY_PRIORITY_BOOST if retry else 0), ticket)
         rejection = self.queue.offer(queued, arrived_at)
         if rejection is not None:
+            lease = None if ticket.pinned else self._spill_at_once(queued)
+            if lease is not None:
+                return lease
             raise RateLimited(f"model '{self.model}' has {len(self.queue)} requests waiting (the limit); retry later",
                               retry_after_s=rejection.retry_after_s)
         self._retries += retry
@@ -398,13 +404,26 @@ class ModelScheduler:
         decision = self.pipeline.place(request, candidates)
         return decision if decision.group is not None else None
 
-    def _grant(self, queued: QueuedRequest, decision: Decision, now: float) -> None:
+    def _spill_at_once(self, queued: QueuedRequest) -> Lease | None:
+        """The queue is full, and this request may leave the preferred site: rather than a 429, it
+        goes elsewhere now if a group there has room (the newest of a full queue would wait the
+        longest). None: no room elsewhere either."""
+        ticket: Ticket = queued.payload
+        now = self._clock()
+        decision = self._place(ticket, self.views(), allow_spill=True)
+        if decision is None or decision.group.site_rank == 0:
+            return None
+        queued.enqueued_at = now
+        self._grant(queued, decision, now, SPILL_REASON_FAILOVER if ticket.retry else SPILL_REASON_QUEUE_FULL)
+        return ticket.future.result()
+
+    def _grant(self, queued: QueuedRequest, decision: Decision, now: float, spill_reason: str | None = None) -> None:
         ticket: Ticket = queued.payload
         group = self.groups[decision.group.group_id]
         if group.site_rank == 0:
             reason = SPILL_REASON_NONE
         else:
-            reason = SPILL_REASON_FAILOVER if ticket.retry else SPILL_REASON_WAIT
+            reason = spill_reason or (SPILL_REASON_FAILOVER if ticket.retry else SPILL_REASON_WAIT)
             self.spilled[reason] += 1
         if not ticket.pinned and not ticket.retry:
             self.spillable += 1
