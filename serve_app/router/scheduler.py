@@ -369,32 +369,45 @@ class ModelScheduler:
     def _free_at(self, now: float, groups: list[EngineGroup]) -> list[float]:
         """When each sequence of ``groups`` frees: our leases from their progress, other routers'
         sequences after half a typical service, free ones now. Sequences over capacity (routers
-        overshooting between load polls) wait in the engine for the first that frees."""
+        overshooting between load polls) wait in the engine for the first that frees.
+
+        Runs on every pump with a queue, over every lease: one pass of arithmetic per lease. A
+        lease streaming tokens frees when its remaining tokens are out; any other frees
+        ``ttft + expected_tokens x itl`` after it started (the tokens done so far follow from the
+        time since the first token), and never sooner than one token from now."""
         times: list[float] = []
         for group in groups:
             speed = self.speed[group.group_id]
-            mine = [now + self._remaining_ms(lease, now, speed) / 1000
-                    for lease in self._leases[group.group_id] for _ in range(lease.sequences)]
-            typical_ms = speed.ttft_ms + self.expected_tokens(None) * speed.itl_ms
-            others = [now + typical_ms / 2000] * self.others_in_flight[group.group_id]
-            busy = sorted(mine + others)
+            itl_s, ttft_s = speed.itl_ms / 1000, speed.ttft_ms / 1000
+            soonest = now + itl_s
+            busy: list[float] = []
+            for lease in self._leases[group.group_id]:
+                if lease.first_token_at is None:
+                    at = lease.acquired_at + ttft_s + lease.expected_tokens * itl_s
+                elif lease.streaming:
+                    at = now + (lease.expected_tokens - lease.tokens_out) * itl_s
+                else:  # an answer that is not streamed: its first token was seen, its tokens were not
+                    at = now + lease.expected_tokens * itl_s - max(0.0, now - lease.acquired_at - ttft_s)
+                if at < soonest:
+                    at = soonest
+                if lease.sequences == 1:
+                    busy.append(at)
+                else:
+                    busy.extend([at] * lease.sequences)
+            typical_s = (speed.ttft_ms + self.expected_tokens(None) * speed.itl_ms) / 1000
+            busy.extend([now + typical_s / 2] * self.others_in_flight[group.group_id])
             capacity = self.capacity[group.group_id]
-            slots = busy[:capacity] + [now] * max(0, capacity - len(busy))
+            if len(busy) <= capacity:
+                times += busy
+                times += [now] * (capacity - len(busy))
+                continue
+            busy.sort()
+            slots = busy[:capacity]
             for _ in busy[capacity:]:
                 slots.sort()
-                slots[0] += typical_ms / 1000
+                slots[0] += typical_s
             times += slots
         return times
-
-    @staticmethod
-    def _remaining_ms(lease: Lease, now: float, speed: Speed) -> float:
-        elapsed_ms = (now - lease.acquired_at) * 1000
-        if lease.streaming and lease.first_token_at is not None:
-            done = lease.tokens_out
-        else:
-            done = max(0.0, elapsed_ms - speed.ttft_ms) / speed.itl_ms
-        prefill_left = max(0.0, speed.ttft_ms - elapsed_ms) if lease.first_token_at is None else 0.0
-        return prefill_left + max(1.0, lease.expected_tokens - done) * speed.itl_ms
 
     def _place(self, ticket: Ticket, views: list[GroupView], allow_spill: bool) -> Decision | None:
         candidates = [v for v in views if v.group_id not in ticket.exclude] if ticket.exclude else views
