@@ -112,9 +112,6 @@ class AdmissionQueue:
             heapq.heappush(self._heap, entry)
         return chosen
 
-    def __contains__(self, request: QueuedRequest) -> bool:
-        return request in self._live
-
     def pop_best_of(self, candidates: Iterable[QueuedRequest],
                     can_run: Callable[[QueuedRequest], bool]) -> QueuedRequest | None:
         """``pop_best`` among ``candidates`` (a few the caller keeps track of; those no longer

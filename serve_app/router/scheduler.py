@@ -264,15 +264,11 @@ class ModelScheduler:
     def pump(self) -> None:
         """Grant queued requests the room there is: the preferred site first, then spill whatever
         would miss its budget there, then arm a timer for the next deadline."""
-        if not len(self.queue):
-            self._disarm()
-            self._room_since = None  # no one waits: whatever room there is, nobody missed it
-            return
         now = self._clock()
-        views = self._grant_preferred(now, self.views())
-        if views is None:  # everyone queued got room: nothing to spill, no deadline to watch
+        views = self._grant_preferred(now, self.views()) if len(self.queue) else None
+        if views is None:  # no one waits (or everyone got room): nothing to spill, no deadline to watch
             self._disarm()
-            self._room_since = None
+            self._room_since = None  # whatever room there is, nobody missed it
             return
         room = self._room_elsewhere(views)
         if room and self._room_since is None:
@@ -427,7 +423,7 @@ class ModelScheduler:
         if decision is None or decision.group.site_rank == 0:
             return None
         queued.enqueued_at = now
-        self._grant(queued, decision, now, SPILL_REASON_FAILOVER if ticket.retry else SPILL_REASON_QUEUE_FULL)
+        self._grant(queued, decision, now, SPILL_REASON_QUEUE_FULL)
         return ticket.future.result()
 
     def _grant(self, queued: QueuedRequest, decision: Decision, now: float, spill_reason: str | None = None) -> None:
@@ -436,7 +432,7 @@ class ModelScheduler:
         if group.site_rank == 0:
             reason = SPILL_REASON_NONE
         else:
-            reason = spill_reason or (SPILL_REASON_FAILOVER if ticket.retry else SPILL_REASON_WAIT)
+            reason = SPILL_REASON_FAILOVER if ticket.retry else spill_reason or SPILL_REASON_WAIT
             self.spilled[reason] += 1
         if not ticket.pinned and not ticket.retry:
             self.spillable += 1
