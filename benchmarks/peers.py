@@ -295,13 +295,62 @@ def _session(concurrency: int, headers: dict[str, str] | None = None):
                                  timeout=aiohttp.ClientTimeout(total=600))
 
 
+def cpu_snapshot() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds (user + system) of every process on the machine, keyed by (pid, start time),
+    with the role it plays (see ``_role``)."""
+    import psutil
+
+    snapshot = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "create_time", "cpu_times"]):
+        info = proc.info
+        times = info["cpu_times"]
+        if times is None:
+            continue
+        snapshot[(info["pid"], info["create_time"])] = (_role(info), times.user + times.system)
+    return snapshot
+
+
+def _role(info: dict) -> str:
+    if info["pid"] == os.getpid():
+        return "load generator"
+    cmdline = " ".join(info["cmdline"] or [])
+    title = cmdline or info["name"] or ""
+    for needle, role in (("vllm.entrypoints.openai.api_server", "vllm api server"), ("EngineCore", "engine core"), ("VLLM::Worker", "engine worker"),
+                         ("haproxy", "haproxy"), ("ServeReplica", "serve replica"), ("peer_rayllm", "rayllm")):
+        if needle in title:
+            if role == "serve replica":  # ray::ServeReplica:<app>:<deployment>
+                return "replica " + title.split(":")[-1].split()[0]
+            return role
+    if "ray" in title or "raylet" in title or "gcs_server" in title:  # Ray's own processes, by name
+        words = title.split()
+        script = next((w for w in words if w.endswith(".py")), words[0])  # a Python script: its name
+        return "ray: " + script.rsplit("/", 1)[-1].removeprefix("ray::").split(".")[0][:24]
+    return "other"
+
+
+def cpu_per_token(before: dict, after: dict, tokens: int) -> dict[str, float]:
+    """Microseconds of CPU per output token by role, between two snapshots."""
+    spent: dict[str, float] = {}
+    for key, (role, seconds) in after.items():
+        start = before.get(key, (role, 0.0))[1]
+        spent[role] = spent.get(role, 0.0) + max(0.0, seconds - start)
+    return {role: round(seconds * 1e6 / max(tokens, 1), 1) for role, seconds in sorted(spent.items())
+            if seconds > 0.01}
+
+
 async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: float, max_tokens: int,
-                   headers: dict[str, str] | None = None) -> dict:
+                   headers: dict[str, str] | None = None, cpu: bool = False) -> dict:
     """Closed loop: ``concurrency`` clients send back to back; requests that start after the
-    warm-up and end before the deadline count."""
+    warm-up and end before the deadline count. With ``cpu``, every process's CPU time is read at
+    the start and the end of the measured window (per output token and role, in the result)."""
     results: list[Result] = []
     t0 = time.perf_counter()
     measure_from, deadline = t0 + warmup_s, t0 + warmup_s + duration_s
+    snapshots: list[dict] = []
+
+    async def snap_at(when: float):
+        await asyncio.sleep(max(0.0, when - time.perf_counter()))
+        snapshots.append(cpu_snapshot())
 
     cell = uuid.uuid4().hex[:8]  # a `user` of its own per cell: a repeat would be a cache hit on Spillway
 
@@ -313,7 +362,8 @@ async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: floa
             n += 1
 
     async with _session(concurrency, headers) as session:
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        snaps = [snap_at(measure_from), snap_at(deadline)] if cpu else []
+        await asyncio.gather(*(client(i) for i in range(concurrency)), *snaps)
     counted = [r for r in results if r.start >= measure_from and r.end <= deadline]
     ok = [r for r in counted if r.ok]
     tokens_in_window = sum(r.tokens for r in results if r.ok and measure_from <= r.end <= deadline)
@@ -325,6 +375,7 @@ async def run_cell(url: str, concurrency: int, duration_s: float, warmup_s: floa
         "itl_p50_ms": percentile([r.itl_ms for r in ok if r.itl_ms is not None], 50),
         "tokens_per_s": tokens_in_window / duration_s,
         "chunks_per_request": statistics.mean(r.chunks for r in ok) if ok else None,
+        **({"cpu_us_per_token": cpu_per_token(*snapshots, tokens_in_window)} if cpu else {}),
     }
 
 
@@ -407,12 +458,15 @@ async def benchmark(args, targets: dict[str, Target]) -> None:
         for c in args.concurrency:
             for name in order:
                 cell = await run_cell(targets[name].url, c, args.duration_s, args.warmup_s, args.max_tokens,
-                                      targets[name].headers)
+                                      targets[name].headers, cpu=args.cpu)
                 cells[name][c].append(cell)
                 print(f"round {rnd + 1} c{c:<3} {name:<9} ttft p50 {cell['ttft_p50_ms'] or 0:7.0f} ms  "
                       f"p99 {cell['ttft_p99_ms'] or 0:7.0f} ms  itl p50 {cell['itl_p50_ms'] or 0:6.1f} ms  "
                       f"{cell['tokens_per_s']:7.0f} tok/s  chunks {cell['chunks_per_request'] or 0:4.0f}  "
                       f"errors {cell['errors']}", flush=True)
+                if args.cpu:
+                    print("    cpu us/token: " + ", ".join(f"{k} {v}" for k, v in cell["cpu_us_per_token"].items()),
+                          flush=True)
     reference = "vllm" if "vllm" in names else names[0]
     table = render_table(cells, noop, names, args.concurrency, reference)
     header = (f"Peer benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()} ({os.cpu_count()} cores, "
@@ -441,6 +495,8 @@ def main() -> None:
     parser.add_argument("--no-start", action="store_true", help="targets are already running on their ports")
     parser.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for Spillway's Ray nodes (e.g. Ray Serve tuning flags); repeatable")
+    parser.add_argument("--cpu", action="store_true",
+                        help="also read every process's CPU time per cell: microseconds per output token by role")
     parser.add_argument("--label", default="", help="suffix for the result files (peers-<label>.md)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -36,7 +36,11 @@ SITE_RESOURCE_PER_BUNDLE = 0.001
 # Serve runs a replica's user code on its own thread and event loop by default, so every message
 # (every streamed chunk, every handle call) crosses threads. Spillway's router and engines never
 # block their loop, so they run on the replica's main loop (benchmarks/NOTES.md has the effect).
-LEAN_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# Serve also writes every log line (an access line per request) both to the replica's file under
+# logs/serve/ and to stderr, which Ray's log monitor tails and republishes to drivers: the files
+# stay, the copy goes (as Serve's own RAY_SERVE_THROUGHPUT_OPTIMIZED mode does).
+LEAN_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                    "RAY_SERVE_LOG_TO_STDERR": "0"}
 ENGINE_HEALTH_CHECK_PERIOD_S = 5.0
 ENGINE_HEALTH_CHECK_TIMEOUT_S = 30.0
 LEDGER_MAX_ONGOING_REQUESTS = 100_000  # every router's admission calls; each is answered from memory

@@ -20,6 +20,7 @@ from serve_app.router.scheduler import (
     EngineGroup,
     ModelScheduler,
     NoHealthyEngine,
+    SCAN_GAP_S,
     QueueTimeout,
 )
 
@@ -171,6 +172,38 @@ def test_a_queued_request_spills_by_its_deadline_when_the_prediction_was_too_hop
         assert sched.budget_misses == 0 and not lease.budget_miss
         running.release()
         lease.release()
+
+    run_virtual(main, start=100.0)
+
+
+def test_a_storm_of_releases_and_load_reports_rescans_the_queue_once_per_gap_and_deadlines_still_hold():
+    """On a saturated site every release and load report pumps; the spill scan (the whole queue's
+    predicted starts) runs at most once per SCAN_GAP_S after one, the rest deferred to a timer. An
+    arrival is judged at once, and a request whose prediction was too hopeful still spills by its
+    deadline, without a budget miss."""
+
+    async def main(loop):
+        sched = make_scheduler(loop.time, onprem=2, cloud=4, spill_after_ms=150, itl_ms=1.0, margin_ms=30)
+        scans = []
+        scan = sched._spill_scan
+        sched._spill_scan = lambda now, views: scans.append(now) or scan(now, views)
+        running = [await sched.acquire(req(i), max_tokens=10) for i in range(2)]
+        for lease in running:  # 5 tokens left at 1 ms each, as far as anyone knows (they keep running)
+            lease.streaming, lease.first_token_at, lease.tokens_out = True, loop.time(), 5
+        waiting = asyncio.create_task(sched.acquire(req(5), max_tokens=10))
+        await asyncio.sleep(0)
+        assert not waiting.done() and len(scans) == 1  # judged on arrival: on-prem within budget
+        for _ in range(50):  # a storm at one instant: other routers' load reports
+            sched.observe_engine_load("m@onprem", 2)
+        assert len(scans) == 1  # deferred ...
+        await asyncio.sleep(SCAN_GAP_S)
+        assert len(scans) == 2 and scans[1] - scans[0] == pytest.approx(SCAN_GAP_S)  # ... to one scan, a gap later
+        lease = await asyncio.wait_for(waiting, timeout=2)
+        assert lease.group.site == "cloud" and lease.spill_reason == SPILL_REASON_WAIT
+        assert 90 <= lease.queue_ms < 150 and not lease.budget_miss and sched.budget_misses == 0
+        assert len(scans) <= 4  # the deferred one, the deadline's: no scan per report
+        for held in (*running, lease):
+            held.release()
 
     run_virtual(main, start=100.0)
 

@@ -45,6 +45,12 @@ SPILL_REASON_QUEUE_FULL = "onprem_queue_full"
 RETRY_PRIORITY_BOOST = 1_000
 NO_HEALTHY_RETRY_AFTER_S = 5.0
 LATE_TOLERANCE_S = 0.005  # a timer that fires this late is not a budget miss
+# The spill scan (every queued request's predicted start, every lease's free time) after a release
+# or a load report runs at most this often: on a saturated site releases come every few hundred
+# microseconds, and a scan of a deep queue per release cost ~1 ms each. Deferred, it runs on a
+# timer this soon after the last one (well inside LATE_TOLERANCE_S; deadlines already spill
+# ``margin_ms`` early). An arrival is always judged at once.
+SCAN_GAP_S = 0.002
 OUTPUT_EWMA_ALPHA = 0.1
 
 
@@ -132,6 +138,7 @@ class ModelScheduler:
         self._room_since: float | None = None  # since when a group elsewhere has had room
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._scan_due = 0.0  # the spill scan's next turn (SCAN_GAP_S after the last)
         self.spilled: Counter[str] = Counter()
         self._cold_misses: Counter[str] = Counter()  # sequences that waited past budget for a cold group
         self.spillable = 0
@@ -172,6 +179,7 @@ class ModelScheduler:
         if ticket.pinned:
             self._pinned.add(queued)
         try:
+            self._scan_due = 0.0  # a newcomer is judged on arrival (a spill then is a spill at once)
             self.pump()
             if ticket.future.done():  # granted at once (the common case): no timer, nothing to await
                 return ticket.future.result()
@@ -274,7 +282,8 @@ class ModelScheduler:
         if room and self._room_since is None:
             self._room_since = now  # (every release and load change pumps: "now" is when it appeared)
         if len(self.queue) and room:
-            room = self._spill_scan(now, views)
+            if now >= self._scan_due or not self._arm(self._scan_due):
+                room = self._spill_scan(now, views)
         else:
             self._disarm()
         if not room:
@@ -315,6 +324,7 @@ class ModelScheduler:
 
     def _spill_scan(self, now: float, views: list[GroupView]) -> bool:
         """Spill what would miss its deadline on the preferred site; whether room elsewhere is left."""
+        self._scan_due = now + SCAN_GAP_S
         preferred = [g for g in self.groups.values() if g.site_rank == 0 and self.capacity[g.group_id] > 0]
         speed = self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
         simulation = self.predictor.simulate(now, self._free_at(now, preferred))
@@ -453,19 +463,23 @@ class ModelScheduler:
     def _room_elsewhere(self, views: list[GroupView]) -> bool:
         return any(v.site_rank > 0 and v.healthy and v.free > 0 for v in views)
 
-    def _arm(self, at: float) -> None:
+    def _arm(self, at: float) -> bool:
+        """A pump at ``at`` at the latest; False where there is no loop to run it (synchronous
+        unit use: the caller pumps)."""
         if self._timer is not None and self._timer_at <= at:
-            return
-        self._disarm()
+            return True
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # synchronous unit use: the caller pumps
-            return
+        except RuntimeError:
+            return False
+        self._disarm()
         self._timer_at = at
         self._timer = loop.call_later(max(0.0, at - self._clock()), self._fire)
+        return True
 
     def _fire(self) -> None:
         self._timer, self._timer_at = None, float("inf")
+        self._scan_due = 0.0  # a deadline or the deferred scan is due: scan now
         self.pump()
 
     def _disarm(self) -> None:
