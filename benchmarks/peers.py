@@ -3,6 +3,7 @@ settings, same workload, in alternation in one run.
 
     .venv/bin/python benchmarks/peers.py                     # starts all three, ~10 minutes
     .venv/bin/python benchmarks/peers.py --targets vllm,spillway --rounds 1
+    .venv/bin/python benchmarks/peers.py --targets vllm,spillway --concurrency 64 --cpu   # + CPU per token by process
 
 Targets:
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the generated dense model: the
