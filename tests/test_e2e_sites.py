@@ -119,22 +119,35 @@ def test_engine_loss_before_first_token_fails_over_then_503_then_recovers(base_u
     config = e2e_cluster[0]
     moe_onprem = _replica_actors(config.name, "engine-spillway-moe-onprem")
     dense_onprem = _replica_actors(config.name, "engine-spillway-dense-onprem")
-    # A MoE stream is running when its engine dies: after the first token there is no failover,
-    # and the client must get an explicit error event, never a silent truncation.
-    events: list[str] = []
-    started = threading.Event()
-    body = {"model": MOE, "messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    streamer = threading.Thread(target=_stream_events, args=(base_url, body, started, events))
-    streamer.start()
-    assert started.wait(60)
+    # MoE streams are running when their engine dies: after the first token there is no failover,
+    # and a client must get an explicit error event, never a silent truncation. Several streams at
+    # once: a lone stream can reach its end before the kill lands (a fast engine, or a client read
+    # late); each ends either complete (its usage counts every token) or with the error event, and
+    # at least one must be cut.
+    streams = [([], threading.Event()) for _ in range(8)]
+    body = {"model": MOE, "messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    streamers = [threading.Thread(target=_stream_events, args=(base_url, body, started, events))
+                 for events, started in streams]
+    for streamer in streamers:
+        streamer.start()
+    assert all(started.wait(60) for _, started in streams)
     assert _kill(moe_onprem) == 1
-    assert "data: [DONE]" not in events, "the stream ended before the engine was killed; the test proves nothing"
     assert _kill(dense_onprem) == 1
-    streamer.join(timeout=120)
-    assert not streamer.is_alive()
-    assert events[-1] != "data: [DONE]"
-    error = json.loads(events[-1][len("data: "):])["error"]
-    assert error["type"] == "engine_error" and "incomplete" in error["message"]
+    for streamer in streamers:
+        streamer.join(timeout=120)
+        assert not streamer.is_alive()
+    cut = 0
+    for events, _ in streams:
+        if events[-1] == "data: [DONE]":
+            usage = next(json.loads(e[6:])["usage"] for e in reversed(events) if e.startswith('data: {"') and
+                         '"usage":{' in e)
+            assert usage["completion_tokens"] == 1900  # it had ended before the kill: complete
+            continue
+        error = json.loads(events[-1][len("data: "):])["error"]
+        assert error["type"] == "engine_error" and "incomplete" in error["message"]
+        cut += 1
+    assert cut, "every stream ended before the engine was killed; the test proves nothing"
 
     # Both asked at once, right after the kill, while Serve is still replacing the killed replicas
     # (a replacement takes over 30 s to load; the router gives up on an engine after

@@ -275,3 +275,61 @@ def test_the_published_gpu_profiles_load_and_size_the_hybrid_gpu_fleet():
     assert summary["requests_served"] + sum(result.rejected.values()) == len(requests)
     assert summary["residency_violations"] == 0 and result.sites_by_class[("confidential", "cloud")] == 0
     assert result.sites_by_class[("public", "cloud")] > 1_000 and result.scale_events
+
+
+def _run_by_batch():
+    """A run on one on-prem replica: 10 times, 4 requests reach the engine together (they met 1, 2,
+    3 and 4 running sequences, themselves included); each batch's first token (after 5 ms in the
+    router's queue) and time per token are set per batch."""
+    shape = {1: (100.0, 10.0), 2: (150.0, 12.0), 3: (300.0, 20.0), 4: (300.0, 20.0)}  # batch -> (ttft, itl)
+    records = []
+    for group in range(10):
+        for batch in (1, 2, 3, 4):
+            ttft, itl = shape[batch]
+            e2e = 5 + ttft + 15 * itl
+            records.append(_record(1000.0 + 10 * group, model="m", queue_ms=5.0, ttft_ms=5 + ttft, e2e_ms=e2e,
+                                   end=1000.0 + 10 * group + e2e / 1000, output_tokens=16))
+    records.append(_record(2000.0, model="m", site="cloud", ttft_ms=1.0, end=2000.1, e2e_ms=100.0))  # elsewhere
+    return records
+
+
+def test_the_batch_a_request_met_counts_the_sequences_running_on_the_replicas_when_it_started():
+    from serve_app.planner.fit import batches, served_on
+
+    records = _run_by_batch()
+    served = served_on(records, "m", "onprem")
+    assert len(served) == 40 and served[0].ttft_ms == 100.0 and served[0].itl_ms == pytest.approx(10.0)
+    assert batches(served, replicas=1)[:8] == [1, 2, 3, 4, 1, 2, 3, 4]  # the group before had ended
+    assert batches(served, replicas=2)[:4] == [1, 1, 2, 2]  # least loaded of two replicas
+
+
+def test_a_profile_fitted_to_a_recorded_run_is_the_run_as_its_engines_served_it(tmp_path):
+    """``plan profile --from-trace``: time per token and the first token by batch, as that run's
+    engines showed them (the router's queue left out), the prefill speed from a measured profile."""
+    from serve_app.ops.cli import main
+    from serve_app.planner.cli import load_profiles
+
+    config_path, base_path, out = tmp_path / "config.yaml", tmp_path / "base.yaml", tmp_path / "fitted.yaml"
+    config_path.write_text(json.dumps(config().model_dump(mode="json", exclude_none=True)))
+    base_path.write_text(json.dumps({"profiles": {"p": PROFILE.model_dump(mode="json", exclude={"name"})},
+                                     "use": {"m": {"onprem": "p"}}}))
+    (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in _run_by_batch()))
+    assert main(["plan", "profile", "--config", str(config_path), "--model", "m", "--from-trace",
+                 str(tmp_path / "requests.jsonl"), "--base", str(base_path), "--out", str(out)]) == 0
+    fitted = load_profiles(out)[("m", "onprem")]
+    assert fitted.itl_ms == {1: 10.0, 2: 12.0, 4: 20.0}  # batches 3 and 4 fall in the bucket of 4
+    assert fitted.ttft_extra_ms == {1: 0.0, 2: 50.0, 4: 200.0}
+    assert fitted.prefill_tokens_per_s == PROFILE.prefill_tokens_per_s
+    assert fitted.ttft_overhead_ms == 90.0  # 100 ms at batch 1, less 40 prompt tokens at 4,000/s
+    assert fitted.ttft_ms(40, 3) == pytest.approx(90 + 10 + 125)  # (the extra interpolated between 2 and 4)
+    assert load_profiles(out)[("m", "cloud")] == fitted  # every site of the model uses it
+    # A starved client read the batch-3 and -4 streams in one go (no time between their tokens):
+    # that bucket says nothing of the engine's speed, and the base profile's is kept there.
+    from serve_app.planner.fit import fit
+
+    late = [{**r, "e2e_ms": r["ttft_ms"]} if r["ttft_ms"] == 305.0 else r for r in _run_by_batch()]
+    refit = fit(late, "m", "onprem", 1, 8, PROFILE, "late", "test")
+    assert refit.itl_ms == {1: 10.0, 2: 12.0, 4: round(PROFILE.itl_at(4), 2)}
+    assert main(["plan", "profile", "--config", str(config_path), "--model", "m", "--site", "cloud",
+                 "--from-trace", str(tmp_path / "requests.jsonl"), "--base", str(base_path)]) == 2  # no base profile
+

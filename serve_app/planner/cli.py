@@ -135,7 +135,7 @@ def cmd_plan_size(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_profile(args: argparse.Namespace) -> int:
-    """Measure one model's profile on a running Spillway and write it as a profiles YAML."""
+    """Measure one model's profile on a running Spillway (or fit it to a recorded run) and write it as YAML."""
     import asyncio
     import os
     import platform
@@ -146,24 +146,46 @@ def cmd_plan_profile(args: argparse.Namespace) -> int:
     model = next((m for m in config.models if m.id == args.model), None)
     if model is None or not model.deploys_on(args.site):
         raise ConfigError(f"the config has no model {args.model!r} on site {args.site!r}")
-    print(f"measuring {args.model} on {args.site} through {args.host} ...")
-    measured = asyncio.run(measure(args.host, args.model, args.site, model.engine.max_num_seqs,
-                                   api_key=args.api_key or os.environ.get("SPILLWAY_API_KEY"),
-                                   max_tokens=args.max_tokens, rounds=args.rounds))
-    name = args.name or f"measured-{args.model}"
-    source = (f"spillway plan profile --model {args.model} --site {args.site} on {platform.node()} "
-              f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M')}, through the router")
-    profile = measured.profile(name, model.engine.max_num_seqs, source)
+    if args.from_trace:
+        name = args.name or f"fitted-{args.model}"
+        profile = _fitted(args, config, model, name)
+    else:
+        print(f"measuring {args.model} on {args.site} through {args.host} ...")
+        measured = asyncio.run(measure(args.host, args.model, args.site, model.engine.max_num_seqs,
+                                       api_key=args.api_key or os.environ.get("SPILLWAY_API_KEY"),
+                                       max_tokens=args.max_tokens, rounds=args.rounds))
+        name = args.name or f"measured-{args.model}"
+        source = (f"spillway plan profile --model {args.model} --site {args.site} on {platform.node()} "
+                  f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M')}, through the router")
+        profile = measured.profile(name, model.engine.max_num_seqs, source)
+    source = profile.source
     sites = [site for site in model.replicas if model.deploys_on(site) and config.site(site).kind != SiteKind.external]
     document = {"profiles": {name: profile.model_dump(mode="json", exclude={"name"})},
                 "use": {args.model: {site: name for site in sites}}}
     text = yaml.safe_dump(document, sort_keys=False)
     if args.out:
-        Path(args.out).write_text(f"# Measured by `{source}`; every site of the model uses it.\n" + text)
+        Path(args.out).write_text(f"# From `{source}`; every site of the model uses it.\n" + text)
         print(f"wrote {args.out}")
     else:
         print(text)
     return 0
+
+
+def _fitted(args: argparse.Namespace, config, model, name: str) -> EngineProfile:
+    """``--from-trace``: the profile the recorded run's engines showed (``planner/fit.py``)."""
+    from serve_app.planner.fit import fit
+
+    base = load_profiles(args.base).get((model.id, args.site))
+    if base is None:
+        raise ConfigError(f"profiles {args.base}: no profile for {model.id}@{args.site} (its prefill speed is used)")
+    trace = _load_trace(argparse.Namespace(trace=args.from_trace, trace_model=[]))
+    source = (f"spillway plan profile --from-trace {args.from_trace}: {model.id} on {args.site} as that run "
+              f"served it; prefill speed from {base.name}")
+    try:
+        return fit(trace.records, model.id, args.site, model.replicas[args.site], model.engine.max_num_seqs, base,
+                   name, source)
+    except ValueError as exc:
+        raise ConfigError(f"trace {args.from_trace}: {exc}") from None
 
 
 def cmd_plan_accuracy(args: argparse.Namespace) -> int:
@@ -237,7 +259,13 @@ def add_parsers(sub, with_config) -> None:
     profile.add_argument("--max-tokens", type=int, default=64, help="tokens per stream when timing a batch")
     profile.add_argument("--rounds", type=int, default=3)
     profile.add_argument("--api-key", help="default: $SPILLWAY_API_KEY (once the cluster has keys)")
-    profile.add_argument("--name", help="the profile's name (default measured-<model>)")
+    profile.add_argument("--from-trace", help="fit the profile to a recorded load test (its requests.jsonl or report "
+                                              "folder) instead of measuring: the engines as that run's load found "
+                                              "them")
+    profile.add_argument("--base", default=str(Path(__file__).resolve().parents[2] / "cluster_configs" / "profiles" /
+                                               "local-cpu.yaml"),
+                         help="with --from-trace: profiles YAML whose profile of the model gives the prefill speed")
+    profile.add_argument("--name", help="the profile's name (default measured-<model>, fitted-<model>)")
     profile.add_argument("--out", help="write the profiles YAML here (default: print it)")
     profile.set_defaults(func=cmd_plan_profile)
     accuracy = with_config(plan_sub.add_parser("accuracy", help="replay a load test's requests.jsonl in the "
