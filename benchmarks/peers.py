@@ -316,8 +316,9 @@ def _role(info: dict) -> str:
         return "load generator"
     cmdline = " ".join(info["cmdline"] or [])
     title = cmdline or info["name"] or ""
-    for needle, role in (("vllm.entrypoints.openai.api_server", "vllm api server"), ("EngineCore", "engine core"), ("VLLM::Worker", "engine worker"),
-                         ("haproxy", "haproxy"), ("ServeReplica", "serve replica"), ("peer_rayllm", "rayllm")):
+    for needle, role in (("vllm.entrypoints.openai.api_server", "vllm api server"), ("EngineCore", "engine core"),
+                         ("VLLM::Worker", "engine worker"), ("haproxy", "haproxy"), ("ServeReplica", "serve replica"),
+                         ("peer_rayllm", "rayllm")):
         if needle in title:
             if role == "serve replica":  # ray::ServeReplica:<app>:<deployment>
                 return "replica " + title.split(":")[-1].split()[0]

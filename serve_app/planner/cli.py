@@ -158,13 +158,12 @@ def cmd_plan_profile(args: argparse.Namespace) -> int:
         source = (f"spillway plan profile --model {args.model} --site {args.site} on {platform.node()} "
                   f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M')}, through the router")
         profile = measured.profile(name, model.engine.max_num_seqs, source)
-    source = profile.source
     sites = [site for site in model.replicas if model.deploys_on(site) and config.site(site).kind != SiteKind.external]
     document = {"profiles": {name: profile.model_dump(mode="json", exclude={"name"})},
                 "use": {args.model: {site: name for site in sites}}}
     text = yaml.safe_dump(document, sort_keys=False)
     if args.out:
-        Path(args.out).write_text(f"# From `{source}`; every site of the model uses it.\n" + text)
+        Path(args.out).write_text(f"# From `{profile.source}`; every site of the model uses it.\n" + text)
         print(f"wrote {args.out}")
     else:
         print(text)

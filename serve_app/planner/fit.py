@@ -14,8 +14,8 @@ that kind of run must be given. This fit reads it from a run:
 - time per output token at that batch: ``(e2e_ms - ttft_ms) / (output_tokens - 1)``, the whole
   stream at the batch it started with, as the simulator models it.
 
-Medians per bucket of batch sizes (1, 2, 4, ... up to ``max_num_seqs``; a bucket takes the batches
-above the one before it) with at least ``min_samples`` streams. Traffic of one prompt size does
+Medians per bucket of batch sizes (``batch_points``: 1, 2, 4, ... up to ``max_num_seqs``; a bucket
+takes the batches above the one before it) with at least ``min_samples`` streams. Traffic of one prompt size does
 not separate prefill from the rest, so the prefill speed comes from a measured profile (``base``):
 the fitted overhead is the median first token at batch 1 less that prefill of the median prompt.
 
@@ -34,7 +34,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from serve_app.planner.profile import EngineProfile
+from serve_app.planner.profile import EngineProfile, batch_points
 
 MIN_ITL_MS = 0.2  # below this per token, a stream arrived at once: the client read late
 
@@ -82,14 +82,6 @@ def batches(served: list[Served], replicas: int) -> list[int]:
     return out
 
 
-def _buckets(max_num_seqs: int) -> list[int]:
-    points, b = [], 1
-    while b < max_num_seqs:
-        points.append(b)
-        b *= 2
-    return points + [max_num_seqs]
-
-
 def _by_bucket(values: list[tuple[int, float]], points: list[int], min_samples: int) -> dict[int, float]:
     table = {}
     low = 0
@@ -108,7 +100,7 @@ def fit(records: list[dict], model: str, site: str, replicas: int, max_num_seqs:
     if not served:
         raise ValueError(f"the run has no successful request of {model} served on {site}")
     met = batches(served, replicas)
-    points = _buckets(max_num_seqs)
+    points = batch_points(max_num_seqs)
     ttft = _by_bucket([(b, s.ttft_ms) for b, s in zip(met, served) if s.ttft_ms is not None], points, min_samples)
     itl = _by_bucket([(b, s.itl_ms) for b, s in zip(met, served) if s.itl_ms is not None], points, min_samples)
     if not ttft or not itl:

@@ -29,7 +29,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from serve_app.planner.profile import EngineProfile
+from serve_app.planner.profile import EngineProfile, batch_points
 
 JOIN_SETTLE_S = 0.5
 TTFT_TOKENS = 8  # (a token or two may decode to no text yet: ask for a few, time the first)
@@ -139,7 +139,7 @@ async def measure(base_url: str, model: str, site: str, max_num_seqs: int, *, ap
     url = f"{base_url.rstrip('/')}/v1/chat/completions"
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     result = Measurement()
-    batches = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_num_seqs} | {max_num_seqs})
+    batches = batch_points(max_num_seqs)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
         await _stream(client, url, model, short_words, 4, headers)  # (warm the path up)
         alone = [await _stream(client, url, model, short_words, TTFT_TOKENS, headers) for _ in range(max(3, rounds))]

@@ -51,6 +51,12 @@ class EngineProfile(Strict):
                 + _interpolate(self.ttft_extra_ms, batch))
 
 
+def batch_points(max_num_seqs: int) -> list[int]:
+    """The batch sizes a profile gives figures at: 1, 2, 4, ... (up to 256) below the batch limit,
+    and the limit itself."""
+    return sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_num_seqs} | {max_num_seqs})
+
+
 def _interpolate(points: dict[int, float], batch: int) -> float:
     sizes = list(points)
     if batch <= sizes[0]:
