@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from serve_app.governance import channel
 from serve_app.governance.client import LedgerClient, LedgerUnavailable
-from serve_app.governance.ledger import Admission, AdmitRequest, Denial
+from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Settlement
 from serve_app.governance.service import LedgerService
 from tests.test_request_path import MODEL, config, run, wait_for
 
@@ -171,3 +171,99 @@ def test_the_port_closes_connections_without_the_secret_or_with_bad_frames_and_s
     assert results == {name: b"" for name in results}  # closed, nothing answered
     assert isinstance(still, Admission)
     assert state["open_reservations"] == 1  # the refused frames admitted nothing
+
+
+def settlement(router: str, reservation: str | None = None, cost: int = 1_000) -> Settlement:
+    return Settlement(router, reservation, None, "acme", MODEL, "onprem", 3, 4, cost)
+
+
+def test_settlement_batches_and_audit_records_go_over_the_port(tmp_path):
+    async def main():
+        svc = service(tmp_path)
+        key = await svc.create_key({"tenant": "acme"})
+        handle = FakeHandle(svc)
+        client = LedgerClient(handle, svc.settings)
+        client.start()
+        await client.ready()
+        admitted = await client.admit(request(client.router_id, key["id"], tokens=10))
+        client.settle(Settlement(client.router_id, admitted.reservation, key["id"], "acme", MODEL, "onprem", 3, 4, 70,
+                                 admitted.accounts))
+        client.settle(settlement(client.router_id, cost=30))
+        client.audit({"request_id": "r-1", "tenant": "acme", "tokens": [3, 4]})
+        await client.sync()
+        pending = list(svc._audit_pending)
+        await client.close()
+        state, spent = svc.ledger.state(), svc.ledger.spend_of("tenant:acme", "day")
+        await svc.close()
+        return handle.calls, state, spent, pending
+
+    calls, state, spent, pending = run(main())
+    assert calls.get("sync", 0) == 0 and calls.get("admit", 0) == 0  # all over the port
+    assert state["open_reservations"] == 0  # the admitted request settled to its real cost
+    assert round(spent["spent"] * 1_000_000) == 100 and spent["reserved"] == 0
+    assert pending == [{"request_id": "r-1", "tenant": "acme", "tokens": [3, 4]}]
+
+
+def test_a_batch_whose_answer_was_lost_is_sent_again_under_its_number_and_counted_once(tmp_path):
+    async def main():
+        svc = service(tmp_path)
+        handle = FakeHandle(svc)
+        client = LedgerClient(handle, svc.settings)
+        client.start()
+        await client.ready()
+        await client.sync()  # connects the port
+        original = svc.port._answer
+
+        def apply_then_break(message):
+            answered = original(message)  # the ledger applies the batch ...
+            for writer in list(svc.port._connections):
+                writer.transport.abort()  # ... and the answer never leaves
+            return answered
+
+        svc.port._answer = apply_then_break
+        client.settle(settlement(client.router_id, cost=500))
+        try:
+            await client.sync()
+            first = "answered"
+        except LedgerUnavailable as exc:
+            first = str(exc)
+        svc.port._answer = original
+        after_loss = svc.ledger.spend_of("tenant:acme", "day")["spent"]
+        client.settle(settlement(client.router_id, cost=7))
+        await client.sync()  # the lost batch again (through the handle while the port rests), then the new one
+        await client.close()
+        spent = svc.ledger.spend_of("tenant:acme", "day")["spent"]
+        await svc.close()
+        return first, after_loss, spent, handle.calls
+
+    first, after_loss, spent, calls = run(main())
+    assert "answer was lost" in first
+    assert round(after_loss * 1_000_000) == 500  # applied before the connection broke
+    assert round(spent * 1_000_000) == 507  # the resent batch was not counted twice
+    assert calls["sync"] >= 1  # the resend went through the handle
+
+
+def test_a_batch_over_the_ports_frame_limit_goes_through_the_handle(tmp_path, monkeypatch):
+    monkeypatch.setattr(channel, "MAX_FRAME_BYTES", 4096)
+
+    async def main():
+        svc = service(tmp_path)
+        handle = FakeHandle(svc)
+        client = LedgerClient(handle, svc.settings)
+        client.start()
+        await client.ready()
+        client.settle(settlement(client.router_id, cost=1))
+        await client.sync()
+        small = dict(handle.calls)
+        client.audit({"request_id": "big", "text": "x" * 10_000})
+        client.settle(settlement(client.router_id, cost=2))
+        await client.sync()
+        await client.close()
+        spent = svc.ledger.spend_of("tenant:acme", "day")["spent"]
+        pending = [r["request_id"] for r in svc._audit_pending]
+        await svc.close()
+        return small, handle.calls, spent, pending
+
+    small, calls, spent, pending = run(main())
+    assert small.get("sync", 0) == 0 and calls["sync"] == 1
+    assert round(spent * 1_000_000) == 3 and pending == ["big"]

@@ -1,9 +1,11 @@
-"""The admission channel: one TCP connection per router replica to the ledger, for ``admit``.
+"""The ledger channel: one TCP connection per router replica to the ledger, for ``admit`` and ``sync``.
 
 A Serve handle call costs this path about 10 ms per request on a loaded 2-core node (Serve's
-request router, the replica's wrappers and thread hand-offs, two hops of Ray's RPC). Admission
-is the one ledger call on a keyed request's path, so it gets a socket of its own; everything
-else (settlement batches, the key table, admin) stays on the handle.
+request router, the replica's wrappers and thread hand-offs, two hops of Ray's RPC), and about a
+millisecond of CPU in the two processes. Admission is the one ledger call on a keyed request's
+path, and every router sends a settlement batch (with its audit records) every
+``settle_batch_ms`` while it serves, so both take this socket; the rest (the key table, admin,
+a batch too large for one frame) stays on the handle.
 
 Wire format (both directions after the hello): a 4-byte big-endian length, then that many bytes
 of JSON, one message per frame.
@@ -11,8 +13,10 @@ of JSON, one message per frame.
   in constant time; anything else closes the connection before a frame is read. The ledger makes
   the secret when it starts and gives it, with its address, only through ``endpoint()`` on its
   Serve handle, so only members of the Ray cluster can learn it;
-- router to ledger: ``{"i": n, "admit": {AdmitRequest fields}}``;
-- ledger to router: ``{"i": n, "ok": {Admission fields}}`` or ``{"i": n, "no": {Denial fields}}``.
+- router to ledger: ``{"i": n, "admit": {AdmitRequest fields}}``, or ``{"i": n, "sync": {"router",
+  "batch", "settlements": [Settlement fields], "voids": [...], "records": [...]}}``;
+- ledger to router: ``{"i": n, "ok": {Admission fields}}`` or ``{"i": n, "no": {Denial fields}}``
+  for an admission, ``{"i": n, "version": v}`` (the key table's) for a sync.
 A frame over ``MAX_FRAME_BYTES`` or one that does not parse closes the connection.
 
 Answers come back in the order the requests were sent (the ledger answers each frame as it reads
@@ -36,14 +40,14 @@ import time
 from dataclasses import asdict
 from typing import Callable
 
-from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Ledger
+from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Ledger, Settlement
 
 logger = logging.getLogger("spillway.ledger")
 
 HELLO = b"SPWL"
 SECRET_BYTES = 32
 LENGTH = struct.Struct("!I")
-MAX_FRAME_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 4 << 20  # a sync carries audit records; a larger batch goes through the handle
 HELLO_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 2.0
 RECONNECT_AFTER_S = 5.0
@@ -69,6 +73,12 @@ async def read_frame(reader: asyncio.StreamReader) -> dict:
     return message
 
 
+def settlement_from(fields: dict) -> Settlement:
+    fields = dict(fields)
+    fields["accounts"] = tuple(tuple(a) for a in fields.get("accounts", ()))
+    return Settlement(**fields)
+
+
 def answer_from(message: dict) -> Admission | Denial:
     if "ok" in message:
         ok = message["ok"]
@@ -77,12 +87,17 @@ def answer_from(message: dict) -> Admission | Denial:
     return Denial(**message["no"])
 
 
-class LedgerPort:
-    """The ledger's side: a TCP server on its node's address, answering ``admit`` frames."""
+# (router, settlements, voids, audit records, batch number) -> the key table's version
+SyncHandler = Callable[[str, list, tuple, list, "int | None"], int]
 
-    def __init__(self, ledger: Ledger, secret: bytes):
+
+class LedgerPort:
+    """The ledger's side: a TCP server on its node's address, answering ``admit`` and ``sync`` frames."""
+
+    def __init__(self, ledger: Ledger, secret: bytes, sync: SyncHandler | None = None):
         self.ledger = ledger
         self.secret = secret
+        self.sync = sync
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self.address: tuple[str, int] | None = None
@@ -119,6 +134,13 @@ class LedgerPort:
             writer.close()
 
     def _answer(self, message: dict) -> dict:
+        if "sync" in message and self.sync is not None:
+            batch = message["sync"]
+            number = batch.get("batch")
+            version = self.sync(str(batch["router"]), [settlement_from(s) for s in batch["settlements"]],
+                                tuple(str(v) for v in batch["voids"]), list(batch["records"]),
+                                None if number is None else int(number))
+            return {"i": message["i"], "version": version}
         request = AdmitRequest(**message["admit"])
         answer = self.ledger.admit(request)
         if isinstance(answer, Admission):
@@ -146,14 +168,29 @@ class LedgerChannel:
     async def admit(self, request: AdmitRequest, timeout_s: float) -> Admission | Denial:
         """Raises ``ConnectionError`` if nothing was sent (the caller may use another way), or
         ``ChannelBroken`` if the request was sent and its answer is lost."""
+        return answer_from(await self._call("admit", asdict(request), timeout_s))
+
+    async def sync(self, router: str, batch: int, settlements: list[Settlement], voids: list[str],
+                   records: list[dict], timeout_s: float) -> int:
+        """The key table's version. Raises ``ConnectionError`` if nothing was sent (also for a batch
+        over ``MAX_FRAME_BYTES``: send it through the handle), or ``ChannelBroken`` if it was sent and
+        its answer is lost (the ledger may have applied it: send the same batch number again)."""
+        body = {"router": router, "batch": batch, "settlements": [asdict(s) for s in settlements],
+                "voids": list(voids), "records": records}
+        return int((await self._call("sync", body, timeout_s))["version"])
+
+    async def _call(self, kind: str, body: dict, timeout_s: float) -> dict:
         writer = await self._connection()
         self._next += 1
         number = self._next
+        data = frame({"i": number, kind: body})
+        if len(data) - LENGTH.size > MAX_FRAME_BYTES:
+            raise ConnectionError(f"a {kind} frame of {len(data)} bytes is over the port's limit")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[number] = waiter
         try:
-            writer.write(frame({"i": number, "admit": asdict(request)}))
-            return answer_from(await asyncio.wait_for(waiter, timeout_s))
+            writer.write(data)
+            return await asyncio.wait_for(waiter, timeout_s)
         except (asyncio.TimeoutError, ConnectionError) as exc:
             raise ChannelBroken(type(exc).__name__) from None
         finally:

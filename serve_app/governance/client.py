@@ -9,8 +9,10 @@
   active, so a revocation holds from the next request on, on every replica. An admission whose
   answer is lost (timeout, broken connection) is voided in the next sync, never sent again.
 - ``settle``: queued, sent in batches every ``settle_batch_ms`` (and a heartbeat every
-  ``heartbeat_s`` without any), on this replica's event loop; a batch that fails is kept and sent
-  again (at most ``MAX_PENDING`` settlements; past that the oldest are logged and dropped).
+  ``heartbeat_s`` without any), on this replica's event loop, over the same port (the handle when
+  it cannot be reached, or for a batch over the port's frame limit). Batches are numbered: one
+  whose answer was lost is sent again, alone and under its number, and the ledger applies it once
+  (at most ``MAX_PENDING`` queued items; past that the oldest are logged and dropped).
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class LedgerClient:
         self._pending: list[Settlement] = []
         self._voids: list[str] = []
         self._records: list[dict] = []
+        self._batch = 0
+        self._unacked: tuple[int, list[Settlement], list[str], list[dict]] | None = None  # sent, answer lost
+        self._sync_lock = asyncio.Lock()
         self.channel = LedgerChannel(self._endpoint, clock)
         self._task: asyncio.Task | None = None
         self._loaded: asyncio.Event | None = None
@@ -163,29 +168,44 @@ class LedgerClient:
         # ``wait_for`` can swallow a cancellation that lands as its inner call completes.
         while not self._closing:
             await asyncio.sleep(self.settings.settle_batch_ms / 1000)
-            if not (self._pending or self._voids or self._records) and \
+            if not (self._unacked or self._pending or self._voids or self._records) and \
                     self.clock() - last_sync < self.settings.heartbeat_s:
                 continue
             try:
                 await self.sync()
                 last_sync = self.clock()
             except Exception as exc:  # noqa: BLE001 - kept and sent again
-                logger.warning("ledger sync failed (%d settlement(s) kept): %s", len(self._pending), exc)
+                logger.warning("ledger sync failed (%d settlement(s) kept): %s", self._queued(), exc)
 
     async def sync(self) -> None:
-        batch, self._pending = self._pending, []
-        voids, self._voids = self._voids, []
-        records, self._records = self._records, []
-        try:
-            version = await asyncio.wait_for(
-                self.handle.sync.remote(self.router_id, batch, tuple(voids), records), SYNC_TIMEOUT_S)
-        except BaseException:
-            self._pending[:0] = batch
-            self._voids[:0] = voids
-            self._records[:0] = records
-            raise
+        """Send what is queued (a heartbeat when nothing is); first, alone, a batch whose answer
+        was lost. Raises when a batch could not be delivered; it stays for the next sync."""
+        async with self._sync_lock:
+            if self._unacked is not None:
+                await self._deliver()
+                if not (self._pending or self._voids or self._records):
+                    return
+            self._batch += 1
+            self._unacked = (self._batch, self._pending, self._voids, self._records)
+            self._pending, self._voids, self._records = [], [], []
+            await self._deliver()
+
+    async def _deliver(self) -> None:
+        version = await self._send(*self._unacked)
+        self._unacked = None
         if self.table is None or version != self.table.version:
             await self.refresh()
+
+    async def _send(self, batch: int, settlements: list[Settlement], voids: list[str], records: list[dict]) -> int:
+        if self.channel.usable:
+            try:
+                return await self.channel.sync(self.router_id, batch, settlements, voids, records, SYNC_TIMEOUT_S)
+            except ConnectionError:
+                pass  # nothing was sent: through the handle
+            except ChannelBroken as exc:
+                raise LedgerUnavailable(f"a settlement batch's answer was lost ({exc}); sent again next") from None
+        return await asyncio.wait_for(
+            self.handle.sync.remote(self.router_id, settlements, tuple(voids), records, batch), SYNC_TIMEOUT_S)
 
     async def close(self) -> None:
         self._closing = True
@@ -193,11 +213,14 @@ class LedgerClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=SYNC_TIMEOUT_S + 1)
-        if self._pending or self._voids or self._records:
+        if self._unacked is not None or self._pending or self._voids or self._records:
             try:
                 await self.sync()
             except Exception as exc:  # noqa: BLE001 - nothing more to do at shutdown
-                logger.error("could not send %d settlement(s) at shutdown: %s", len(self._pending), exc)
+                logger.error("could not send %d settlement(s) at shutdown: %s", self._queued(), exc)
+
+    def _queued(self) -> int:
+        return len(self._pending) + (len(self._unacked[1]) if self._unacked is not None else 0)
 
 
 def _queue(queue: list, item, what: str) -> None:

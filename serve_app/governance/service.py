@@ -19,6 +19,7 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 
 from serve_app.config import SpillwayConfig
 from serve_app.governance.audit import Archiver, AuditWriter, load_or_create_key, tail
@@ -31,6 +32,7 @@ logger = logging.getLogger("spillway.ledger")
 REAP_EVERY_S = 1.0
 ARCHIVE_RETRY_S = 30.0
 MAX_AUDIT_PENDING = 1_000_000
+ROUTERS_REMEMBERED = 10_000
 WEBHOOK_TIMEOUT_S = 5.0
 
 
@@ -44,7 +46,8 @@ class LedgerService:
         self._write_lock = asyncio.Lock()
         self._webhooks: set[asyncio.Task] = set()
         self._alerts = None
-        self.port = LedgerPort(self.ledger, secrets.token_bytes(SECRET_BYTES))
+        self.port = LedgerPort(self.ledger, secrets.token_bytes(SECRET_BYTES), self.apply_sync)
+        self._batches: OrderedDict[str, int] = OrderedDict()  # router -> its last batch applied
         audit = self.settings.audit
         self.audit = AuditWriter(self.settings.audit_dir(), load_or_create_key(self.settings.audit_key_path()),
                                  audit.rotate_bytes, audit.rotate_s) if audit.enabled else None
@@ -91,18 +94,31 @@ class LedgerService:
         return self.ledger.admit(request)
 
     async def sync(self, router: str, settlements: list[Settlement], voids: tuple[str, ...] = (),
-                   records: list[dict] | None = None) -> int:
+                   records: list[dict] | None = None, batch: int | None = None) -> int:
+        """The handle's way to ``apply_sync`` (the routers use the port, ``channel.py``)."""
+        return self.apply_sync(router, settlements, tuple(voids), records or [], batch)
+
+    def apply_sync(self, router: str, settlements: list[Settlement], voids: tuple[str, ...],
+                   records: list[dict], batch: int | None) -> int:
         """A router's batch of finished requests (possibly none: a heartbeat), of admissions
         whose answer it never got, and of audit records. Returns the key-table version, so routers
-        re-read the table when it changed."""
+        re-read the table when it changed. ``batch`` numbers a router's batches: a router sends a
+        batch whose answer it lost again under the same number, and this ledger applies it once."""
         self._start()
+        self.ledger.heartbeat(router)
+        if batch is not None:
+            if batch <= self._batches.get(router, 0):
+                return self.ledger.version  # applied already; its answer was lost
+            self._batches[router] = batch
+            self._batches.move_to_end(router)
+            while len(self._batches) > ROUTERS_REMEMBERED:
+                self._batches.popitem(last=False)
         if records and self.audit is not None:
             self._audit_pending.extend(records)
             if len(self._audit_pending) > MAX_AUDIT_PENDING:
                 dropped = len(self._audit_pending) - MAX_AUDIT_PENDING
                 del self._audit_pending[:dropped]
                 logger.error("audit log not writable: dropped the %d oldest record(s)", dropped)
-        self.ledger.heartbeat(router)
         for reservation in voids:
             self.ledger.void(router, reservation)
         for settlement in settlements:
