@@ -14,6 +14,9 @@
 4. ``spillway plan accuracy``: that log replayed through the router's own scheduler over simulated
    engines, once with each profile; p50 and p99 TTFT, on-prem share and spill share against what
    Locust measured. The fitted profile comes from a different run than the one compared.
+5. Where the calibration run has the compared run's shape (the default), the two measured runs
+   side by side: how far the cluster is from itself with the same traffic, the floor under any
+   simulator's error here.
 
 Prints the tables (Markdown, with date and machine) and writes them with the runs to ``--out``.
 """
@@ -77,8 +80,23 @@ def main() -> None:
     text = (f"{header}\n\nWith the profile measured on the idle cluster:\n\n{tables[0]}\n"
             f"With the profile fitted to a calibration run ({args.fit_base_users} -> {args.fit_burst_users} -> "
             f"{args.fit_base_users} users, {args.fit_stage_s} s stages):\n\n{tables[1]}")
+    if (args.fit_base_users, args.fit_burst_users, args.fit_stage_s) == (args.base_users, args.burst_users,
+                                                                         args.stage_s):
+        text += ("\nThe same traffic measured twice (the compared run against the calibration run):\n\n"
+                 + run_to_run_table(args.config, trace, calibration) + "\n")
     (args.out / "accuracy.md").write_text(text)
     print(text)
+
+
+def run_to_run_table(config_path: str, compared: Path, other: Path) -> str:
+    from serve_app.config import SiteKind, load_config
+    from serve_app.planner.accuracy import run_to_run, table
+    from serve_app.planner.traffic import replay
+
+    config = load_config(config_path)
+    onprem = {s.name for s in config.sites if s.kind == SiteKind.onprem}
+    return table(run_to_run(replay(compared), replay(other), onprem),
+                 columns=("compared run", "calibration run", "difference"))
 
 
 def load_test(args, name: str, base_users: str, burst_users: str, stage_s: str) -> Path:

@@ -200,8 +200,10 @@ def test_plan_accuracy_compares_a_replayed_run_with_what_it_measured(tmp_path, c
     profiles_path.write_text(json.dumps({"profiles": {"p": PROFILE.model_dump(mode="json", exclude={"name"})},
                                          "use": {"m": {"onprem": "p", "cloud": "p"}}}))
     # A quiet run: one request every 2 s, each alone on on-prem; 20 % were confidential.
-    records = [_record(100.0 + 2 * i, model="m", ttft_ms=200.0, data_class="confidential" if i % 5 == 0 else "public")
-               for i in range(50)]
+    records = [_record(100.0 + 2 * i, model="m", ttft_ms=200.0, itl_ms=5.0,
+                       data_class="confidential" if i % 5 == 0 else "public") for i in range(50)]
+    # Five streams a starved client read in one go: a "first token" of 3 s, no time between tokens.
+    records += [_record(101.0 + 20 * i, model="m", ttft_ms=3000.0, itl_ms=0.0) for i in range(5)]
     (tmp_path / "requests.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     args = ["plan", "accuracy", "--config", str(config_path), "--profiles", str(profiles_path),
             "--trace", str(tmp_path / "requests.jsonl")]
@@ -210,6 +212,8 @@ def test_plan_accuracy_compares_a_replayed_run_with_what_it_measured(tmp_path, c
     # Simulated alone on on-prem: 20 ms + 40 tokens at 4,000/s = 30 ms, against the 200 ms measured.
     assert rows["ttft_p50_ms"]["simulated"] == pytest.approx(30.0) and rows["ttft_p50_ms"]["measured"] == 200.0
     assert rows["ttft_p50_ms"]["error"] == pytest.approx(-0.85)
+    assert rows["ttft_p99_ms"]["measured"] == 3000.0 and rows["live_ttft_p99_ms"]["measured"] == 200.0
+    assert rows["live_ttft_p50_ms"]["simulated"] == pytest.approx(30.0)
     assert rows["onprem_share"]["simulated"] == rows["onprem_share"]["measured"] == 1.0
     assert rows["spill_share"]["simulated"] == 0 and rows["spill_share"]["error"] is None  # (measured 0)
     assert main(args) == 0
@@ -323,13 +327,19 @@ def test_a_profile_fitted_to_a_recorded_run_is_the_run_as_its_engines_served_it(
     assert fitted.ttft_overhead_ms == 90.0  # 100 ms at batch 1, less 40 prompt tokens at 4,000/s
     assert fitted.ttft_ms(40, 3) == pytest.approx(90 + 10 + 125)  # (the extra interpolated between 2 and 4)
     assert load_profiles(out)[("m", "cloud")] == fitted  # every site of the model uses it
-    # A starved client read the batch-3 and -4 streams in one go (no time between their tokens):
-    # that bucket says nothing of the engine's speed, and the base profile's is kept there.
+    # A starved client read the batch-3 and -4 streams in one go (no time between their tokens, and
+    # their "first token" when it got round to reading): that bucket says nothing of the engine's
+    # speed or first token. The base profile's time per token is kept there, and the first token
+    # comes from the buckets beside it; a bucket with a few late streams among live ones fits the live.
     from serve_app.planner.fit import fit
 
-    late = [{**r, "e2e_ms": r["ttft_ms"]} if r["ttft_ms"] == 305.0 else r for r in _run_by_batch()]
+    late = [{**r, "ttft_ms": 2005.0, "e2e_ms": 2005.0} if r["ttft_ms"] == 305.0 else r for r in _run_by_batch()]
     refit = fit(late, "m", "onprem", 1, 8, PROFILE, "late", "test")
     assert refit.itl_ms == {1: 10.0, 2: 12.0, 4: round(PROFILE.itl_at(4), 2)}
+    assert refit.ttft_extra_ms == {1: 0.0, 2: 50.0}
+    some_late = [{**r, "ttft_ms": 2005.0, "e2e_ms": 2005.0} if r["ttft_ms"] == 155.0 and r["start"] < 1050 else r
+                 for r in _run_by_batch()]
+    assert fit(some_late, "m", "onprem", 1, 8, PROFILE, "some", "test").ttft_extra_ms == {1: 0.0, 2: 50.0, 4: 200.0}
     assert main(["plan", "profile", "--config", str(config_path), "--model", "m", "--site", "cloud",
                  "--from-trace", str(tmp_path / "requests.jsonl"), "--base", str(base_path)]) == 2  # no base profile
 

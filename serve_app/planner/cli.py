@@ -204,10 +204,11 @@ def cmd_plan_accuracy(args: argparse.Namespace) -> int:
         print(json.dumps({"rows": [{"metric": r.metric, "measured": r.measured, "simulated": r.simulated,
                                     "error": r.error} for r in rows],
                           "requests": len(trace.requests), "ttft_samples": measured["ttft_samples"],
+                          "live_ttft_samples": measured["live_ttft_samples"],
                           "skipped": dict(trace.skipped), "rejected_in_simulation": dict(result.rejected)}, indent=2))
         return 0
-    print(f"{len(trace.requests)} requests replayed ({measured['ttft_samples']} with a measured TTFT; "
-          f"left out: {dict(trace.skipped) or 'none'}); profiles: {args.profiles}")
+    print(f"{len(trace.requests)} requests replayed ({measured['ttft_samples']} with a measured TTFT, "
+          f"{measured['live_ttft_samples']} of them read as they came; left out: {dict(trace.skipped) or 'none'}); profiles: {args.profiles}")
     print(table(rows))
     return 0
 

@@ -20,9 +20,11 @@ not separate prefill from the rest, so the prefill speed comes from a measured p
 the fitted overhead is the median first token at batch 1 less that prefill of the median prompt.
 
 What a client sees is not only the engine: a load generator starved of CPU reads late, and a
-stream's tokens then arrive in one read (no time per token at all). A bucket whose median stream
-came faster than ``MIN_ITL_MS`` per token says nothing of the engine's speed: the base profile's
-time per token at that batch is kept there.
+stream's tokens then arrive in one read (no time per token at all, and a "first token" that is
+when the client got round to reading). A stream of several tokens that came faster than
+``MIN_ITL_MS`` per token says nothing of the engine's speed or its first token: it is left out of
+both fits. A bucket left without enough such streams keeps the base profile's time per token, and
+its first token is interpolated from the buckets beside it (``EngineProfile``).
 
 Fit on one run and compare on another: fitted and compared on the same run, the figures would
 agree by construction.
@@ -101,15 +103,19 @@ def fit(records: list[dict], model: str, site: str, replicas: int, max_num_seqs:
         raise ValueError(f"the run has no successful request of {model} served on {site}")
     met = batches(served, replicas)
     points = batch_points(max_num_seqs)
-    ttft = _by_bucket([(b, s.ttft_ms) for b, s in zip(met, served) if s.ttft_ms is not None], points, min_samples)
-    itl = _by_bucket([(b, s.itl_ms) for b, s in zip(met, served) if s.itl_ms is not None], points, min_samples)
+    timed = [(b, s) for b, s in zip(met, served) if s.ttft_ms is not None]
+    live = [(b, s) for b, s in timed if s.itl_ms is None or s.itl_ms >= MIN_ITL_MS]
+    ttft = _by_bucket([(b, s.ttft_ms) for b, s in live], points, min_samples)
+    itl = _by_bucket([(b, s.itl_ms) for b, s in live if s.itl_ms is not None], points, min_samples)
+    # A bucket whose streams a starved client read in one go: the base profile's time per token.
+    for point in _by_bucket([(b, s.itl_ms) for b, s in timed if s.itl_ms is not None], points, min_samples):
+        itl.setdefault(point, base.itl_at(point))
     if not ttft or not itl:
         raise ValueError(f"too few streamed requests of {model} on {site} to fit a profile "
                          f"(at least {min_samples} per batch size needed; {len(served)} served)")
     first = ttft[min(ttft)]
     prompts = [s.prompt_tokens for s in served if s.prompt_tokens]
     prefill_ms = 1000 * statistics.median(prompts) / base.prefill_tokens_per_s if prompts else 0.0
-    itl = {b: ms if ms >= MIN_ITL_MS else base.itl_at(b) for b, ms in itl.items()}
     return EngineProfile(
         name=name, source=source, max_num_seqs=max_num_seqs, prefill_tokens_per_s=base.prefill_tokens_per_s,
         ttft_overhead_ms=round(max(0.0, first - prefill_ms), 1),
