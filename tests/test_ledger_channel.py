@@ -48,6 +48,31 @@ def request(router: str, key_id: str | None, tokens: int = 10, tenant: str = "ac
     return AdmitRequest(router, key_id, tenant, MODEL, tokens, 100, 100, uuid.uuid4().hex)
 
 
+async def started(tmp_path) -> tuple[LedgerService, FakeHandle, LedgerClient]:
+    """A ledger service, its FAKE handle and a router's client that has read the key table."""
+    svc = service(tmp_path)
+    handle = FakeHandle(svc)
+    client = LedgerClient(handle, svc.settings)
+    client.start()
+    await client.ready()
+    return svc, handle, client
+
+
+def break_after_answering(svc: LedgerService):
+    """The port answers the next frames, then breaks the connection before the answer leaves;
+    returns the way back to normal."""
+    original = svc.port._answer
+
+    def answer_then_break(message):
+        answered = original(message)
+        for writer in list(svc.port._connections):
+            writer.transport.abort()
+        return answered
+
+    svc.port._answer = answer_then_break
+    return lambda: setattr(svc.port, "_answer", original)
+
+
 def test_admissions_go_over_the_port_and_match_their_requests(tmp_path):
     async def main():
         svc = service(tmp_path)
@@ -94,30 +119,18 @@ def test_a_router_that_cannot_reach_the_port_admits_through_the_handle(tmp_path)
 
 def test_an_answer_lost_with_its_connection_is_voided_never_admitted_twice(tmp_path):
     async def main():
-        svc = service(tmp_path)
+        svc, handle, client = await started(tmp_path)
         key = await svc.create_key({"tenant": "acme"})
-        handle = FakeHandle(svc)
-        client = LedgerClient(handle, svc.settings)
-        client.start()
-        await client.ready()
         assert isinstance(await client.admit(request(client.router_id, key["id"])), Admission)
         # The ledger admits the next request, then its connection breaks before the answer leaves.
-        original = svc.port._answer
-
-        def answer_then_break(message):
-            answered = original(message)
-            for writer in list(svc.port._connections):
-                writer.transport.abort()
-            return answered
-
-        svc.port._answer = answer_then_break
+        restore = break_after_answering(svc)
         lost = request(client.router_id, key["id"])
         try:
             await client.admit(lost)
             outcome = "answered"
         except LedgerUnavailable as exc:
             outcome = str(exc)
-        svc.port._answer = original
+        restore()
         held = lost.id in svc.ledger.reservations
         await wait_for(lambda: lost.id not in svc.ledger.reservations, timeout_s=5)
         released = lost.id not in svc.ledger.reservations
@@ -179,12 +192,8 @@ def settlement(router: str, reservation: str | None = None, cost: int = 1_000) -
 
 def test_settlement_batches_and_audit_records_go_over_the_port(tmp_path):
     async def main():
-        svc = service(tmp_path)
+        svc, handle, client = await started(tmp_path)
         key = await svc.create_key({"tenant": "acme"})
-        handle = FakeHandle(svc)
-        client = LedgerClient(handle, svc.settings)
-        client.start()
-        await client.ready()
         admitted = await client.admit(request(client.router_id, key["id"], tokens=10))
         client.settle(Settlement(client.router_id, admitted.reservation, key["id"], "acme", MODEL, "onprem", 3, 4, 70,
                                  admitted.accounts))
@@ -206,28 +215,16 @@ def test_settlement_batches_and_audit_records_go_over_the_port(tmp_path):
 
 def test_a_batch_whose_answer_was_lost_is_sent_again_under_its_number_and_counted_once(tmp_path):
     async def main():
-        svc = service(tmp_path)
-        handle = FakeHandle(svc)
-        client = LedgerClient(handle, svc.settings)
-        client.start()
-        await client.ready()
+        svc, handle, client = await started(tmp_path)
         await client.sync()  # connects the port
-        original = svc.port._answer
-
-        def apply_then_break(message):
-            answered = original(message)  # the ledger applies the batch ...
-            for writer in list(svc.port._connections):
-                writer.transport.abort()  # ... and the answer never leaves
-            return answered
-
-        svc.port._answer = apply_then_break
+        restore = break_after_answering(svc)  # the ledger applies the next batch; its answer never leaves
         client.settle(settlement(client.router_id, cost=500))
         try:
             await client.sync()
             first = "answered"
         except LedgerUnavailable as exc:
             first = str(exc)
-        svc.port._answer = original
+        restore()
         after_loss = svc.ledger.spend_of("tenant:acme", "day")["spent"]
         client.settle(settlement(client.router_id, cost=7))
         await client.sync()  # the lost batch again (through the handle while the port rests), then the new one
@@ -247,11 +244,7 @@ def test_a_batch_over_the_ports_frame_limit_goes_through_the_handle(tmp_path, mo
     monkeypatch.setattr(channel, "MAX_FRAME_BYTES", 4096)
 
     async def main():
-        svc = service(tmp_path)
-        handle = FakeHandle(svc)
-        client = LedgerClient(handle, svc.settings)
-        client.start()
-        await client.ready()
+        svc, handle, client = await started(tmp_path)
         client.settle(settlement(client.router_id, cost=1))
         await client.sync()
         small = dict(handle.calls)
