@@ -192,6 +192,32 @@ def test_spend_usage_keys_and_windows_survive_a_restart(store_factory, clock):
                      "prompt_tokens": 7, "completion_tokens": 5, "cost": 0.25}]
 
 
+def test_a_settlement_batch_counts_once_also_across_a_restart_of_the_ledger(store_factory, clock):
+    """A router resends a batch whose answer it lost, under its number. The number is written with
+    the spend it caused: a restarted ledger that wrote the batch skips it, one that crashed before
+    writing it (its spend lost too) applies it again."""
+    ledger = ledger_of(store_factory, clock)
+    batch = Settlement("r1", None, None, "acme", "m", "onprem", 1, 1, int(0.25 * MICROS))
+    assert ledger.accept_batch("r1", 1)
+    ledger.settle(batch)
+    assert not ledger.accept_batch("r1", 1)  # the resend, same process
+    ledger.store.write(ledger.take_flush())
+    assert ledger.accept_batch("r1", 2)  # applied, never written: the ledger crashes here
+    ledger.settle(batch)
+    ledger.store.close()
+
+    again = ledger_of(store_factory, clock)
+    assert not again.accept_batch("r1", 1)  # written with its spend: counted once
+    assert again.accept_batch("r1", 2)  # lost with its spend: applied again
+    again.settle(batch)
+    assert again.accept_batch("r2", 1)  # another router numbers its own batches
+    assert again.spend_of("tenant:acme", "day")["spent"] == pytest.approx(0.5)
+    again.store.write(again.take_flush())
+    again.store.close()
+    clock.now += 8 * 86400  # a router silent for a week is forgotten
+    assert ledger_of(store_factory, clock).batches == {}
+
+
 def test_settlements_without_admission_are_counted_as_usage(store_factory, clock):
     """The open demo (no keys) and a ledger that restarted while requests ran."""
     ledger = ledger_of(store_factory, clock)

@@ -19,7 +19,9 @@ Exactness (what can pass a limit, and by how much):
   and the reservations in flight then (their settlements, arriving later, are still counted).
 
 - an admission whose answer the router never got: voided by the router's next sync (released if
-  it was admitted, refused if it arrives after), so it never holds budget and never runs twice.
+  it was admitted, refused if it arrives after), so it never holds budget and never runs twice;
+- a settlement batch whose answer the router never got: sent again under its number and counted
+  once, also across a restart of the ledger (``accept_batch``).
 
 Cost per request: one admission over the ledger's port (``channel.py``; a frame each way on one
 TCP connection per router, answered from memory, no database round trip), one settlement in a
@@ -114,7 +116,7 @@ class Ledger:
         self.store = store
         self.settings = settings
         self.clock = clock
-        snapshot = store.load()
+        snapshot = store.load(clock())
         self.tenants: dict[str, TenantSpec] = {n: TenantSpec.model_validate(s) for n, s in snapshot.tenants.items()}
         self.keys: dict[str, KeyRecord] = {
             k["id"]: KeyRecord(k["id"], k["hash"], KeySpec.model_validate(k["spec"]), k["created_at"], k["revoked_at"])
@@ -131,6 +133,7 @@ class Ledger:
         self.reaped: OrderedDict[str, Reservation] = OrderedDict()
         self.voided: OrderedDict[str, None] = OrderedDict()  # ids whose admission the router gave up on
         self.routers: dict[str, float] = {}
+        self.batches: dict[str, int] = dict(snapshot.batches)  # router -> its last settlement batch applied
         self.pending = Flush()
         self._dirty_windows: set[tuple[str, str]] = set()
         self.alerts_out: list[dict] = []  # fired alerts, for the service to log, count and post
@@ -304,6 +307,17 @@ class Ledger:
             return False
         self._release(reservation)
         self._settle_tokens(reservation, 0)
+        return True
+
+    def accept_batch(self, router: str, batch: int) -> bool:
+        """Whether a router's settlement batch is new (then it is counted as applied). A router
+        sends a batch whose answer it lost again under its number; the number is written with the
+        spend it caused, in the same transaction, so a batch counts once also across a restart of
+        the ledger (one that crashed before writing it applies it again: its spend was lost too)."""
+        if batch <= self.batches.get(router, 0):
+            return False
+        self.batches[router] = batch
+        self.pending.batches[router] = (batch, self.clock())
         return True
 
     def heartbeat(self, router: str) -> None:

@@ -19,7 +19,6 @@ import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
 
 from serve_app.config import SpillwayConfig
 from serve_app.governance.audit import Archiver, AuditWriter, load_or_create_key, tail
@@ -32,7 +31,6 @@ logger = logging.getLogger("spillway.ledger")
 REAP_EVERY_S = 1.0
 ARCHIVE_RETRY_S = 30.0
 MAX_AUDIT_PENDING = 1_000_000
-ROUTERS_REMEMBERED = 10_000
 WEBHOOK_TIMEOUT_S = 5.0
 
 
@@ -47,7 +45,6 @@ class LedgerService:
         self._webhooks: set[asyncio.Task] = set()
         self._alerts = None
         self.port = LedgerPort(self.ledger, secrets.token_bytes(SECRET_BYTES), self.apply_sync)
-        self._batches: OrderedDict[str, int] = OrderedDict()  # router -> its last batch applied
         audit = self.settings.audit
         self.audit = AuditWriter(self.settings.audit_dir(), load_or_create_key(self.settings.audit_key_path()),
                                  audit.rotate_bytes, audit.rotate_s) if audit.enabled else None
@@ -103,16 +100,12 @@ class LedgerService:
         """A router's batch of finished requests (possibly none: a heartbeat), of admissions
         whose answer it never got, and of audit records. Returns the key-table version, so routers
         re-read the table when it changed. ``batch`` numbers a router's batches: a router sends a
-        batch whose answer it lost again under the same number, and this ledger applies it once."""
+        batch whose answer it lost again under the same number, and it is applied once
+        (``Ledger.accept_batch``)."""
         self._start()
         self.ledger.heartbeat(router)
-        if batch is not None:
-            if batch <= self._batches.get(router, 0):
-                return self.ledger.version  # applied already; its answer was lost
-            self._batches[router] = batch
-            self._batches.move_to_end(router)
-            while len(self._batches) > ROUTERS_REMEMBERED:
-                self._batches.popitem(last=False)
+        if batch is not None and not self.ledger.accept_batch(router, batch):
+            return self.ledger.version  # applied already; its answer was lost
         if records and self.audit is not None:
             self._audit_pending.extend(records)
             if len(self._audit_pending) > MAX_AUDIT_PENDING:

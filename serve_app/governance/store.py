@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,10 @@ SCHEMA = [
         PRIMARY KEY (scope, period, threshold))""",
     """CREATE TABLE IF NOT EXISTS rate_windows (
         scope TEXT NOT NULL, kind TEXT NOT NULL, entries TEXT NOT NULL, PRIMARY KEY (scope, kind))""",
+    """CREATE TABLE IF NOT EXISTS router_batches (
+        router TEXT PRIMARY KEY, batch BIGINT NOT NULL, seen_at DOUBLE PRECISION NOT NULL)""",
 ]
+BATCHES_KEPT_S = 7 * 86400  # a router replica silent this long is gone; its last batch number is dropped
 USAGE_COLUMNS = ("tenant", "key_id", "model", "site")
 
 
@@ -49,6 +53,7 @@ class Snapshot:
     spend: dict[tuple[str, str], int] = field(default_factory=dict)
     alerts: set[tuple[str, str, int]] = field(default_factory=set)
     windows: dict[tuple[str, str], list] = field(default_factory=dict)
+    batches: dict[str, int] = field(default_factory=dict)  # router -> its last settlement batch applied
 
 
 @dataclass
@@ -59,9 +64,10 @@ class Flush:
     usage: dict[tuple[str, str, str, str, str], list[int]] = field(default_factory=dict)  # increments
     alerts: list[tuple[str, str, int, float]] = field(default_factory=list)
     windows: dict[tuple[str, str], list] = field(default_factory=dict)  # whole windows
+    batches: dict[str, tuple[int, float]] = field(default_factory=dict)  # router -> (last batch applied, when)
 
     def __bool__(self) -> bool:
-        return bool(self.spend or self.usage or self.alerts or self.windows)
+        return bool(self.spend or self.usage or self.alerts or self.windows or self.batches)
 
     def merge(self, later: "Flush") -> None:
         """Fold a later flush into this one (a failed write is retried with what came after)."""
@@ -73,6 +79,7 @@ class Flush:
                 row[i] += x
         self.alerts += later.alerts
         self.windows.update(later.windows)
+        self.batches.update(later.batches)
 
 
 class Store:
@@ -118,7 +125,9 @@ class Store:
                 cur.execute(statement)
         self._run(work)
 
-    def load(self) -> Snapshot:
+    def load(self, now: float | None = None) -> Snapshot:
+        now = time.time() if now is None else now
+
         def work(cur):
             snap = Snapshot()
             cur.execute("SELECT name, spec FROM tenants")
@@ -132,6 +141,9 @@ class Store:
             snap.alerts = {(s, p, int(t)) for s, p, t in cur.fetchall()}
             cur.execute("SELECT scope, kind, entries FROM rate_windows")
             snap.windows = {(s, k): json.loads(e) for s, k, e in cur.fetchall()}
+            cur.execute(self._sql("DELETE FROM router_batches WHERE seen_at < ?"), (now - BATCHES_KEPT_S,))
+            cur.execute("SELECT router, batch FROM router_batches")
+            snap.batches = {router: int(batch) for router, batch in cur.fetchall()}
             return snap
         return self._run(work)
 
@@ -149,7 +161,8 @@ class Store:
             (key_id, tenant, digest, json.dumps(spec, sort_keys=True), created_at, revoked_at)))
 
     def write(self, flush: Flush) -> None:
-        """One transaction: spend and usage increments, new alerts, rate windows."""
+        """One transaction: spend and usage increments, new alerts, rate windows, and the routers'
+        settlement batch numbers whose effects those increments hold."""
         def work(cur):
             for (scope, period), delta in flush.spend.items():
                 cur.execute(self._sql(
@@ -174,6 +187,11 @@ class Store:
                     "INSERT INTO rate_windows (scope, kind, entries) VALUES (?, ?, ?) "
                     "ON CONFLICT (scope, kind) DO UPDATE SET entries = excluded.entries"),
                     (scope, kind, json.dumps(entries)))
+            for router, (batch, at) in flush.batches.items():
+                cur.execute(self._sql(
+                    "INSERT INTO router_batches (router, batch, seen_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (router) DO UPDATE SET batch = excluded.batch, seen_at = excluded.seen_at"),
+                    (router, batch, at))
         self._run(work)
 
     def usage(self, first_day: str, last_day: str, by: tuple[str, ...]) -> list[dict]:
