@@ -260,3 +260,21 @@ def test_a_batch_over_the_ports_frame_limit_goes_through_the_handle(tmp_path, mo
     small, calls, spent, pending = run(main())
     assert small.get("sync", 0) == 0 and calls["sync"] == 1
     assert round(spent * 1_000_000) == 3 and pending == ["big"]
+
+
+def test_a_heartbeat_carries_no_batch_number_and_gives_the_store_nothing_to_write(tmp_path):
+    async def main():
+        svc, handle, client = await started(tmp_path)
+        for _ in range(3):
+            await client.sync()  # nothing queued: heartbeats
+        idle = (dict(svc.ledger.batches), bool(svc.ledger.pending), client.router_id in svc.ledger.routers)
+        client.settle(settlement(client.router_id, cost=5))
+        await client.sync()
+        busy = dict(svc.ledger.batches)
+        await client.close()
+        await svc.close()
+        return idle, busy, client.router_id
+
+    (batches, pending, seen), busy, router = run(main())
+    assert batches == {} and not pending and seen  # the ledger heard it, and has nothing to write
+    assert busy == {router: 1}  # the first batch with something in it is number 1

@@ -170,7 +170,7 @@ class LedgerChannel:
         ``ChannelBroken`` if the request was sent and its answer is lost."""
         return answer_from(await self._call("admit", asdict(request), timeout_s))
 
-    async def sync(self, router: str, batch: int, settlements: list[Settlement], voids: list[str],
+    async def sync(self, router: str, batch: int | None, settlements: list[Settlement], voids: list[str],
                    records: list[dict], timeout_s: float) -> int:
         """The key table's version. Raises ``ConnectionError`` if nothing was sent (also for a batch
         over ``MAX_FRAME_BYTES``: send it through the handle), or ``ChannelBroken`` if it was sent and

@@ -185,6 +185,9 @@ class LedgerClient:
                 await self._deliver()
                 if not (self._pending or self._voids or self._records):
                     return
+            if not (self._pending or self._voids or self._records):
+                await self._follow(await self._send(None, [], [], []))  # a heartbeat: nothing to number
+                return
             self._batch += 1
             self._unacked = (self._batch, self._pending, self._voids, self._records)
             self._pending, self._voids, self._records = [], [], []
@@ -193,10 +196,14 @@ class LedgerClient:
     async def _deliver(self) -> None:
         version = await self._send(*self._unacked)
         self._unacked = None
+        await self._follow(version)
+
+    async def _follow(self, version: int) -> None:
+        """Re-read the key table when the ledger's version moved."""
         if self.table is None or version != self.table.version:
             await self.refresh()
 
-    async def _send(self, batch: int, settlements: list[Settlement], voids: list[str], records: list[dict]) -> int:
+    async def _send(self, batch: int | None, settlements: list[Settlement], voids: list[str], records: list[dict]) -> int:
         if self.channel.usable:
             try:
                 return await self.channel.sync(self.router_id, batch, settlements, voids, records, SYNC_TIMEOUT_S)
