@@ -168,7 +168,7 @@ class LedgerClient:
         # ``wait_for`` can swallow a cancellation that lands as its inner call completes.
         while not self._closing:
             await asyncio.sleep(self.settings.settle_batch_ms / 1000)
-            if not (self._unacked or self._pending or self._voids or self._records) and \
+            if not (self._unacked or self._waiting()) and \
                     self.clock() - last_sync < self.settings.heartbeat_s:
                 continue
             try:
@@ -183,9 +183,9 @@ class LedgerClient:
         async with self._sync_lock:
             if self._unacked is not None:
                 await self._deliver()
-                if not (self._pending or self._voids or self._records):
+                if not self._waiting():
                     return
-            if not (self._pending or self._voids or self._records):
+            if not self._waiting():
                 await self._follow(await self._send(None, [], [], []))  # a heartbeat: nothing to number
                 return
             self._batch += 1
@@ -220,11 +220,15 @@ class LedgerClient:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=SYNC_TIMEOUT_S + 1)
-        if self._unacked is not None or self._pending or self._voids or self._records:
+        if self._unacked is not None or self._waiting():
             try:
                 await self.sync()
             except Exception as exc:  # noqa: BLE001 - nothing more to do at shutdown
                 logger.error("could not send %d settlement(s) at shutdown: %s", self._queued(), exc)
+
+    def _waiting(self) -> bool:
+        """Anything queued for the next batch."""
+        return bool(self._pending or self._voids or self._records)
 
     def _queued(self) -> int:
         return len(self._pending) + (len(self._unacked[1]) if self._unacked is not None else 0)

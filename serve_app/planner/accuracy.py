@@ -8,7 +8,7 @@ wait in the router's queue (``x-spillway-queue-ms``), the part of TTFT that is t
 decision, apart from what the engines and the machine add.
 
 TTFT is also compared over the streams the client read as they came (``live_ttft_*``): a stream
-of several tokens whose events all arrived within ``MIN_ITL_MS`` per token was read in one go,
+of several tokens whose events all arrived within ``fit.MIN_ITL_MS`` per token was read in one go,
 after the fact. Its measured first token is when the load generator got round to reading (on a
 2-core machine that runs the load generator beside the engines, a burst's first second has such
 streams by the dozen, with "first tokens" of seconds and an inter-token latency of 0); the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serve_app.planner.fit import MIN_ITL_MS
+from serve_app.planner.fit import read_as_sent
 from serve_app.planner.sim import SimResult, percentile
 from serve_app.planner.traffic import Trace
 
@@ -52,10 +52,14 @@ def _having(trace: Trace, key: str) -> list[int]:
 
 def _live(trace: Trace) -> list[int]:
     """Indices of the timed streams the client read as they came (one token, or at least
-    ``MIN_ITL_MS`` per token between the first and the last)."""
-    records = trace.records
-    return [i for i in _having(trace, "ttft_ms")
-            if (records[i].get("output_tokens") or 0) <= 1 or (records[i].get("itl_ms") or 0.0) >= MIN_ITL_MS]
+    ``fit.MIN_ITL_MS`` per token between the first and the last)."""
+    live = []
+    for i in _having(trace, "ttft_ms"):
+        record = trace.records[i]
+        several = (record.get("output_tokens") or 0) > 1
+        if read_as_sent((record.get("itl_ms") or 0.0) if several else None):
+            live.append(i)
+    return live
 
 
 def measured_figures(trace: Trace, onprem_sites: set[str]) -> dict:

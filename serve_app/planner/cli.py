@@ -208,7 +208,8 @@ def cmd_plan_accuracy(args: argparse.Namespace) -> int:
                           "skipped": dict(trace.skipped), "rejected_in_simulation": dict(result.rejected)}, indent=2))
         return 0
     print(f"{len(trace.requests)} requests replayed ({measured['ttft_samples']} with a measured TTFT, "
-          f"{measured['live_ttft_samples']} of them read as they came; left out: {dict(trace.skipped) or 'none'}); profiles: {args.profiles}")
+          f"{measured['live_ttft_samples']} of them read as they came; "
+          f"left out: {dict(trace.skipped) or 'none'}); profiles: {args.profiles}")
     print(table(rows))
     return 0
 

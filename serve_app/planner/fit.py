@@ -41,6 +41,12 @@ from serve_app.planner.profile import EngineProfile, batch_points
 MIN_ITL_MS = 0.2  # below this per token, a stream arrived at once: the client read late
 
 
+def read_as_sent(itl_ms: float | None) -> bool:
+    """Whether the client read a stream as its events came (``itl_ms`` None: one token, nothing
+    to tell), not in one go after the fact."""
+    return itl_ms is None or itl_ms >= MIN_ITL_MS
+
+
 @dataclass(frozen=True)
 class Served:
     engine_start: float  # s (wall clock of the run)
@@ -104,7 +110,7 @@ def fit(records: list[dict], model: str, site: str, replicas: int, max_num_seqs:
     met = batches(served, replicas)
     points = batch_points(max_num_seqs)
     timed = [(b, s) for b, s in zip(met, served) if s.ttft_ms is not None]
-    live = [(b, s) for b, s in timed if s.itl_ms is None or s.itl_ms >= MIN_ITL_MS]
+    live = [(b, s) for b, s in timed if read_as_sent(s.itl_ms)]
     ttft = _by_bucket([(b, s.ttft_ms) for b, s in live], points, min_samples)
     itl = _by_bucket([(b, s.itl_ms) for b, s in live if s.itl_ms is not None], points, min_samples)
     # A bucket whose streams a starved client read in one go: the base profile's time per token.
