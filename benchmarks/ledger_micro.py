@@ -15,7 +15,8 @@ from pathlib import Path
 
 from serve_app.config.governance import GovernanceConfig
 from serve_app.governance.keys import KeySpec, TenantSpec
-from serve_app.governance.ledger import AdmitRequest, Ledger, Settlement
+from serve_app.governance.ledger import Ledger
+from serve_app.governance.messages import AdmitRequest, Settlement
 from serve_app.governance.store import SQLiteStore
 
 REQUESTS = 2_800  # one minute at ~47 requests/s

@@ -29,7 +29,8 @@ from serve_app.policy.admission import AdmissionParams  # noqa: E402
 from serve_app.policy.classify import DataClass  # noqa: E402
 from serve_app.policy.placement import PlacementPipeline, RequestView  # noqa: E402
 from serve_app.policy.spill import SpillParams  # noqa: E402
-from serve_app.router.scheduler import EngineGroup, ModelScheduler  # noqa: E402
+from serve_app.router.groups import EngineGroup  # noqa: E402
+from serve_app.router.scheduler import ModelScheduler  # noqa: E402
 
 SLOTS_PER_REPLICA = 32
 BATCH = 100

@@ -18,14 +18,15 @@ holds this replica out; any other answer is the request's own and never touches 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from deployments.live_load import LiveLoad, live_load_logger
+from deployments.vllm_args import build_vllm_args
 from serve_app.config import ModelConfig, SiteConfig, TracingConfig
 from serve_app.errors import error_body
 from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS, sequences_of
@@ -33,113 +34,6 @@ from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPO
 logger = logging.getLogger("spillway.engine")
 
 DONE_PREFIX = "data: [DONE]"
-STEP_EWMA_ALPHA = 0.2
-
-
-@dataclass
-class LiveLoad:
-    """The replica's latest scheduler view and step times, refreshed by vLLM every engine step."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
-    itl_ms: float | None = None  # recent time between two tokens of one sequence
-    ttft_ms: float | None = None  # recent time from arrival to a sequence's first token
-    updated_at: float = field(default_factory=time.monotonic)
-
-    def observe_steps(self, itls_s: list[float], ttfts_s: list[float]) -> None:
-        for values, name in ((itls_s, "itl_ms"), (ttfts_s, "ttft_ms")):
-            if values:
-                sample = 1000 * sum(values) / len(values)
-                last = getattr(self, name)
-                setattr(self, name, sample if last is None else last + STEP_EWMA_ALPHA * (sample - last))
-
-
-def _load_logger_factory(load: LiveLoad):
-    """A vLLM stat-logger factory that copies scheduler stats and step times into ``load``."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class _LiveLoadLogger(StatLoggerBase):
-        def __init__(self, vllm_config, engine_index: int = 0):
-            self.engine_index = engine_index
-
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-            if iteration_stats is not None:
-                load.observe_steps(iteration_stats.inter_token_latencies_iter,
-                                   iteration_stats.time_to_first_tokens_iter)
-            if scheduler_stats is None:
-                return
-            load.running = scheduler_stats.num_running_reqs
-            load.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
-            load.kv_cache_usage = scheduler_stats.kv_cache_usage
-            load.updated_at = time.monotonic()
-
-        def log_engine_initialized(self):
-            pass
-
-    return _LiveLoadLogger
-
-
-def vllm_cli_args(model: ModelConfig, model_path: str, tracing: TracingConfig | None = None) -> list[str]:
-    """Translate the typed engine config into ``vllm serve`` command-line arguments."""
-    engine = model.engine
-    args = [
-        "--model", model_path,
-        "--served-model-name", model.id,
-        "--max-model-len", str(engine.max_model_len),
-        "--max-num-seqs", str(engine.max_num_seqs),
-        "--dtype", engine.dtype,
-        "--tensor-parallel-size", str(engine.tensor_parallel_size),
-        "--pipeline-parallel-size", str(engine.pipeline_parallel_size),
-        "--data-parallel-size", str(engine.data_parallel_size),
-        "--seed", str(engine.seed),
-        "--runner", engine.runner,
-    ]
-    if engine.workers_per_replica > 1 and model.resources.num_gpus > 0:
-        # The workers run as Ray actors in the replica's placement group (one bundle each, every
-        # bundle pinned to the replica's site), not as local processes.
-        args += ["--distributed-executor-backend", "ray"]
-    if engine.enable_expert_parallel:
-        args.append("--enable-expert-parallel")
-    if engine.quantization:
-        args += ["--quantization", engine.quantization]
-    if engine.enforce_eager:
-        args.append("--enforce-eager")
-    if engine.gpu_memory_utilization is not None:
-        args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
-    if engine.tool_parser and engine.runner == "generate":
-        args += ["--enable-auto-tool-choice", "--tool-call-parser", engine.tool_parser]
-    if engine.chat_template:
-        args += ["--chat-template", engine.chat_template]
-    if tracing is not None and tracing.engine_otlp_endpoint:
-        # vLLM's request spans join the router's trace through the traceparent it is handed.
-        args += ["--otlp-traces-endpoint", tracing.engine_otlp_endpoint]
-    return args
-
-
-def build_vllm_args(model: ModelConfig, model_path: str, tracing: TracingConfig | None = None) -> argparse.Namespace:
-    """Parse our arguments with vLLM's own server parser, then apply ``extra_args``.
-
-    Unknown ``extra_args`` keys fail here, when the replica starts (and in
-    ``validate_engine_args`` when the app is built), never on a request.
-    """
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = make_arg_parser(FlexibleArgumentParser(prog="spillway-engine"))
-    namespace = parser.parse_args(vllm_cli_args(model, model_path, tracing))
-    known = vars(namespace)
-    for key, value in model.engine.extra_args.items():
-        attr = key.replace("-", "_")
-        if attr not in known:
-            raise ValueError(f"model {model.id!r}: engine.extra_args has unknown vLLM argument {key!r}")
-        setattr(namespace, attr, value)
-    return namespace
-
-
-def validate_engine_args(model: ModelConfig) -> None:
-    """Check ``extra_args`` against vLLM's parser without starting anything."""
-    build_vllm_args(model, "placeholder-model")
 
 
 @dataclass
@@ -192,7 +86,7 @@ class EngineServer:
         self._engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
-            stat_loggers=[_load_logger_factory(self.load)],
+            stat_loggers=[live_load_logger(self.load)],
             enable_log_requests=False,
             disable_log_stats=False,
         )

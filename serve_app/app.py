@@ -22,7 +22,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.engine import validate_engine_args
+from deployments.vllm_args import validate_engine_args
 from deployments.replica import EngineReplica, engine_env
 from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SiteKind, SpillwayConfig, load_config
 from serve_app.governance.service import LedgerDeployment

@@ -13,7 +13,8 @@ from serve_app.policy.admission import AdmissionParams
 from serve_app.policy.classify import DataClass
 from serve_app.policy.placement import PlacementPipeline, RequestView
 from serve_app.policy.spill import SpillParams
-from serve_app.router.scheduler import EngineGroup, ModelScheduler, NoHealthyEngine
+from serve_app.router.groups import EngineGroup
+from serve_app.router.scheduler import ModelScheduler, NoHealthyEngine
 
 
 class FakeClock:

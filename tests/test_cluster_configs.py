@@ -227,7 +227,7 @@ def test_gpu_fleet_places_tensor_expert_and_pipeline_parallel_replicas_on_their_
 
 
 def test_parallel_settings_reach_vllm():
-    from deployments.engine import build_vllm_args
+    from deployments.vllm_args import build_vllm_args
 
     config = load_config(CONFIGS / "hybrid-gpu.yaml")
     mixtral = build_vllm_args(config.model("mixtral-8x7b"), "placeholder")

@@ -90,7 +90,7 @@ def test_router_site_defaults_to_preferred_onprem(raw):
 
 
 def test_engine_extra_args_are_checked_against_vllm(raw):
-    from deployments.engine import build_vllm_args, validate_engine_args
+    from deployments.vllm_args import build_vllm_args, validate_engine_args
 
     raw["models"][0]["engine"]["extra_args"] = {"enable_prefix_caching": False, "block-size": 32}
     model = load_config(raw).models[0]
@@ -105,7 +105,7 @@ def test_engine_extra_args_are_checked_against_vllm(raw):
 
 
 def test_engine_knobs_pass_through_to_vllm(raw):
-    from deployments.engine import build_vllm_args
+    from deployments.vllm_args import build_vllm_args
 
     raw["models"][0]["engine"].update(
         tensor_parallel_size=2, pipeline_parallel_size=2, enable_expert_parallel=True,

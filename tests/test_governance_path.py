@@ -160,7 +160,7 @@ def test_budget_alerts_reach_the_webhook_once_per_threshold(tmp_path):
     from aiohttp import web
 
     from serve_app.governance.budgets import MICROS
-    from serve_app.governance.ledger import Settlement
+    from serve_app.governance.messages import Settlement
 
     async def main():
         received: list[dict] = []

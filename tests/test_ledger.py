@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.config.governance import GovernanceConfig, StoreConfig
+from serve_app.config.governance import GovernanceConfig
 from serve_app.governance.budgets import MICROS
 from serve_app.governance.keys import KeySpec, TenantSpec
-from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Ledger, Settlement
+from serve_app.governance.ledger import Ledger
+from serve_app.governance.messages import Admission, AdmitRequest, Denial, Settlement
 from serve_app.governance.store import PostgresStore, SQLiteStore
 
 T0 = 1_795_000_000.0  # 2026-11-18 (UTC), a fixed wall-clock time

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from serve_app.governance import channel
 from serve_app.governance.client import LedgerClient, LedgerUnavailable
-from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Settlement
+from serve_app.governance.messages import Admission, AdmitRequest, Denial, Settlement
 from serve_app.governance.service import LedgerService
 from tests.test_request_path import MODEL, config, run, wait_for
 

@@ -12,12 +12,12 @@ from serve_app.policy.admission import AdmissionParams
 from serve_app.policy.classify import DataClass
 from serve_app.policy.placement import PlacementPipeline, RequestView
 from serve_app.policy.spill import SpillParams
+from serve_app.router.groups import EngineGroup
 from serve_app.router.scheduler import (
     SPILL_REASON_FAILOVER,
     SPILL_REASON_NONE,
     SPILL_REASON_QUEUE_FULL,
     SPILL_REASON_WAIT,
-    EngineGroup,
     ModelScheduler,
     NoHealthyEngine,
     SCAN_GAP_S,
@@ -274,6 +274,8 @@ def test_under_spill_pressure_freed_on_prem_goes_to_the_request_that_cannot_spil
         onprem.release()
         await settle()
         assert confidential.done() and confidential.result().group.site == "onprem"
+        assert not public.done()  # the older request that may spill still waits: it did not take the on-prem sequence
+        public.cancel()
 
     asyncio.run(main())
 

@@ -38,9 +38,10 @@ import logging
 import struct
 import time
 from dataclasses import asdict
-from typing import Callable
+from typing import Any, Callable
 
-from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Ledger, Settlement
+from serve_app.governance.ledger import Ledger
+from serve_app.governance.messages import Admission, AdmitRequest, Denial, Settlement
 
 logger = logging.getLogger("spillway.ledger")
 

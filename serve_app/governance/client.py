@@ -26,7 +26,7 @@ from typing import Any
 from serve_app.config.governance import GovernanceConfig
 from serve_app.governance.channel import ChannelBroken, LedgerChannel
 from serve_app.governance.keys import KeyRecord, KeySpec, KeyTable, TenantSpec, parse_key
-from serve_app.governance.ledger import Admission, AdmitRequest, Denial, Settlement
+from serve_app.governance.messages import Admission, AdmitRequest, Denial, Settlement
 
 logger = logging.getLogger("spillway.governance")
 

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 
 from serve_app.config.governance import GovernanceConfig
 from serve_app.governance.budgets import MICROS, PERIODS, crossed, fits, period_key
-from serve_app.governance.keys import KeyRecord, KeySpec, LimitSpec, TenantSpec, new_key
+from serve_app.governance.keybook import KeyBook
+from serve_app.governance.keys import KeyRecord, KeySpec, LimitSpec, TenantSpec
 from serve_app.governance.limits import SlidingWindow, format_duration
+from serve_app.governance.messages import Admission, AdmitRequest, Denial, Settlement
 from serve_app.governance.store import Flush, Store
 
 logger = logging.getLogger("spillway.ledger")
@@ -49,52 +51,6 @@ REAPED_REMEMBERED = 100_000
 VOIDED_REMEMBERED = 100_000
 LIMIT_KINDS = (("requests", "rpm"), ("tokens", "tpm"))
 DEFAULT_TENANT = TenantSpec()
-
-
-@dataclass(frozen=True)
-class AdmitRequest:
-    router: str
-    key_id: str | None
-    tenant: str
-    model: str
-    tokens: int  # prompt estimate + max_tokens x sequences
-    cost_any: int  # micros: the most it can cost on any site it may use
-    cost_onprem: int | None  # micros on on-prem sites only; None when the model has none
-    id: str = ""  # the reservation's id, made by the router (so it can void an answer it never got)
-
-
-@dataclass(frozen=True)
-class Admission:
-    reservation: str
-    tenant: str
-    onprem_only: bool
-    accounts: tuple[tuple[str, str], ...]
-    cost: int
-    tokens: int
-    headers: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Denial:
-    status: int
-    code: str
-    message: str
-    retry_after_s: float | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Settlement:
-    router: str
-    reservation: str | None
-    key_id: str | None
-    tenant: str
-    model: str
-    site: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost: int  # micros
-    accounts: tuple[tuple[str, str], ...] = ()  # from the admission; used if the ledger forgot it
 
 
 @dataclass
@@ -111,7 +67,7 @@ class Reservation:
     at: float = 0.0
 
 
-class Ledger:
+class Ledger(KeyBook):
     def __init__(self, store: Store, settings: GovernanceConfig, clock=time.time):
         self.store = store
         self.settings = settings
@@ -137,71 +93,6 @@ class Ledger:
         self.pending = Flush()
         self._dirty_windows: set[tuple[str, str]] = set()
         self.alerts_out: list[dict] = []  # fired alerts, for the service to log, count and post
-
-    # ---- keys and tenants ------------------------------------------------------------------------
-
-    def key_table(self) -> dict:
-        """What routers need to check keys locally, and the residency and tiers they carry."""
-        return {"version": self.version,
-                "keys": [{"id": r.id, "hash": r.hash, "spec": r.spec.model_dump(mode="json"),
-                          "created_at": r.created_at, "revoked_at": r.revoked_at} for r in self.keys.values()],
-                "tenants": {n: s.model_dump(mode="json") for n, s in self.tenants.items()}}
-
-    # Each admin change comes in three steps, so the service can write the store on a worker thread
-    # and change the tables on its event loop: plan (no effect), save (the store only), apply (memory).
-
-    def plan_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
-        key_id, plaintext, digest = new_key()
-        return KeyRecord(key_id, digest, spec, self.clock()), plaintext
-
-    def plan_revoke(self, key_id: str) -> KeyRecord | None:
-        """The revoked record (``None``: no such key); an already revoked key comes back as it is."""
-        record = self.keys.get(key_id)
-        if record is None or record.revoked_at is not None:
-            return record
-        return KeyRecord(record.id, record.hash, record.spec, record.created_at, self.clock())
-
-    def save_key(self, record: KeyRecord) -> None:
-        self.store.put_key(record.id, record.tenant, record.hash, record.spec.model_dump(mode="json"),
-                           record.created_at, record.revoked_at)
-
-    def apply_key(self, record: KeyRecord) -> None:
-        if self.keys.get(record.id) != record:
-            self.keys[record.id] = record
-            self.version += 1
-
-    def save_tenant(self, name: str, spec: TenantSpec) -> None:
-        self.store.put_tenant(name, spec.model_dump(mode="json"), self.clock())
-
-    def apply_tenant(self, name: str, spec: TenantSpec) -> None:
-        self.tenants[name] = spec
-        self.version += 1
-
-    def create_key(self, spec: KeySpec) -> tuple[KeyRecord, str]:
-        record, plaintext = self.plan_key(spec)
-        self.save_key(record)
-        self.apply_key(record)
-        return record, plaintext
-
-    def revoke_key(self, key_id: str) -> KeyRecord | None:
-        record = self.plan_revoke(key_id)
-        if record is not None:
-            self.save_key(record)
-            self.apply_key(record)
-        return record
-
-    def rotate_key(self, key_id: str) -> tuple[KeyRecord, str] | None:
-        """A new key with the same rules; the old one is revoked at once."""
-        old = self.keys.get(key_id)
-        if old is None or old.revoked_at is not None:
-            return None
-        created = self.create_key(old.spec)
-        self.revoke_key(key_id)
-        return created
-
-    def set_tenant(self, name: str, spec: TenantSpec) -> None:
-        self.save_tenant(name, spec)
-        self.apply_tenant(name, spec)
 
     # ---- admission and settlement ----------------------------------------------------------------
 

@@ -24,7 +24,8 @@ from serve_app.config import SpillwayConfig
 from serve_app.governance.audit import Archiver, AuditWriter, load_or_create_key, tail
 from serve_app.governance.channel import SECRET_BYTES, LedgerPort
 from serve_app.governance.keys import KeySpec, TenantSpec
-from serve_app.governance.ledger import AdmitRequest, Ledger, Settlement
+from serve_app.governance.ledger import Ledger
+from serve_app.governance.messages import AdmitRequest, Settlement
 from serve_app.governance.store import open_store
 
 logger = logging.getLogger("spillway.ledger")

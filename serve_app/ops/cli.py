@@ -41,7 +41,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _log(f"config OK: {len(config.sites)} sites, {len(config.models)} models")
     if args.engine_args:
-        from deployments.engine import validate_engine_args
+        from deployments.vllm_args import validate_engine_args
 
         for model in config.models:
             validate_engine_args(model)

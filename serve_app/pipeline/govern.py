@@ -19,7 +19,7 @@ from serve_app.errors import AuthenticationFailed, GovernanceUnavailable, QuotaE
 from serve_app.governance.budgets import to_micros
 from serve_app.governance.client import LedgerClient, LedgerUnavailable
 from serve_app.governance.cost import CostModel
-from serve_app.governance.ledger import AdmitRequest, Denial
+from serve_app.governance.messages import AdmitRequest, Denial
 from serve_app.pipeline.context import RequestContext
 from serve_app.pipeline.schema import ENDPOINT_EMBEDDINGS
 

@@ -15,7 +15,7 @@ import time
 from serve_app.config import SpillwayConfig
 from serve_app.governance.budgets import to_micros
 from serve_app.governance.cost import CostModel
-from serve_app.governance.ledger import Settlement
+from serve_app.governance.messages import Settlement
 from serve_app.pipeline.context import OUTCOME_OK, RequestContext
 from serve_app.pipeline.relay import usage_of
 from serve_app.router.scheduler import ModelScheduler

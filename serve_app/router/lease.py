@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from serve_app.router.scheduler import EngineGroup, ModelScheduler
+    from serve_app.router.groups import EngineGroup
+    from serve_app.router.scheduler import ModelScheduler
 
 
 class Lease:

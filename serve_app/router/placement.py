@@ -13,7 +13,8 @@ from serve_app.policy.classify import DataClass
 from serve_app.policy.placement import PlacementPipeline
 from serve_app.policy.registry import make
 from serve_app.policy.spill import SpillParams, SpillPredictor
-from serve_app.router.scheduler import EngineGroup, ModelScheduler
+from serve_app.router.groups import EngineGroup
+from serve_app.router.scheduler import ModelScheduler
 
 
 @dataclass(frozen=True)
