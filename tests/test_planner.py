@@ -101,6 +101,8 @@ def test_plan_simulate_command_prints_the_planners_figures(capsys):
     assert figures["requests_served"] == figures["requests"] > 100
     assert figures["residency_violations"] == 0 and figures["ttft_p99_ms"] >= figures["ttft_p50_ms"] > 0
     assert 0 < figures["onprem_share"] <= 1 and figures["cost_per_hour"] > 0
+    by_class = figures["ttft_p99_ms_confidential"], figures["ttft_p99_ms_public"]  # two classes: each its own tail
+    assert min(by_class) <= figures["ttft_p99_ms"] <= max(by_class)
     assert main(["plan", "simulate", "--profiles", "/nonexistent.yaml"]) == 2
 
 

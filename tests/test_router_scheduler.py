@@ -280,6 +280,44 @@ def test_under_spill_pressure_freed_on_prem_goes_to_the_request_that_cannot_spil
     asyncio.run(main())
 
 
+def test_with_the_cloud_full_too_a_freed_on_prem_sequence_goes_to_the_request_that_cannot_leave():
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem=1, cloud=1, spill_after_ms=100)
+        onprem = await sched.acquire(req(0))
+        cloud = await sched.acquire(req(1), retry=True)  # a retry may go anywhere: fills the cloud
+        public = asyncio.create_task(sched.acquire(req(2)))  # older, and nowhere has room
+        await settle()
+        confidential = asyncio.create_task(sched.acquire(req(3, DataClass.confidential)))
+        await settle()
+        onprem.release()  # the cloud is still full
+        await settle()
+        assert confidential.done() and confidential.result().group.site == "onprem"
+        assert not public.done()  # it may also take the cloud's next free sequence; the other may not
+        cloud.release()
+        await settle()
+        assert public.done() and public.result().group.site == "cloud"
+
+    asyncio.run(main())
+
+
+def test_with_no_healthy_group_elsewhere_a_freed_on_prem_sequence_goes_in_queue_order():
+    async def main():
+        sched = make_scheduler(FakeClock(), onprem=1, cloud=1, spill_after_ms=10**9)
+        sched.set_capacity("m@cloud", 0)  # the cloud's replicas are down: everyone waits for on-prem alike
+        onprem = await sched.acquire(req(0))
+        public = asyncio.create_task(sched.acquire(req(2)))  # older
+        await settle()
+        confidential = asyncio.create_task(sched.acquire(req(3, DataClass.confidential)))
+        await settle()
+        onprem.release()
+        await settle()
+        assert public.done() and public.result().group.site == "onprem"
+        assert not confidential.done()
+        confidential.cancel()
+
+    asyncio.run(main())
+
+
 def test_queue_bounds_give_429_and_503_with_retry_after():
     async def main():
         clock = FakeClock()

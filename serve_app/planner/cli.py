@@ -50,7 +50,8 @@ def cmd_plan_simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = simulation.run(requests)
     wall_s = time.perf_counter() - started
-    summary = {**result.summary(simulation.onprem_sites), "requests": len(requests), **notes,
+    summary = {**result.summary(simulation.onprem_sites), **ttft_by_class(result, requests),
+               "requests": len(requests), **notes,
                "simulated_s": round(result.duration_s, 1), "wall_s": round(wall_s, 2),
                "requests_per_wall_s": round(len(requests) / wall_s) if wall_s else None}
     if args.json:
@@ -59,6 +60,18 @@ def cmd_plan_simulate(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         print(f"{key:22s} {value}")
     return 0
+
+
+def ttft_by_class(result, requests) -> dict:
+    """p99 TTFT per data class, where the traffic has more than one (pinned requests wait for
+    on-prem alone: their tail is not the others')."""
+    by_class: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        by_class.setdefault(request.data_class.name, []).append(index)
+    if len(by_class) < 2:
+        return {}
+    p99 = {name: result.percentile(99, indices) for name, indices in sorted(by_class.items())}
+    return {f"ttft_p99_ms_{name}": None if value is None else round(value, 1) for name, value in p99.items()}
 
 
 def check_fleet(config, profiles: dict, models: set[str], profiles_path) -> None:

@@ -11,8 +11,9 @@ one (model, site) deployment; its capacity is the sequences its healthy replicas
 - The preferred (on-prem) site comes first. A request that residency lets run elsewhere spills
   when its predicted start on the preferred site would miss its TTFT budget
   (``policy/spill.py``), and at the latest when the budget runs out.
-- A request that may run nowhere else (residency) gets freed preferred sequences first while
-  others have room elsewhere.
+- A request that may run nowhere else (residency) gets freed preferred sequences before older
+  ones that may go elsewhere, while a group elsewhere is up: those can also take the other
+  site's sequences as they free, it cannot (the most constrained first).
 - A full queue refuses (429) only what may not leave the preferred site or finds no room
   elsewhere either: a request that may spill goes elsewhere at once instead.
 - A request none of whose groups has a healthy replica gets a 503 at once (Retry-After), rather
@@ -268,7 +269,8 @@ class ModelScheduler(SchedulerOutlook):
         preferred_free = sum(v.free for v in views if v.site_rank == 0 and v.healthy)
         if not preferred_free and not self._retries:
             return views
-        elsewhere = self._room_elsewhere(views)
+        # Pinned requests first, while another site can take the rest (and some are queued to jump).
+        pinned_first = any(v.site_rank > 0 and v.healthy for v in views)
         while len(self.queue):
             decisions: dict[int, Decision] = {}
 
@@ -282,7 +284,8 @@ class ModelScheduler(SchedulerOutlook):
                 decisions[id(queued)] = decision
                 return True
 
-            queued = self.queue.pop_best_of(self._pinned, fits) if elsewhere and self._pinned else None
+            queued = (self.queue.pop_best_of(self._pinned, fits)
+                      if pinned_first and self._pinned and len(self._pinned) < len(self.queue) else None)
             if queued is None:
                 queued = self.queue.pop_best(fits)
             if queued is None:
