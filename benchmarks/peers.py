@@ -416,6 +416,38 @@ async def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None =
 # ---- report ---------------------------------------------------------------------------------
 
 
+def merge_cells(cells: list[dict]) -> dict:
+    """One round's cells of a target (two with --mirror) as one: counts summed, figures averaged."""
+    if len(cells) == 1:
+        return cells[0]
+    merged: dict = {}
+    for key in cells[0]:
+        values = [cell[key] for cell in cells if cell.get(key) is not None]
+        if key in ("requests", "errors"):
+            merged[key] = sum(values)
+        elif key == "cpu_us_per_token":
+            roles = {role for value in values for role in value}
+            merged[key] = {role: round(statistics.mean(v.get(role, 0.0) for v in values), 1) for role in sorted(roles)}
+        else:
+            merged[key] = statistics.mean(values) if values else None
+    return merged
+
+
+def per_round_ratios(cells: dict, names: list[str], concurrency: list[int], reference: str) -> str:
+    """Each target's tokens/s over the reference's in the same round, round by round, and their median."""
+    lines = []
+    for c in concurrency:
+        for name in names:
+            if name == reference:
+                continue
+            ratios = [mine["tokens_per_s"] / ref["tokens_per_s"]
+                      for mine, ref in zip(cells[name][c], cells[reference][c]) if ref["tokens_per_s"]]
+            if ratios:
+                lines.append(f"c{c} {name} / {reference} tokens/s, per round: "
+                             f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {statistics.median(ratios):.2f}x)")
+    return "\n".join(lines)
+
+
 def median_of(rounds: list[dict], key: str) -> float | None:
     values = [r[key] for r in rounds if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -458,10 +490,13 @@ async def benchmark(args, targets: dict[str, Target]) -> None:
         for name in order:
             noop[name].append({"p50": await run_noop(targets[name].url, args.noop_requests, targets[name].headers)})
         for c in args.concurrency:
-            for name in order:
+            # --mirror: A B | B A within the round, each target's two cells merged, so a machine that
+            # speeds up or slows down through the round weighs on every target alike.
+            taken: dict[str, list[dict]] = {name: [] for name in names}
+            for name in order + (order[::-1] if args.mirror else []):
                 cell = await run_cell(targets[name].url, c, args.duration_s, args.warmup_s, args.max_tokens,
                                       targets[name].headers, cpu=args.cpu)
-                cells[name][c].append(cell)
+                taken[name].append(cell)
                 print(f"round {rnd + 1} c{c:<3} {name:<9} ttft p50 {cell['ttft_p50_ms'] or 0:7.0f} ms  "
                       f"p99 {cell['ttft_p99_ms'] or 0:7.0f} ms  itl p50 {cell['itl_p50_ms'] or 0:6.1f} ms  "
                       f"{cell['tokens_per_s']:7.0f} tok/s  chunks {cell['chunks_per_request'] or 0:4.0f}  "
@@ -469,8 +504,11 @@ async def benchmark(args, targets: dict[str, Target]) -> None:
                 if args.cpu:
                     print("    cpu us/token: " + ", ".join(f"{k} {v}" for k, v in cell["cpu_us_per_token"].items()),
                           flush=True)
+            for name in names:
+                cells[name][c].append(merge_cells(taken[name]))
     reference = "vllm" if "vllm" in names else names[0]
     table = render_table(cells, noop, names, args.concurrency, reference)
+    print("\n" + per_round_ratios(cells, names, args.concurrency, reference))
     header = (f"Peer benchmark, {time.strftime('%Y-%m-%d')}, {platform.node()} ({os.cpu_count()} cores, "
               f"{platform.machine()}), model {MODEL_ID} (generated, dense), {args.max_tokens} output tokens, "
               f"{args.rounds} rounds x {args.duration_s:.0f} s per cell, median of rounds; "
@@ -500,6 +538,9 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="also read every process's CPU time per cell: microseconds per output token by role")
     parser.add_argument("--label", default="", help="suffix for the result files (peers-<label>.md)")
+    parser.add_argument("--mirror", action="store_true",
+                        help="run each round's cells forwards then backwards (A B | B A) and merge each target's "
+                        "two, so drift of the machine within a round weighs on every target alike")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
