@@ -427,7 +427,8 @@ def merge_cells(cells: list[dict]) -> dict:
             merged[key] = sum(values)
         elif key == "cpu_us_per_token":
             roles = {role for value in values for role in value}
-            merged[key] = {role: round(statistics.mean(v.get(role, 0.0) for v in values), 1) for role in sorted(roles)}
+            merged[key] = {role: round(statistics.mean(v.get(role, 0.0) for v in values), 1)
+                           for role in sorted(roles)}
         else:
             merged[key] = statistics.mean(values) if values else None
     return merged
