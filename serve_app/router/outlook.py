@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 class SchedulerOutlook:
     """Mixed into ``ModelScheduler``, whose state (groups, speed, leases, queue, predictor) it reads."""
 
+    def _preferred(self, fixed_only: bool = False) -> tuple[list[EngineGroup], Speed]:
+        """The preferred site's groups with capacity (``fixed_only``: not autoscaled), and the speed
+        the predictions use: the first of them's, or any group's when there is none."""
+        preferred = [g for g in self.groups.values() if g.site_rank == 0 and self.capacity[g.group_id] > 0
+                     and not (fixed_only and g.autoscaled)]
+        return preferred, self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
+
     def _waiting(self, speed: Speed):
         """The first ``max_scan`` live queued requests, in queue order, with their sequences and
         predicted service time: ``(queued, ticket, sequences, service_ms)``."""
@@ -76,10 +83,9 @@ class SchedulerOutlook:
     def predicted_preferred_wait_ms(self) -> float:
         """How long a request arriving now would wait for the preferred site (no spill assumed)."""
         now = self._clock()
-        preferred = [g for g in self.groups.values() if g.site_rank == 0 and self.capacity[g.group_id] > 0]
+        preferred, speed = self._preferred()
         if not preferred:
             return float("inf")
-        speed = self.speed[preferred[0].group_id]
         simulation: SiteSimulation = self.predictor.simulate(now, self._free_at(now, preferred))
         for queued in self.queue.ordered()[:self.spill.max_scan]:
             ticket: Ticket = queued.payload
@@ -100,10 +106,8 @@ class SchedulerOutlook:
         if not len(self.queue):
             return demand
         now = self._clock()
-        preferred = [g for g in self.groups.values()
-                     if g.site_rank == 0 and self.capacity[g.group_id] > 0 and not g.autoscaled]
+        preferred, speed = self._preferred(fixed_only=True)
         simulation = self.predictor.simulate(now, self._free_at(now, preferred)) if preferred else None
-        speed = self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
         budget_s = self.spill.spill_after_ms / 1000
         for queued, ticket, sequences, service_ms in self._waiting(speed):
             target = next((g for g in scaled if ticket.request.data_class <= g.trusted_up_to

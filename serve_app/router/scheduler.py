@@ -302,8 +302,7 @@ class ModelScheduler(SchedulerOutlook):
     def _spill_scan(self, now: float, views: list[GroupView]) -> bool:
         """Spill what would miss its deadline on the preferred site; whether room elsewhere is left."""
         self._scan_due = now + SCAN_GAP_S
-        preferred = [g for g in self.groups.values() if g.site_rank == 0 and self.capacity[g.group_id] > 0]
-        speed = self.speed[preferred[0].group_id] if preferred else next(iter(self.speed.values()))
+        preferred, speed = self._preferred()
         simulation = self.predictor.simulate(now, self._free_at(now, preferred))
         budget_s, real_budget_s = self.gate.budget_ms() / 1000, self.spill.spill_after_ms / 1000
         pressure_s = self.spill.spill_after_ms * self.spill.close_ratio / 1000
