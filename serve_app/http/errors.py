@@ -26,29 +26,28 @@ STATUS_CLIENT_CLOSED = 499
 def install(api: FastAPI, router_site: str) -> None:
     site = {HEADER_SITE: router_site}  # answers the router gives itself were served at its site
 
-    @api.exception_handler(SpillwayError)
-    async def _spillway_error(request: Request, exc: SpillwayError):
+    async def translate(request: Request, exc: Exception) -> Response:
+        return error_response(request, exc, site)
+
+    for kind in (SpillwayError, StarletteHTTPException, RequestValidationError, ClientDisconnect, Exception):
+        api.add_exception_handler(kind, translate)
+
+
+def error_response(request: Request, exc: Exception, site: dict[str, str]) -> Response:
+    """The client's answer for ``exc``: OpenAI's error format, or nothing for a client that left."""
+    if isinstance(exc, SpillwayError):
         headers = {**site, **exc.headers}
         if exc.retry_after_s is not None:
             headers["retry-after"] = str(max(1, int(round(exc.retry_after_s))))
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
+    if isinstance(exc, StarletteHTTPException):
         message = {404: "route not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
         return JSONResponse(error_body(message, "invalid_request_error", exc.status_code),
                             status_code=exc.status_code, headers=site)
-
-    @api.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
+    if isinstance(exc, RequestValidationError):
         return JSONResponse(error_body("invalid request", "invalid_request_error", 400), status_code=400, headers=site)
-
-    @api.exception_handler(ClientDisconnect)
-    async def _client_gone(request: Request, exc: ClientDisconnect):
+    if isinstance(exc, ClientDisconnect):
         return Response(status_code=STATUS_CLIENT_CLOSED)  # nobody is listening; nothing to log
-
-    @api.exception_handler(Exception)
-    async def _unexpected_error(request: Request, exc: Exception):
-        logger.exception("unexpected error on %s", request.url.path)
-        body = error_body("internal error in the Spillway router; see its logs", "internal_error", 500)
-        return JSONResponse(body, status_code=500, headers=site)
+    logger.exception("unexpected error on %s", request.url.path, exc_info=exc)
+    body = error_body("internal error in the Spillway router; see its logs", "internal_error", 500)
+    return JSONResponse(body, status_code=500, headers=site)

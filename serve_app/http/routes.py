@@ -1,37 +1,27 @@
 """Spillway's HTTP routes: OpenAI's API plus a few operator endpoints. Routes only: each one hands
-its request to the gateway (``serve_app/pipeline/gateway.py``) or reads one of its reports."""
+its request to the gateway (``serve_app/pipeline/gateway.py``) or reads one of its reports. The
+three that carry tokens (chat, completions, embeddings) are plain ASGI (``edge.py``)."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.errors import ModelNotFound
 from serve_app.http import errors
 from serve_app.http.admin import install_admin
-from serve_app.http.owner import RequestOwner, owned
+from serve_app.http.edge import Edge
+from serve_app.http.owner import RequestOwner
 from serve_app.pipeline.gateway import Gateway
-from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
 
 
 def build_api(gateway: Gateway):
-    """The ASGI app serving ``gateway``: FastAPI routes inside the request owner."""
+    """The ASGI app serving ``gateway``: the token routes (``edge.py``) and FastAPI's routes for
+    the rest, inside the request owner."""
     api = FastAPI(title="Spillway", docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(api, gateway.router_site)
     site = {errors.HEADER_SITE: gateway.router_site}
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await gateway.handle(request, ENDPOINT_CHAT, owned(request))
-
-    @api.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await gateway.handle(request, ENDPOINT_COMPLETIONS, owned(request))
-
-    @api.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        return await gateway.handle(request, ENDPOINT_EMBEDDINGS, owned(request))
 
     @api.get("/v1/models")
     async def list_models() -> Response:
@@ -68,4 +58,4 @@ def build_api(gateway: Gateway):
                             headers=site)
 
     install_admin(api, gateway)
-    return RequestOwner(api)
+    return RequestOwner(Edge(gateway, api))

@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
 from serve_app.config import SiteKind, SpillwayConfig
@@ -28,6 +28,7 @@ from serve_app.errors import InvalidRequest, SpillwayError
 from serve_app.governance.client import OPEN_WARNING, LedgerClient
 from serve_app.governance.cache import ResponseCache
 from serve_app.governance.cost import CostModel
+from serve_app.http.edge import SSEResponse
 from serve_app.http.headers import read_headers
 from serve_app.observe.tracing import Tracing
 from serve_app.ops.autoscale import REPORT_INTERVAL_S
@@ -71,7 +72,6 @@ HEADER_VARIANT = "x-spillway-variant"
 HEADER_REDACTED = "x-spillway-redacted"  # PII values replaced before the engine, restored in the answer
 HEADER_ROUTE = "x-spillway-route"  # semantic routing: "<target>; score=<cosine>; reason=<why>; ms=<step time>"
 HEADER_ROUTER = "x-spillway-router"  # the router replica that served it (logs, and tests across replicas)
-SSE_MEDIA_TYPE = "text/event-stream"
 PROMPT_PREVIEW_CHARS = 8_192
 HEALTH_PROBE_TIMEOUT_S = 5.0
 SCALE_REPORT_INTERVAL_S = REPORT_INTERVAL_S
@@ -238,7 +238,7 @@ class Gateway:
             ctx.engine_done()
             ctx.finish(reply.status, OUTCOME_OK if reply.status == 200 else f"http_{reply.status}")
             return Response(body, status_code=reply.status, media_type="application/json", headers=headers)
-        return StreamingResponse(relay(ctx), media_type=SSE_MEDIA_TYPE, headers=headers)
+        return SSEResponse(relay(ctx), headers)
 
     def scale_demand(self) -> dict[str, int]:
         """Sequences that want each autoscaled engine deployment, by deployment name."""

@@ -1,0 +1,101 @@
+"""The OpenAI routes that carry tokens (chat, completions, embeddings), served as plain ASGI.
+
+Every token of every stream passes here, so these three routes skip what FastAPI and Starlette
+add around a handler: route matching against every route, dependency solving, an exit stack, two
+exception wrappers around ``send`` for every chunk, and the anyio task group a
+``StreamingResponse`` opens per request to hear a disconnect. A router profiled at concurrency 64
+spent about a fifth of its time there (benchmarks/NOTES.md). The request itself goes to the same
+gateway; errors go through the same translation as every other route (``errors.error_response``).
+Everything else (models, health, reports, admin, console) stays on FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serve_app.errors import error_body
+from serve_app.http.errors import error_response
+from serve_app.http.owner import OWNER_KEY
+from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
+
+OPENAI_POSTS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETIONS,
+                "/v1/embeddings": ENDPOINT_EMBEDDINGS}
+SSE_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
+
+
+class Edge:
+    """ASGI: the token routes to ``gateway``, everything else to ``app`` (FastAPI). Sits inside
+    ``RequestOwner``, which closes each request's context however the call ends."""
+
+    def __init__(self, gateway, app):
+        self.gateway = gateway
+        self.app = app
+        self._site = {"x-spillway-site": gateway.router_site}
+
+    async def __call__(self, scope, receive, send) -> None:
+        endpoint = OPENAI_POSTS.get(scope.get("path")) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        if scope["method"] != "POST":
+            response = Response(_json(error_body("method not allowed", "invalid_request_error", 405)),
+                                status_code=405, media_type="application/json",
+                                headers={**self._site, "allow": "POST"})
+        else:
+            try:
+                response = await self.gateway.handle(request, endpoint, scope.setdefault(OWNER_KEY, []))
+            except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
+                response = error_response(request, exc, self._site)
+        await response(scope, receive, send)
+
+
+class SSEResponse(Response):
+    """A stream of SSE bytes: each chunk is sent as it comes. A client that goes away cancels the
+    stream (one small task listens for the disconnect; Serve's own ingress also cancels the
+    request), and the chunks' generator is closed on every exit, so its ``finally`` always runs."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], status_code: int = 200):
+        self.chunks = chunks
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = [(b"content-type", SSE_CONTENT_TYPE),
+                            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+
+    async def __call__(self, scope, receive, send) -> None:
+        task, finished = asyncio.current_task(), False
+
+        def client_gone(watch: asyncio.Task) -> None:
+            if not finished and not watch.cancelled() and watch.exception() is None:
+                task.cancel()
+
+        watch = asyncio.get_running_loop().create_task(_until_disconnect(receive))
+        watch.add_done_callback(client_gone)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            # Our own cancel (the client left) ends the response quietly; any other is passed on.
+            if watch.done() and not watch.cancelled() and task.uncancel() == 0:
+                return
+            raise
+        finally:
+            finished = True
+            watch.cancel()
+            await self.chunks.aclose()  # the generator's finally runs now, not when it is collected
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
