@@ -36,7 +36,8 @@ class StubGateway:
             self.closed_streams += 1
 
 
-async def call(app, method="POST", path="/v1/chat/completions", body=b"{}", disconnect_after_chunks=None):
+async def call(app, method="POST", path="/v1/chat/completions", body=b"{}", disconnect_after_chunks=None,
+               root_path=""):
     sent: list[dict] = []
     gone = asyncio.Event()
     body_read = False
@@ -58,7 +59,7 @@ async def call(app, method="POST", path="/v1/chat/completions", body=b"{}", disc
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "headers": []}
+             "root_path": root_path, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "headers": []}
     await asyncio.wait_for(app(scope, receive, send), 5)
     start = next(m for m in sent if m["type"] == "http.response.start")
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -78,16 +79,19 @@ def test_each_token_route_reaches_the_gateway_with_its_endpoint_and_body():
     gateway = StubGateway(stream)
 
     async def main():
-        return [await call(app_for(gateway), path=path, body=b'{"n":1}')
-                for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")]
+        answers = [await call(app_for(gateway), path=path, body=b'{"n":1}')
+                   for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")]
+        # Deployed under a route prefix (Serve passes it as root_path): the same routes below it.
+        return answers + [await call(app_for(gateway), path="/llm/v1/chat/completions", body=b'{"n":1}',
+                                     root_path="/llm")]
 
     answers = asyncio.run(main())
-    assert [c[0] for c in gateway.calls] == ["chat", "completions", "embeddings"]
+    assert [c[0] for c in gateway.calls] == ["chat", "completions", "embeddings", "chat"]
     assert all(c[1] == b'{"n":1}' for c in gateway.calls)
     for status, headers, payload in answers:
         assert status == 200 and payload == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
         assert headers["content-type"].startswith("text/event-stream") and headers["x-spillway-site"] == "cloud"
-    assert gateway.closed_streams == 3
+    assert gateway.closed_streams == 4
 
 
 def test_errors_are_openai_bodies_and_an_unexpected_one_shows_no_trace():

@@ -38,7 +38,7 @@ class Edge:
         self._site = {"x-spillway-site": gateway.router_site}
 
     async def __call__(self, scope, receive, send) -> None:
-        endpoint = OPENAI_POSTS.get(scope.get("path")) if scope["type"] == "http" else None
+        endpoint = OPENAI_POSTS.get(_route_path(scope)) if scope["type"] == "http" else None
         if endpoint is None:
             await self.app(scope, receive, send)
             return
@@ -90,6 +90,14 @@ class SSEResponse(Response):
             finished = True
             watch.cancel()
             await self.chunks.aclose()  # the generator's finally runs now, not when it is collected
+
+
+def _route_path(scope) -> str:
+    """The path below the app's route prefix (Serve's ``route_prefix`` arrives as ``root_path``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
+        return path[len(root):]
+    return path
 
 
 async def _until_disconnect(receive) -> None:
