@@ -19,6 +19,8 @@ Targets:
 Workload: streaming chat, 64 output tokens (ignore_eos), a short prompt, closed loop at
 concurrency 1, 16 and 64; plus a no-op request (max_tokens=1, not streamed) at concurrency 1.
 Each round runs every (concurrency, target) cell in turn, the target order rotating per round;
+each cell and no-op probe starts once the machine is quiet (``settle``: an idle vLLM worker spins
+on a core for a second after its last work, which the next target would otherwise pay for);
 the table shows each figure's median over rounds and its ratio to the direct vLLM server.
 ITL is per request: (last token - first token) / (tokens - 1); "chunks" is the mean number of
 SSE content events a request arrived in (64 means one per token; fewer means coalesced).
@@ -296,6 +298,21 @@ def _session(concurrency: int, headers: dict[str, str] | None = None):
                                  timeout=aiohttp.ClientTimeout(total=600))
 
 
+async def settle(busy_below: float = 0.25, window_s: float = 0.25, max_wait_s: float = 5.0) -> float:
+    """Wait until the machine is quiet (under ``busy_below`` of all cores busy over ``window_s``).
+    A vLLM worker keeps spinning on its shared-memory queue (``sched_yield``) for a second after
+    its last work (``busy_loop_s`` in vllm/distributed/device_communicators/shm_broadcast.py): a
+    cell or a no-op probe that starts right after another target's would share the machine with
+    that spinning core. Returns the share busy when it stopped waiting."""
+    import psutil
+
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = await asyncio.to_thread(psutil.cpu_percent, window_s) / 100
+        if busy < busy_below or time.monotonic() >= deadline:
+            return busy
+
+
 def cpu_snapshot() -> dict[tuple[int, float], tuple[str, float]]:
     """CPU seconds (user + system) of every process on the machine, keyed by (pid, start time),
     with the role it plays (see ``_role``)."""
@@ -489,12 +506,14 @@ async def benchmark(args, targets: dict[str, Target]) -> None:
     for rnd in range(args.rounds):
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
+            await settle()
             noop[name].append({"p50": await run_noop(targets[name].url, args.noop_requests, targets[name].headers)})
         for c in args.concurrency:
             # --mirror: A B | B A within the round, each target's two cells merged, so a machine that
             # speeds up or slows down through the round weighs on every target alike.
             taken: dict[str, list[dict]] = {name: [] for name in names}
             for name in order + (order[::-1] if args.mirror else []):
+                await settle()
                 cell = await run_cell(targets[name].url, c, args.duration_s, args.warmup_s, args.max_tokens,
                                       targets[name].headers, cpu=args.cpu)
                 taken[name].append(cell)
