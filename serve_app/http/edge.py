@@ -13,13 +13,12 @@ Everything else (models, health, reports, admin, console) stays on FastAPI.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import AsyncIterator
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serve_app.errors import error_body
 from serve_app.http.errors import error_response
 from serve_app.http.owner import OWNER_KEY
 from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
@@ -44,10 +43,8 @@ class Edge:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
-        if scope["method"] != "POST":
-            response = Response(_json(error_body("method not allowed", "invalid_request_error", 405)),
-                                status_code=405, media_type="application/json",
-                                headers={**self._site, "allow": "POST"})
+        if scope["method"] != "POST":  # answered as FastAPI's routing answered it
+            response = error_response(request, StarletteHTTPException(405), self._site)
         else:
             try:
                 response = await self.gateway.handle(request, endpoint, scope.setdefault(OWNER_KEY, []))
@@ -104,7 +101,3 @@ def _route_path(scope) -> str:
 async def _until_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _json(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
