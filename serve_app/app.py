@@ -154,6 +154,7 @@ def build_app(config: SpillwayConfig) -> Application:
         name="router",
         num_replicas=config.router.replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
+        logging_config={"enable_access_log": config.router.serve_access_log},
         ray_actor_options={
             "num_cpus": config.router.num_cpus,
             "resources": {router_site.resource: SITE_RESOURCE_PER_BUNDLE},

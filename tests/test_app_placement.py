@@ -50,6 +50,14 @@ def test_app_has_one_engine_per_model_site_and_router_on_onprem(raw):
     assert cloud._deployment_config.max_ongoing_requests == 32
 
 
+def test_serves_access_line_per_request_is_off_on_the_router_unless_asked_for(raw):
+    router = build_app(load_config(raw))._bound_deployment
+    assert router._deployment_config.logging_config["enable_access_log"] is False
+    raw.setdefault("router", {})["serve_access_log"] = True
+    router = build_app(load_config(raw))._bound_deployment
+    assert router._deployment_config.logging_config["enable_access_log"] is True
+
+
 def test_site_engine_env_overrides_the_model_env(raw):
     raw["sites"][1]["engine_env"] = {"VLLM_CPU_OMP_THREADS_BIND": "1"}
     app = build_app(load_config(raw))
