@@ -37,8 +37,8 @@ class StubGateway:
 
 
 async def call(app, method="POST", path="/v1/chat/completions", body=b"{}", disconnect_after_chunks=None,
-               root_path=""):
-    sent: list[dict] = []
+               root_path="", sent: list[dict] | None = None):
+    sent = [] if sent is None else sent
     gone = asyncio.Event()
     body_read = False
 
@@ -128,3 +128,28 @@ def test_a_client_that_leaves_mid_stream_ends_the_response_and_closes_the_genera
     (status, _, payload), closed = asyncio.run(main())
     assert status == 200 and 3 <= payload.count(b"\n\n") < 10_000
     assert closed == 1  # the generator's finally ran before the call returned
+
+
+def test_the_done_event_ends_the_chunked_body_in_the_same_message_and_the_source_runs_to_its_end():
+    ended = []
+
+    async def events(done: bool):
+        yield b"data: 0\n\n"
+        yield b"data: 1\n\ndata: [DONE]\n\n" if done else b"data: 1\n\n"
+        ended.append(done)  # reached only if the response kept iterating after the last chunk
+
+    async def main():
+        messages = {True: [], False: []}
+        for done in (True, False):
+            async def stream(gw, done=done):
+                return SSEResponse(events(done), {})
+
+            await call(app_for(StubGateway(stream)), sent=messages[done])
+        return messages
+
+    messages = asyncio.run(main())
+    bodies = [(m["body"], m["more_body"]) for m in messages[True] if m["type"] == "http.response.body"]
+    assert bodies == [(b"data: 0\n\n", True), (b"data: 1\n\ndata: [DONE]\n\n", False)]
+    bodies = [(m["body"], m["more_body"]) for m in messages[False] if m["type"] == "http.response.body"]
+    assert bodies == [(b"data: 0\n\n", True), (b"data: 1\n\n", True), (b"", False)]
+    assert ended == [True, False]

@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from serve_app.http.errors import error_response
 from serve_app.http.owner import OWNER_KEY
+from serve_app.pipeline.relay import DONE_EVENT
 from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
 
 OPENAI_POSTS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETIONS,
@@ -56,7 +57,8 @@ class Edge:
 class SSEResponse(Response):
     """A stream of SSE bytes: each chunk is sent as it comes. A client that goes away cancels the
     stream (one small task listens for the disconnect; Serve's own ingress also cancels the
-    request), and the chunks' generator is closed on every exit, so its ``finally`` always runs."""
+    request), and the chunks' generator is closed on every exit, so its ``finally`` always runs.
+    The chunk ending with ``data: [DONE]`` goes out with the end of the chunked body."""
 
     def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], status_code: int = 200):
         self.chunks = chunks
@@ -77,8 +79,15 @@ class SSEResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if finished:
+                    continue  # (nothing follows [DONE]; the source runs to its own end)
+                # The chunk that ends with [DONE] also ends the response: one write, not two. From
+                # here a client that leaves changes nothing.
+                finished = chunk.endswith(DONE_EVENT)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not finished})
+            if not finished:
+                finished = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # Our own cancel (the client left) ends the response quietly; any other is passed on.
             if watch.done() and not watch.cancelled() and task.uncancel() == 0:
