@@ -9,11 +9,19 @@ A replica writes its key again every ``REGISTER_EVERY_S`` with a new value (a he
 
 The cluster's secret for direct requests lives here too: made once per Ray cluster, readable only
 by its members. These are blocking GCS calls: run them off the event loop.
+
+A replica also listens on a Unix socket whose path follows from its address
+(``local_socket_path``), in a directory only its user may enter. A router on the same machine
+connects there instead of over TCP: a token then costs both ends about half the socket work
+(``benchmarks/NOTES.md``). Frames carry the same secret either way.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import secrets
+import tempfile
 import time
 
 KV_NAMESPACE = "spillway_gates"
@@ -73,3 +81,45 @@ def list_gates(app: str, deployment: str) -> list[tuple[str, str, int, bytes]]:
         if replica_id and host and port.isdigit() and key in stamps:  # (gone between the two calls)
             gates.append((replica_id, host, int(port), stamps[key]))
     return gates
+
+
+def socket_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"spillway-{os.getuid()}")
+
+
+def local_socket_path(host: str, port: int) -> str:
+    """Where the replica listening on ``host:port`` also listens on this machine (a port is held
+    by one process at a time, so the path names one live replica)."""
+    return os.path.join(socket_dir(), f"engine-{host}-{port}.sock")
+
+
+def private_socket_dir() -> str | None:
+    """The socket directory, made if missing; None unless it is this user's alone (mode 0700)."""
+    path = socket_dir()
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.stat(path)
+    except OSError:
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return path
+
+
+@functools.cache
+def _node_ip() -> str | None:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray: no local sockets, TCP as before
+        return None
+
+
+def reachable_local_socket(host: str, port: int) -> str | None:
+    """The replica's Unix socket when it runs on this machine and listens there, else None.
+    Blocking (a stat): call it off the event loop."""
+    if host != _node_ip():
+        return None
+    path = local_socket_path(host, port)
+    return path if os.path.exists(path) else None

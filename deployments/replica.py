@@ -62,13 +62,13 @@ class EngineReplica:
             deployment=context.deployment, handler=self._server.open, stats=self.report,
             engine_dead=lambda: self._server.engine_dead, wait_release=self._server.released_since,
         )
-        await self._port.start(ray.util.get_node_ip_address())
+        await self._port.start(ray.util.get_node_ip_address(), local_socket=True)
         gate = (context.app_name, context.deployment, replica_id, self._port.host, self._port.port)
         self._gate_key = await self._kv_call(register_gate, *gate)
         self._startup["registered_at"] = time.time()
         self._registrar = asyncio.get_running_loop().create_task(self._keep_registered(gate))
-        logger.info("engine replica %s listens on %s:%d (pid %d)", replica_id, self._port.host, self._port.port,
-                    os.getpid())
+        logger.info("engine replica %s listens on %s:%d%s (pid %d)", replica_id, self._port.host, self._port.port,
+                    f" and {self._port.local_socket}" if self._port.local_socket else "", os.getpid())
 
     def _kv_call(self, fn, *args) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self._kv, fn, *args)

@@ -7,7 +7,8 @@ stays as the fallback: for a stream it parks the event iterator under a random t
 router claims it here with a ``C`` frame.
 
 The port holds under hostile peers:
-- it listens on the node's cluster address only, never on all interfaces;
+- it listens on the node's cluster address only, never on all interfaces (and, for routers on the
+  same machine, on a Unix socket only its user may open: ``discovery.local_socket_path``);
 - a frame's fixed header (secret, kind, length) is checked before its payload is read, so a peer
   without the secret, or one declaring a frame over ``max_frame_bytes``, costs 44 bytes;
 - at most ``max_connections`` connections are served; more are closed at once;
@@ -38,11 +39,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from deployments import wire
+from deployments import discovery, wire
 
 logger = logging.getLogger("spillway.engine.port")
 
@@ -106,12 +108,25 @@ class StreamServer:
         self.refused = {"connection_limit": 0, "bad_frame": 0, "idle": 0}
         self.host: str | None = None
         self.port: int | None = None
+        self._unix_server: asyncio.base_events.Server | None = None
+        self.local_socket: str | None = None
 
-    async def start(self, host: str) -> None:
-        """Listen on ``host`` (the node's cluster address) only."""
+    async def start(self, host: str, local_socket: bool = False) -> None:
+        """Listen on ``host`` (the node's cluster address) only; with ``local_socket`` also on a
+        Unix socket (mode 0600, in a directory only this user may enter) for routers on this
+        machine (``discovery.local_socket_path``). Without such a directory, TCP only."""
         self._server = await asyncio.start_server(self._serve, host, 0)
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
+        if local_socket and discovery.private_socket_dir() is not None:
+            path = discovery.local_socket_path(host, self.port)
+            try:
+                # (a stale socket file from a replica that died on this port is replaced)
+                self._unix_server = await asyncio.start_unix_server(self._serve, path)
+                os.chmod(path, 0o600)
+                self.local_socket = path
+            except OSError as exc:
+                logger.warning("no local socket for this replica (%s): %r; TCP only", path, exc)
 
     # ---- parked streams (the Serve-call fallback) ------------------------------------------
 
@@ -318,6 +333,13 @@ class StreamServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._unix_server is not None:
+            self._unix_server.close()
+            self._unix_server = None
+            try:
+                os.unlink(self.local_socket)
+            except OSError:
+                pass
         for writer in list(self._writers):
             writer.close()
         for token in list(self._parked):

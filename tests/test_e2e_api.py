@@ -184,6 +184,8 @@ def test_requests_go_straight_to_engine_replicas_not_through_ray_calls(base_url,
     for view in before.values():
         assert set(view["replicas"]) == {"engine-spillway-dense-onprem", "engine-spillway-dense-cloud",
                                          "engine-spillway-moe-onprem", "engine-all-minilm-l6-v2-onprem"}
+        # Every node of the local cluster runs on this machine: each replica over its Unix socket.
+        assert view["local_socket"] == view["replicas"], view
     for i in range(3):
         client.chat.completions.create(model=MOE, messages=HELLO, max_tokens=2)
         chunks = list(client.chat.completions.create(model=DENSE, messages=HELLO, max_tokens=3, stream=True))

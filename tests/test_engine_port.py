@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import stat
+import tempfile
 from dataclasses import dataclass
 
 import pytest
 
-from deployments import wire
+from deployments import discovery, wire
 from deployments.stream_server import PortLimits, StreamServer
 from serve_app.observe.tracing import NO_TRACE
 from serve_app.pipeline.context import RequestContext, RequestHeaders
@@ -555,6 +559,62 @@ def test_unclaimed_streams_expire_and_a_wrong_token_or_secret_gets_nothing():
 
     nothing, parked, events = run(main())
     assert nothing == [b"", b""] and parked == 0 and events.closed  # the 30 s first token was not waited for
+
+
+def test_a_replica_on_this_machine_is_reached_over_its_private_unix_socket(monkeypatch):
+    sockets = tempfile.mkdtemp(prefix="spw")  # (mode 0700; short: a socket path has at most 107 bytes)
+    monkeypatch.setattr(discovery, "socket_dir", lambda: sockets)
+    monkeypatch.setattr(discovery, "_node_ip", lambda: "127.0.0.1")
+
+    async def main():
+        server = StreamServer(SECRET, PortLimits(), deployment=DEPLOYMENT, handler=FakeEngine(tokens=2))
+        await server.start("127.0.0.1", local_socket=True)
+        path, mode = server.local_socket, stat.S_IMODE(os.stat(server.local_socket).st_mode)
+        directory = GateDirectory(lister=lambda app, dep: [("r-1", "127.0.0.1", server.port, b"1")],
+                                  secret=lambda: SECRET.hex())
+        directory.watch("app", DEPLOYMENT)
+        directory.apply(directory.fetch())
+        report = directory.report()["local_socket"]
+        # Nothing listens on this gate's TCP port: its answers can only come over the socket.
+        gate = Gate("r-1", "127.0.0.1", free_port(), SECRET, local_socket=directory.pick("app", DEPLOYMENT).local_socket)
+        plain = await gate.request(DEPLOYMENT, request({"messages": ["x"]}), 5)
+        reply = await gate.request(DEPLOYMENT, request({"messages": ["x"], "stream": True}), 5)
+        streamed = b"".join([chunk async for chunk in relay(stream_context(reply))])
+        await server.close()
+        return path, server.port, mode, report, plain, streamed, os.path.exists(path)
+
+    path, port, mode, report, plain, streamed, left = run(main())
+    assert path == os.path.join(sockets, f"engine-127.0.0.1-{port}.sock") and mode == 0o600
+    assert report == {DEPLOYMENT: ["r-1"]}
+    assert plain.status == 200 and json.loads(plain.body)["id"] == "a"
+    assert streamed.count(b'"content"') == 2 and streamed.endswith(DONE.encode())
+    assert not left  # the socket goes with the replica
+
+
+def test_a_local_socket_that_refuses_falls_back_to_tcp_and_a_shared_directory_gets_none(monkeypatch):
+    sockets = tempfile.mkdtemp(prefix="spw")
+    monkeypatch.setattr(discovery, "socket_dir", lambda: sockets)
+
+    async def main():
+        server = await serve(FakeEngine())
+        gate = Gate("r-1", "127.0.0.1", server.port, SECRET, local_socket=os.path.join(sockets, "gone.sock"))
+        reply = await gate.request(DEPLOYMENT, request({"messages": ["x"]}), 5)
+        os.chmod(sockets, 0o755)  # others could enter: no socket there
+        shared = StreamServer(SECRET, PortLimits(), deployment=DEPLOYMENT, handler=FakeEngine())
+        await shared.start("127.0.0.1", local_socket=True)
+        await server.close()
+        await shared.close()
+        return reply, gate, shared
+
+    reply, gate, shared = run(main())
+    assert reply.status == 200 and gate.local_socket is None  # TCP from then on
+    assert shared.local_socket is None and shared.port
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # ---- directory ----------------------------------------------------------------------------------------

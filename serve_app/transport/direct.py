@@ -4,7 +4,9 @@ Opening a request with a Ray Serve call costs a task submission in the router, a
 engine replica and a streamed reply back: about 4-5 ms per request on a quiet 2-core machine and
 much more under load, on the cores the engine needs. Each engine replica therefore serves requests
 on its own port (``deployments/stream_server.py``) and lists its address in Ray's KV store; the
-router keeps a few pooled connections per replica and writes a frame per request.
+router keeps a few pooled connections per replica and writes a frame per request. A replica on the
+same machine is reached over its Unix socket instead (``discovery.local_socket_path``), TCP
+being the fallback if that socket refuses.
 
 A ``Gate`` is one replica: its address, its pool, this router's requests on it, and its health (a
 replica that failed a request is held out until ``down_until``). The ``GateDirectory`` is the set of
@@ -55,6 +57,7 @@ class Gate:
     secret: bytes
     idle_timeout_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
+    local_socket: str | None = None  # the replica's Unix socket, when it runs on this machine
     in_flight: int = 0
     down_until: float = 0.0
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = field(default_factory=list)
@@ -127,7 +130,7 @@ class Gate:
             else:
                 try:
                     async with asyncio.timeout(min(timeout_s, CONNECT_TIMEOUT_S)):
-                        reader, writer = await asyncio.open_connection(self.host, self.port)
+                        reader, writer = await self._connect()
                 except (OSError, asyncio.TimeoutError) as exc:
                     raise GateUnavailable(f"{self.host}:{self.port}: {exc!r}", gone=True) from exc
             try:
@@ -160,6 +163,15 @@ class Gate:
                 self.down_until = self.clock() + SKIP_AFTER_REFUSAL_S
                 raise GateUnavailable(f"{self.host}:{self.port}: replica asked to retry elsewhere (draining)")
             return reader, writer, header
+
+    async def _connect(self):
+        if self.local_socket is not None:
+            try:
+                return await asyncio.open_unix_connection(self.local_socket)
+            except OSError as exc:
+                logger.info("replica %s: its local socket refused (%r); TCP from now on", self.replica, exc)
+                self.local_socket = None
+        return await asyncio.open_connection(self.host, self.port)
 
     def _take_idle(self):
         now = self.clock()
@@ -199,6 +211,7 @@ class Snapshot:
 
     secret: str | None
     listings: dict[tuple[str, str], Listing]
+    local_sockets: dict[tuple[str, int], str | None] = field(default_factory=dict)  # (host, port) -> path
 
 
 class GateDirectory:
@@ -207,12 +220,14 @@ class GateDirectory:
     def __init__(self, lister: Callable[[str, str], Listing] | None = None,
                  remover: Callable[[str, str, str, str, int], None] | None = None,
                  secret: Callable[[], str] | None = None, stale_after_s: float | None = None,
-                 idle_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+                 idle_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 local_socket: Callable[[str, int], str | None] | None = None):
         from deployments import discovery
 
         self._lister = lister or discovery.list_gates
         self._remover = remover or discovery.unregister_gate_address
         self._secret_source = secret or discovery.cluster_secret
+        self._local_socket = local_socket or discovery.reachable_local_socket
         self._stale_after_s = discovery.STALE_AFTER_S if stale_after_s is None else stale_after_s
         self._idle_timeout_s = idle_timeout_s
         self._clock = clock
@@ -237,13 +252,19 @@ class GateDirectory:
                 secret = self._secret_source()
             except Exception as exc:  # noqa: BLE001 - no direct requests until the GCS answers
                 logger.warning("could not read the cluster's secret for direct requests: %r", exc)
-        listings = {}
+        listings, local_sockets = {}, {}
         for key in list(self._gates):
             try:
                 listings[key] = self._lister(*key)
             except Exception as exc:  # noqa: BLE001 - keep what we know until the GCS answers
                 logger.warning("could not list engine replicas of %s: %r", key[1], exc)
-        return Snapshot(secret, listings)
+                continue
+            for _, host, port, _ in listings[key]:
+                try:
+                    local_sockets[(host, port)] = self._local_socket(host, port)
+                except Exception:  # noqa: BLE001 - TCP then
+                    local_sockets[(host, port)] = None
+        return Snapshot(secret, listings, local_sockets)
 
     def apply(self, snapshot: Snapshot) -> list[tuple[str, str, str, str, int]]:
         """Fold a snapshot in (on the event loop). Returns the stale entries to remove from the
@@ -263,7 +284,8 @@ class GateDirectory:
             for replica, host, port in live:
                 gate = current.get(replica)
                 if gate is None or (gate.host, gate.port) != (host, port):
-                    gate = Gate(replica, host, port, self.secret, self._idle_timeout_s, self._clock)
+                    gate = Gate(replica, host, port, self.secret, self._idle_timeout_s, self._clock,
+                                local_socket=snapshot.local_sockets.get((host, port)))
                 fresh[replica] = gate
             for replica, gate in current.items():
                 if fresh.get(replica) is not gate:
@@ -337,4 +359,6 @@ class GateDirectory:
             "replicas": {deployment: sorted(gates) for (_, deployment), gates in self._gates.items()},
             "down": {deployment: sorted(r for r, g in gates.items() if not g.available(now))
                      for (_, deployment), gates in self._gates.items()},
+            "local_socket": {deployment: sorted(r for r, g in gates.items() if g.local_socket)
+                             for (_, deployment), gates in self._gates.items()},
         }
