@@ -18,7 +18,6 @@ connects there instead of over TCP: a token then costs both ends about half the 
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import tempfile
@@ -106,14 +105,18 @@ def private_socket_dir() -> str | None:
     return path
 
 
-@functools.cache
-def _node_ip() -> str | None:
-    try:
-        import ray
+_node_ips: list[str] = []  # (this process's node address, once known)
 
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray: no local sockets, TCP as before
-        return None
+
+def _node_ip() -> str | None:
+    if not _node_ips:
+        try:
+            import ray
+
+            _node_ips.append(ray.util.get_node_ip_address())
+        except Exception:  # noqa: BLE001 - not known (yet): TCP meanwhile, asked again next time
+            return None
+    return _node_ips[0]
 
 
 def reachable_local_socket(host: str, port: int) -> str | None:
