@@ -156,7 +156,10 @@ def test_bad_header_values_are_400(http, headers, param):
 
 def test_a_pathological_prompt_does_not_delay_other_requests(base_url):
     """400 KB of e-mail-like characters once froze a router replica for 110 s (its e-mail pattern
-    backtracked). Now it costs a concurrent request less than 100 ms, on whichever router it lands."""
+    backtracked). Now a concurrent request is delayed less than 100 ms (median of six tries, on
+    whichever router each lands) and never a second: on two cores shared by a dozen processes one
+    try in a few CI runs was once held up 0.43 s by something else, and the bound on the median is
+    what tells a scan that blocks the loop from such a stall."""
     import statistics
     import threading
     import time
@@ -177,14 +180,14 @@ def test_a_pathological_prompt_does_not_delay_other_requests(base_url):
                 answers.append(other.post("/v1/chat/completions", json=hostile))
 
         delays = []
-        for _ in range(4):
+        for _ in range(6):
             thread = threading.Thread(target=send_hostile)
             thread.start()
             time.sleep(0.005)  # the hostile body is being read and scanned now
             delays.append(latency() - alone)
             thread.join()
     assert all(a.status_code == 400 and "context length" in a.json()["error"]["message"] for a in answers)
-    assert max(delays) < 0.100, (alone, delays)
+    assert statistics.median(delays) < 0.100 and max(delays) < 1.0, (alone, delays)
 
 
 @pytest.mark.parametrize("content, detector", [
