@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -561,9 +562,16 @@ def test_unclaimed_streams_expire_and_a_wrong_token_or_secret_gets_nothing():
     assert nothing == [b"", b""] and parked == 0 and events.closed  # the 30 s first token was not waited for
 
 
-def test_a_replica_on_this_machine_is_reached_over_its_private_unix_socket(monkeypatch):
-    sockets = tempfile.mkdtemp(prefix="spw")  # (mode 0700; short: a socket path has at most 107 bytes)
-    monkeypatch.setattr(discovery, "socket_dir", lambda: sockets)
+@pytest.fixture
+def sockets(monkeypatch):
+    """A socket directory of the test's own (mode 0700; short: a socket path has at most 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="spw")
+    monkeypatch.setattr(discovery, "socket_dir", lambda: path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_replica_on_this_machine_is_reached_over_its_private_unix_socket(monkeypatch, sockets):
     monkeypatch.setattr(discovery, "_node_ip", lambda: "127.0.0.1")
 
     async def main():
@@ -591,10 +599,7 @@ def test_a_replica_on_this_machine_is_reached_over_its_private_unix_socket(monke
     assert not left  # the socket goes with the replica
 
 
-def test_a_local_socket_that_refuses_falls_back_to_tcp_and_a_shared_directory_gets_none(monkeypatch):
-    sockets = tempfile.mkdtemp(prefix="spw")
-    monkeypatch.setattr(discovery, "socket_dir", lambda: sockets)
-
+def test_a_local_socket_that_refuses_falls_back_to_tcp_and_a_shared_directory_gets_none(sockets):
     async def main():
         server = await serve(FakeEngine())
         gate = Gate("r-1", "127.0.0.1", server.port, SECRET, local_socket=os.path.join(sockets, "gone.sock"))
