@@ -175,9 +175,10 @@ def test_a_reservation_is_settled_when_the_client_disconnects_mid_stream(base_ur
                 "model": DENSE, "messages": HELLO, "max_tokens": 1500, "ignore_eos": True, "stream": True}) as resp:
             assert resp.status_code == 200
             lines = resp.iter_lines()
-            assert sum(1 for line, _ in zip(lines, range(8)) if line.startswith("data:")) >= 4
+            first = [line for line, _ in zip(lines, range(8))]
+            assert sum(1 for line in first if line.startswith("data:")) >= 4, first
             held = budget_row(admin, scope)
-            assert held["reserved"] > 0 and held["spent"] == 0
+            assert held["reserved"] > 0 and held["spent"] == 0, (held, first, dict(resp.headers))
         # The client is gone: the router aborts the request and settles what was streamed.
     row = wait_for(lambda: (r := budget_row(admin, scope))["reserved"] == 0 and r, what="the reservation settled")
     assert 0 < row["spent"] < held["reserved"]
