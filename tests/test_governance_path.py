@@ -27,9 +27,9 @@ class InProcessLedger:
         return SimpleNamespace(remote=lambda *args: method(*args))
 
 
-def governed(tmp_path, **router) -> tuple[SpillwayConfig, InProcessLedger]:
+def governed(tmp_path, governance: dict | None = None, **router) -> tuple[SpillwayConfig, InProcessLedger]:
     raw = config().model_dump(mode="json")
-    raw["governance"] = {"store": {"path": str(tmp_path / "ledger.sqlite3")}, "settle_batch_ms": 5}
+    raw["governance"] = {"store": {"path": str(tmp_path / "ledger.sqlite3")}, "settle_batch_ms": 5, **(governance or {})}
     raw["router"].update(router)
     for site, price in zip(raw["sites"], (0.001, 0.004)):  # on-prem, cloud: per 1,000 tokens
         site["cost_per_1k_tokens"] = price
@@ -153,6 +153,37 @@ def test_a_burst_with_a_key_this_router_has_not_seen_yet_is_served_whole(tmp_pat
                                           for _ in range(24)])
 
     assert [a.status for a in run(main())] == [200] * 24
+
+
+def test_the_first_keys_requests_are_not_served_open_by_a_replica_that_has_not_heard_of_it(tmp_path):
+    """The router read an empty table (open); a key is made and used before its next sync: the
+    requests with the key are governed by it (its rpm holds), not served open."""
+    cfg, ledger = governed(tmp_path, {"heartbeat_s": 60, "keys_refresh_s": 60})  # no sync during the test
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            assert (await cluster.gateway.ledger.ready()).open  # read, and nothing queued to sync
+            key = await ledger.service.create_key({"tenant": "acme", "rpm": 3})
+            answers = await asyncio.gather(*[Exchange(chat(max_tokens=1), headers=bearer(key)).run(cluster.app)
+                                             for _ in range(6)])
+            keyless = await Exchange(chat(max_tokens=1)).run(cluster.app)
+            return answers, keyless
+
+    answers, keyless = run(main())
+    assert sorted(a.status for a in answers) == [200] * 3 + [429] * 3
+    assert keyless.status == 401  # the re-read ended open mode on this replica
+
+
+def test_keys_refresh_s_bounds_how_long_a_replica_stays_open_after_the_first_key(tmp_path):
+    cfg, ledger = governed(tmp_path, {"heartbeat_s": 60, "keys_refresh_s": 0.1})
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            assert (await cluster.gateway.ledger.ready()).open  # read, and nothing queued to sync
+            await ledger.service.create_key({"tenant": "acme"})
+            return await wait_for(lambda: not cluster.gateway.ledger.table.open, timeout_s=10)
+
+    assert run(main())
 
 
 def test_budget_alerts_reach_the_webhook_once_per_threshold(tmp_path):

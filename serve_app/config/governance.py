@@ -95,8 +95,10 @@ class GovernanceConfig(Strict):
         "in full (the engine may have run them to the end).")
     keys_refresh_s: float = Field(
         default=1.0, gt=0, le=60,
-        description="Routers re-read the key table this often (a key created on one router reaches the others "
-        "within this bound; revocation is checked by the ledger on every request, so it is immediate).")
+        description="Routers ask the ledger whether the key table changed at least this often, and re-read it "
+        "when it did (a key created on one router reaches the others within this bound; a request with a key a "
+        "router does not know yet re-reads at once; revocation is checked by the ledger on every request, so "
+        "it is immediate).")
     chars_per_token: float = Field(
         default=4.0, gt=0, description="Prompt tokens estimated at admission from the body size (as OpenAI does); "
         "settled with the engine's real count.")

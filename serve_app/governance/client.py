@@ -1,8 +1,8 @@
 """A router replica's side of the ledger (``service.py``).
 
 - The key table, checked locally (hash and constant-time compare in ``keys.py``); re-read when the
-  ledger's version changes (seen on every sync, at least every ``heartbeat_s``). A key the table
-  does not know yet is looked up once (at most ``LOOKUPS_PER_S`` per replica, so a flood of made-up
+  ledger's version changes (seen on every sync, at least every ``heartbeat_s`` or
+  ``keys_refresh_s``, whichever is shorter). A key the table does not know yet is looked up once (at most ``LOOKUPS_PER_S`` per replica, so a flood of made-up
   keys costs the ledger nothing), so a new key works on every replica at once.
 - ``admit``: one call per keyed request, over the ledger's admission port (``channel.py``; the
   Serve handle when the port cannot be reached); the ledger also re-checks that the key is still
@@ -164,12 +164,14 @@ class LedgerClient:
                 logger.warning("key table not readable yet: %s", exc)
                 await asyncio.sleep(1.0)
         last_sync = self.clock()
+        # Every sync answers with the ledger's version, and a moved version re-reads the key table.
+        every_s = min(self.settings.heartbeat_s, self.settings.keys_refresh_s)
         # Stopped by ``close``: the flag as well as the cancellation, because Python 3.11's
         # ``wait_for`` can swallow a cancellation that lands as its inner call completes.
         while not self._closing:
             await asyncio.sleep(self.settings.settle_batch_ms / 1000)
             if not (self._unacked or self._waiting()) and \
-                    self.clock() - last_sync < self.settings.heartbeat_s:
+                    self.clock() - last_sync < every_s:
                 continue
             try:
                 await self.sync()

@@ -3,6 +3,10 @@
 ``AuthStage`` runs right after parsing. With no key ever created, the router is open (the
 embedded demo; it says so at start-up and on ``/health``) and a request's tenant is its
 ``x-spillway-tenant`` label. Once keys exist, every request needs an active one: 401 otherwise.
+A request that presents a well-formed Spillway key to a replica that knows no key re-reads the
+table first (shared and rate-limited, as for any unknown key), so the first key's own requests are
+never served open by a replica that has not heard of it yet; keyless requests may be, for at most
+``governance.keys_refresh_s`` after the first key is made.
 ``AccessStage`` runs once the model is resolved: 403 for a model the key may not use, and the
 residency rule of the key or its tenant (``onprem``: never leaves on-prem sites).
 """
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 from serve_app.errors import AuthenticationFailed, GovernanceUnavailable, ModelNotAllowed
 from serve_app.governance.client import LedgerClient, LedgerUnavailable
-from serve_app.governance.keys import KeySpec, TenantSpec, bearer
+from serve_app.governance.keys import KeySpec, TenantSpec, bearer, parse_key
 from serve_app.pipeline.context import RequestContext
 from serve_app.policy.classify import DataClass
 
@@ -46,13 +50,21 @@ class AuthStage:
             table = await self._ledger.ready()
         except LedgerUnavailable as exc:
             raise GovernanceUnavailable(f"{exc}; try again shortly", retry_after_s=2) from None
+        presented = bearer(ctx.request.headers.get("authorization", ""))
+        record = None
+        looked_up = False
+        if table.open and presented and parse_key(presented) is not None:
+            # A Spillway key, and this replica knows none: the first key may have been made since
+            # its last read (up to ``keys_refresh_s`` ago). Read again before serving it open.
+            record, looked_up = await self._ledger.lookup(presented), True
+            table = self._ledger.table
         if table.open:
             ctx.principal = Principal(ctx.headers.tenant, tenant_rules=table.tenants.get(ctx.headers.tenant))
             return
-        presented = bearer(ctx.request.headers.get("authorization", ""))
         if not presented:
             raise AuthenticationFailed("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-        record = table.check(presented) or await self._ledger.lookup(presented)
+        if record is None:
+            record = table.check(presented) or (None if looked_up else await self._ledger.lookup(presented))
         if record is None:
             raise AuthenticationFailed("Incorrect API key provided (unknown or revoked).")
         headers = ctx.headers
