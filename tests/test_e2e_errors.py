@@ -53,6 +53,7 @@ def test_missing_model_is_400(http):
     [
         ({"model": DENSE, "messages": "hello"}, "messages"),
         ({"model": DENSE, "messages": HELLO, "max_tokens": "many"}, "max_tokens"),
+        ({"model": DENSE, "messages": HELLO, "max_tokens": -1}, "max_tokens"),
         ({"model": DENSE, "messages": HELLO, "temperature": -3}, None),
         ({"model": DENSE, "messages": HELLO, "stream": "sometimes"}, "stream"),
         ({"model": DENSE, "messages": HELLO, "n": 0}, None),

@@ -118,6 +118,28 @@ def test_a_spent_budget_refuses_with_insufficient_quota(tmp_path):
     assert json.loads(refused.body)["error"]["type"] == "insufficient_quota"
 
 
+def test_a_max_tokens_past_the_context_is_estimated_at_the_context(tmp_path):
+    """The engine clamps max_tokens to what the context leaves, so the estimate does too: a budget
+    that holds a full context admits max_tokens=10**9 (estimated at 10**9 tokens it was refused),
+    and a 10**9-token TPM limit is not needed for it either."""
+    cfg, ledger = governed(tmp_path)
+    context = cfg.model(MODEL).engine.max_model_len
+    full_context_cost = context / 1000 * 0.004  # the dearer site's price per 1,000 tokens
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            await ledger.service.set_tenant("acme", {"budgets": [{"period": "day", "limit": 2 * full_context_cost}],
+                                                      "tpm": 2 * context})
+            key = await ledger.service.create_key({"tenant": "acme"})
+            huge = await Exchange(chat(max_tokens=10**9), headers=bearer(key)).run(cluster.app)
+            negative = await Exchange(chat(max_tokens=-10**9), headers=bearer(key)).run(cluster.app)
+            return huge, negative
+
+    huge, negative = run(main())
+    assert huge.status == 200, huge.body
+    assert negative.status == 400 and json.loads(negative.body)["error"]["param"] == "max_tokens"
+
+
 def test_every_exit_settles_its_reservation_and_records_usage(tmp_path):
     """Finished, streamed, and the client gone mid-stream: no reservation is left open."""
     cfg, ledger = governed(tmp_path)

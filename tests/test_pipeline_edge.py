@@ -46,12 +46,25 @@ def scan(body, endpoint="chat"):
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 5}', "n", "between 1 and 4"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": true}', "n", "integer"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', "max_tokens", "integer"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "max_tokens", "at least 0"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "max_completion_tokens": '
+     b'-9223372036854775808}', "max_completion_tokens", "at least 0"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": true}', "max_tokens", "integer"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": []}', "stream_options", "object"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": {}}', "tools", "array"),
 ])
 def test_wrong_types_are_400_naming_the_parameter(raw, param, words):
     result = scan(raw)
     assert result.status == 400 and result.param == param and words in result.message
+
+
+def test_max_tokens_past_the_context_is_valid_and_max_completion_tokens_wins():
+    """An engine clamps max_tokens to what the context leaves, so a huge one is a valid request (the
+    router bounds what it makes of it); 0 is the engine's to judge (echo without generation)."""
+    for body, expected in [({"max_tokens": 10**12}, 10**12), ({"max_tokens": 0}, 0),
+                           ({"max_tokens": 7, "max_completion_tokens": 9}, 9), ({"max_completion_tokens": 3}, 3)]:
+        result = scan({"model": "m", "messages": HELLO, **body})
+        assert result.status == 200 and result.shape.max_tokens == expected, (body, result.message)
 
 
 @pytest.mark.parametrize("raw, words", [

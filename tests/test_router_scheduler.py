@@ -34,7 +34,7 @@ class FakeClock:
 
 
 def make_scheduler(clock, onprem=2, cloud=2, max_len=100, max_wait_ms=60_000, spill_after_ms=1_000, itl_ms=10.0,
-                   ttft_ms=50.0, margin_ms=0.0):
+                   ttft_ms=50.0, margin_ms=0.0, context_tokens=None):
     groups = [
         EngineGroup("m@onprem", "m", "onprem", 0, DataClass.restricted, 1, onprem),
         EngineGroup("m@cloud", "m", "cloud", 1, DataClass.internal, 1, cloud),
@@ -43,7 +43,7 @@ def make_scheduler(clock, onprem=2, cloud=2, max_len=100, max_wait_ms=60_000, sp
         "m", groups, PlacementPipeline.from_names(),
         AdmissionParams(max_queue_len=max_len, max_queue_wait_ms=max_wait_ms),
         SpillParams(spill_after_ms=spill_after_ms, close_ratio=0.5, min_hold_ms=1_000, margin_ms=margin_ms,
-                    prior_itl_ms=itl_ms, prior_ttft_ms=ttft_ms),
+                    prior_itl_ms=itl_ms, prior_ttft_ms=ttft_ms, context_tokens=context_tokens),
         clock=clock,
     )
 
@@ -448,6 +448,29 @@ def test_other_routers_sequences_count_against_free_capacity():
         mine.release()
 
     asyncio.run(main())
+
+
+def test_max_tokens_far_past_what_is_used_neither_looks_endless_nor_makes_other_answers_look_short():
+    """max_tokens=10**9 is a valid request (the engine clamps it to the context). It is expected to
+    run at most the context, and a stream of them answering 100 tokens does not teach the
+    scheduler that a max_tokens=500 request will be short (the learned share alone would: 1e-7)."""
+    sched = make_scheduler(FakeClock(), context_tokens=2048)
+    assert sched.expected_tokens(10**9) == 2048
+    assert sched.expected_tokens(-5) == 1 and sched.expected_tokens(0) == 1
+    for _ in range(200):
+        sched.observe_usage(10**9, 100)
+    assert 95 <= sched.expected_tokens(500) <= 105  # the typical answer, not 500 x (100 / 10**9)
+    assert sched.expected_tokens(50) == 50
+    for _ in range(200):
+        sched.observe_usage(500, 500)  # then answers that use what they ask for
+    assert sched.expected_tokens(500) >= 450
+
+
+def test_a_request_of_n_sequences_teaches_the_length_of_one():
+    sched = make_scheduler(FakeClock())
+    for _ in range(100):
+        sched.observe_usage(100, 4 * 40, sequences=4)
+    assert 40 <= sched.expected_tokens(100) <= 45
 
 
 def test_engine_step_times_and_answer_lengths_feed_the_prediction():

@@ -42,8 +42,9 @@ class GovernStage:
         ctx.prompt_tokens_estimate = prompt
         if principal.key_id is None:
             return
+        room = max(1, self._context[ctx.model] - prompt)  # (what the engine clamps max_tokens to)
         completion = 0 if ctx.endpoint == ENDPOINT_EMBEDDINGS else \
-            (shape.max_tokens or max(1, self._context[ctx.model] - prompt)) * ctx.sequences
+            (min(shape.max_tokens, room) if shape.max_tokens else room) * ctx.sequences
         on_any = [self._cost(ctx.model, site, prompt, completion) for site, onprem in self._sites[ctx.model]
                   if onprem or not ctx.onprem_only]
         on_prem = [self._cost(ctx.model, site, prompt, completion) for site, onprem in self._sites[ctx.model] if onprem]

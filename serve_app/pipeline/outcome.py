@@ -56,7 +56,7 @@ class OutcomeSink:
             ctx.split.record(ctx.model, error=not ok, server_error=ctx.status >= 500, ttft_ms=ttft_ms,
                              output_tokens=summary.usage[1] if summary.usage else 0)
         if ok and summary.usage is not None and ctx.model in self._schedulers:
-            self._schedulers[ctx.model].observe_usage(ctx.shape.max_tokens, summary.usage[1])
+            self._schedulers[ctx.model].observe_usage(ctx.shape.max_tokens, summary.usage[1], ctx.sequences)
         if self._ledger is not None:
             self._settle(ctx, site)
             self._ledger.audit(audit_record(ctx, site, cost, self._ledger.router_id))

@@ -83,9 +83,12 @@ def check_shape(endpoint: str, body: dict, limits: ShapeLimits = ShapeLimits()) 
     n = _optional(body, "n", int, "an integer")
     if n is not None and not 1 <= n <= limits.max_n:
         raise ShapeError(f"'n' must be between 1 and {limits.max_n}", "n")
-    max_tokens = _optional(body, "max_completion_tokens", int, "an integer")
-    if max_tokens is None:
-        max_tokens = _optional(body, "max_tokens", int, "an integer")
+    max_tokens = None
+    for key in ("max_tokens", "max_completion_tokens"):  # (the second wins, as in vLLM)
+        value = _optional(body, key, int, "an integer")
+        if value is not None and value < 0:
+            raise ShapeError(f"'{key}' must be at least 0", key)
+        max_tokens = value if value is not None else max_tokens
     user = _optional(body, "user", str, "a string")
     if user is not None and len(user) > MAX_USER_CHARS:
         raise ShapeError(f"'user' is longer than {MAX_USER_CHARS} characters", "user")

@@ -42,6 +42,8 @@ class SpillParams(PolicyParams):
     assumed_output_tokens: int = Field(
         default=256, gt=0, description="Output tokens of a request without max_tokens, until measured.")
     max_scan: int = Field(default=1024, gt=0, description="Queued requests examined per decision.")
+    context_tokens: int | None = Field(
+        default=None, gt=0, description="The model's context length: no answer runs longer, whatever max_tokens says.")
 
 
 class SiteSimulation:

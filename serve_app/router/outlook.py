@@ -126,7 +126,8 @@ class SchedulerOutlook:
             "spilled": dict(self.spilled),
             "spillable_admitted": self.spillable,
             "budget_misses": self.budget_misses,
-            "completion_ratio": round(self.completion_ratio, 3),
+            "completion_ratio": round(self.lengths.ratio, 3),
+            "typical_output_tokens": round(self.lengths.typical, 1),
             "groups": {
                 v.group_id: {"site": v.site, "capacity": v.capacity, "in_flight": v.in_flight,
                              "others_in_flight": self.others_in_flight[v.group_id], "healthy": v.healthy,

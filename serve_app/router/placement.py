@@ -84,7 +84,7 @@ def spill_params(config: SpillwayConfig, model_id: str) -> SpillParams:
         spill_after_ms=model.spill_after_ms, close_ratio=router.spill_close_ratio,
         min_hold_ms=router.spill_min_hold_ms, margin_ms=router.spill_margin_ms,
         prior_itl_ms=model.prior_itl_ms, prior_ttft_ms=model.prior_ttft_ms,
-        assumed_output_tokens=router.assumed_output_tokens,
+        assumed_output_tokens=router.assumed_output_tokens, context_tokens=model.engine.max_model_len,
     )
 
 

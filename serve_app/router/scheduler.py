@@ -38,6 +38,7 @@ from serve_app.policy.placement import Decision, GroupView, PlacementPipeline, R
 from serve_app.policy.spill import BacklogPredictor, SpillGate, SpillParams, SpillPredictor
 from serve_app.router.groups import EngineGroup, Speed
 from serve_app.router.lease import Lease
+from serve_app.router.lengths import AnswerLengths
 from serve_app.router.outlook import SchedulerOutlook
 
 SPILL_REASON_NONE = "none"
@@ -53,7 +54,6 @@ LATE_TOLERANCE_S = 0.005  # a timer that fires this late is not a budget miss
 # timer this soon after the last one (well inside LATE_TOLERANCE_S; deadlines already spill
 # ``margin_ms`` early). An arrival is always judged at once.
 SCAN_GAP_S = 0.002
-OUTPUT_EWMA_ALPHA = 0.1
 
 
 @dataclass(eq=False)
@@ -105,8 +105,7 @@ class ModelScheduler(SchedulerOutlook):
         self.capacity = {g.group_id: g.capacity for g in groups}
         self.kv_cache_usage: dict[str, float] = {}
         self.speed = {g.group_id: Speed(spill.prior_itl_ms, spill.prior_ttft_ms) for g in groups}
-        self.completion_ratio = 1.0  # output tokens / max_tokens, learned
-        self.unbounded_tokens = float(spill.assumed_output_tokens)  # output of requests without max_tokens
+        self.lengths = AnswerLengths(spill.assumed_output_tokens, spill.context_tokens)
         self._leases: dict[str, set[Lease]] = {g.group_id: set() for g in groups}
         self._retries = 0
         self._pinned: set[QueuedRequest] = set()  # queued requests that may run on the preferred site only
@@ -192,16 +191,12 @@ class ModelScheduler(SchedulerOutlook):
         self.pump()
 
     def expected_tokens(self, max_tokens: int | None) -> int:
-        if max_tokens is None:
-            return max(1, round(self.unbounded_tokens))
-        return max(1, round(max_tokens * self.completion_ratio))
+        """Output tokens per sequence to expect from a request (``lengths.py``)."""
+        return self.lengths.expected(max_tokens)
 
-    def observe_usage(self, max_tokens: int | None, completion_tokens: int) -> None:
-        """Learn how long answers run (from a finished request's usage)."""
-        if max_tokens:
-            self.completion_ratio += OUTPUT_EWMA_ALPHA * (min(1.0, completion_tokens / max_tokens) - self.completion_ratio)
-        else:
-            self.unbounded_tokens += OUTPUT_EWMA_ALPHA * (completion_tokens - self.unbounded_tokens)
+    def observe_usage(self, max_tokens: int | None, completion_tokens: int, sequences: int = 1) -> None:
+        """Learn how long answers run from a finished request's usage (over all its ``sequences``)."""
+        self.lengths.observe(max_tokens, completion_tokens, sequences)
 
     def observe_engine_load(self, group_id: str, sequences: int, kv_cache_usage: float = 0.0,
                             itl_ms: float | None = None, ttft_ms: float | None = None) -> None:
