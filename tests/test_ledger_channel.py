@@ -99,6 +99,55 @@ def test_admissions_go_over_the_port_and_match_their_requests(tmp_path):
     assert state["open_reservations"] == 150
 
 
+def test_an_admission_the_ledger_fails_on_is_refused_alone_and_the_connection_serves_on(tmp_path):
+    """The ledger raises on one admission: that request gets a 503 denial (fail closed) and holds
+    nothing; the admissions in flight beside it on the same connection are answered as usual."""
+    async def main():
+        svc = service(tmp_path)
+        key = await svc.create_key({"tenant": "acme"})
+        real_admit = svc.ledger.admit
+
+        def admit(req):
+            if req.tokens == 13:
+                raise OverflowError("cannot convert float infinity to integer")
+            return real_admit(req)
+
+        svc.ledger.admit = admit
+        client = LedgerClient(FakeHandle(svc), svc.settings)
+        client.start()
+        answers = await asyncio.gather(*(client.admit(request(client.router_id, key["id"], tokens=10 + i))
+                                         for i in range(8)))
+        later = await client.admit(request(client.router_id, key["id"], tokens=30))
+        await client.close()
+        await svc.close()
+        return answers, later, svc.ledger.state()
+
+    answers, later, state = run(main())
+    assert [type(a).__name__ for a in answers] == ["Admission"] * 3 + ["Denial"] + ["Admission"] * 4
+    assert (answers[3].status, answers[3].code) == (503, "governance_unavailable")
+    assert isinstance(later, Admission)
+    assert state["open_reservations"] == 8
+
+
+def test_budgets_and_limits_past_what_the_ledger_can_count_are_refused_when_set(tmp_path):
+    import pydantic
+    import pytest
+
+    async def main():
+        svc = service(tmp_path)
+        for spec in ({"budgets": [{"period": "day", "limit": 1e308}]}, {"budgets": [{"period": "day", "limit": float("nan")}]},
+                     {"rpm": 10**30}, {"tpm": 10**30}):
+            with pytest.raises(pydantic.ValidationError):
+                await svc.set_tenant("acme", spec)
+        await svc.set_tenant("acme", {"budgets": [{"period": "day", "limit": 1e12}]})
+        key = await svc.create_key({"tenant": "acme"})
+        answer = svc.ledger.admit(request("r", key["id"]))
+        await svc.close()
+        return answer
+
+    assert isinstance(run(main()), Admission)
+
+
 def test_a_router_that_cannot_reach_the_port_admits_through_the_handle(tmp_path):
     async def main():
         svc = service(tmp_path)
@@ -278,3 +327,15 @@ def test_a_heartbeat_carries_no_batch_number_and_gives_the_store_nothing_to_writ
     (batches, pending, seen), busy, router = run(main())
     assert batches == {} and not pending and seen  # the ledger heard it, and has nothing to write
     assert busy == {router: 1}  # the first batch with something in it is number 1
+
+
+def test_the_ledgers_denials_become_the_errors_their_status_says():
+    from serve_app.errors import AuthenticationFailed, GovernanceUnavailable, QuotaExceeded, RateLimited
+    from serve_app.pipeline.govern import _error
+
+    assert isinstance(_error(Denial(401, "invalid_api_key", "no")), AuthenticationFailed)
+    assert isinstance(_error(Denial(429, "insufficient_quota", "spent")), QuotaExceeded)
+    assert isinstance(_error(Denial(429, "rate_limit_exceeded", "slow down", 3.0)), RateLimited)
+    for code in ("governance_unavailable", "ledger_request_void"):  # (a void was answered as a 429 before)
+        error = _error(Denial(503, code, "could not decide.", 2.0))
+        assert isinstance(error, GovernanceUnavailable) and error.status == 503 and error.retry_after_s == 2.0

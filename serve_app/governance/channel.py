@@ -143,7 +143,13 @@ class LedgerPort:
                                 None if number is None else int(number))
             return {"i": message["i"], "version": version}
         request = AdmitRequest(**message["admit"])
-        answer = self.ledger.admit(request)
+        try:
+            answer = self.ledger.admit(request)
+        except Exception:  # noqa: BLE001 - this request fails closed; the connection carries others' answers
+            logger.exception("ledger: admission %s failed", request.id)
+            if request.id:
+                self.ledger.void(request.router, request.id)  # (whatever it took before it failed)
+            answer = Denial(503, "governance_unavailable", "The governance ledger could not decide on this request.", 2.0)
         if isinstance(answer, Admission):
             return {"i": message["i"], "ok": asdict(answer)}
         return {"i": message["i"], "no": asdict(answer)}

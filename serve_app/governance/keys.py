@@ -24,6 +24,10 @@ _KEY = re.compile(r"sk-spw-([0-9a-f]{12})\.([A-Za-z0-9_-]{43})")
 NAME_PATTERN = r"^[A-Za-z0-9._:\-]{1,64}$"
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 PRIORITY_RANGE = (-10, 10)
+# Spend is kept in micro-units in 64-bit integers (PostgreSQL BIGINT): a limit of a trillion currency
+# units is 1e18 micros, with room for the spend of the requests in flight above it.
+MAX_BUDGET = 1e12
+MAX_RATE = 10**12
 Residency = Literal["any", "onprem"]
 Period = Literal["day", "month"]
 BudgetPolicy = Literal["refuse", "onprem_only"]
@@ -31,14 +35,15 @@ BudgetPolicy = Literal["refuse", "onprem_only"]
 
 class BudgetSpec(Strict):
     period: Period = Field(description="Calendar period in UTC: a day or a month.")
-    limit: float = Field(gt=0, description="Spend allowed per period, in the cost model's currency.")
+    limit: float = Field(gt=0, le=MAX_BUDGET, allow_inf_nan=False,
+                         description="Spend allowed per period, in the cost model's currency.")
     policy: BudgetPolicy = Field(
         default="refuse", description="At the limit: refuse (429 insufficient_quota) or onprem_only (no paid spill).")
 
 
 class LimitSpec(Strict):
-    rpm: int | None = Field(default=None, ge=1, description="Requests per minute (sliding 60 s window).")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens (prompt + completion) per minute.")
+    rpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Requests per minute (sliding 60 s window).")
+    tpm: int | None = Field(default=None, ge=1, le=MAX_RATE, description="Tokens (prompt + completion) per minute.")
     budgets: list[BudgetSpec] = Field(default_factory=list, description="Budgets in money, at most one per period.")
     residency: Residency = Field(default="any", description="onprem: this traffic never leaves on-prem sites.")
 

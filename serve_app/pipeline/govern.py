@@ -70,6 +70,8 @@ class GovernStage:
 def _error(denial: Denial):
     if denial.status == 401:
         return AuthenticationFailed(denial.message)
+    if denial.status == 503:  # the ledger could not decide (or the admission was given up): fail closed
+        return GovernanceUnavailable(f"{denial.message} Try again shortly.", retry_after_s=denial.retry_after_s or 2)
     if denial.code == "insufficient_quota":
         return QuotaExceeded(denial.message, headers=denial.headers)
     return RateLimited(denial.message, retry_after_s=denial.retry_after_s, headers=denial.headers)
