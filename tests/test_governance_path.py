@@ -269,6 +269,30 @@ def test_the_admin_api_needs_the_admin_key_and_works_as_a_fresh_routers_first_ca
     assert served.status == 200 and served.response_headers["x-ratelimit-limit-requests"] == "5"
 
 
+def test_the_admin_apis_queries_are_400_when_malformed_never_500(tmp_path):
+    cfg, ledger = governed(tmp_path)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            cluster.gateway.admin_key = "adm-" + "k" * 20
+            admin = {"authorization": f"Bearer {cluster.gateway.admin_key}"}
+
+            async def get(path, query):
+                return await Exchange(b"", path="/v1/spillway/admin" + path, headers=admin, method="GET",
+                                      query=query).run(cluster.app)
+
+            bad = [await get("/audit", q) for q in ("limit=%C2%B2", "limit=" + "9" * 5000, "limit=0", "limit=-1")]
+            bad += [await get("/usage", q) for q in ("period=day&date=9999-99-99", "period=month&date=2026-13")]
+            repeated = await get("/usage", "by=" + ",".join(["tenant"] * 5000))
+            good = await get("/audit", "limit=7")
+            return bad, repeated, good
+
+    bad, repeated, good = run(main())
+    assert [b.status for b in bad] == [400] * len(bad), [b.body for b in bad]
+    assert repeated.status == 200 and json.loads(repeated.body)["by"] == ["tenant"]
+    assert good.status == 200
+
+
 def test_every_request_gets_an_audit_record_with_text_only_where_its_tenant_allows(tmp_path):
     """Records of answered, refused and streamed requests; the tenant that opted in up to
     ``internal`` gets text for an internal request, none for a confidential one (an e-mail

@@ -85,6 +85,10 @@ def test_reset_durations_are_written_as_openai_does():
 def test_usage_periods_are_checked():
     assert usage_days("day", "2026-11-23") == ("2026-11-23", "2026-11-23")
     assert usage_days("month", "2026-11") == ("2026-11-01", "2026-11-31")
+    for period, date in [("day", "9999-99-99"), ("day", "2026-02-30"), ("day", "\uff12\uff10\uff12\uff16-01-01"),
+                         ("month", "2026-13"), ("month", "\u0662\u0660\u0662\u0666-01"), ("day", "2026-11")]:
+        with pytest.raises(InvalidRequest):
+            usage_days(period, date)
     for period, date in (("week", None), ("day", "2026-11"), ("month", "'; DROP TABLE usage; --")):
         with pytest.raises(InvalidRequest):
             usage_days(period, date)

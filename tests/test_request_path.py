@@ -149,9 +149,10 @@ class Exchange:
     """One HTTP exchange driven straight through ASGI."""
 
     def __init__(self, body: dict | bytes, path="/v1/chat/completions", headers=None, disconnect_after_chunks=None,
-                 disconnect_at_once=False):
+                 disconnect_at_once=False, method="POST", query=""):
         self.raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.path, self.headers = path, headers or {}
+        self.method, self.query = method, query
         self.disconnect_after_chunks, self.disconnect_at_once = disconnect_after_chunks, disconnect_at_once
         self.sent: list[dict] = []
         self.gone = asyncio.Event()
@@ -174,8 +175,8 @@ class Exchange:
 
     async def run(self, app):
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": self.path, "raw_path": self.path.encode(),
-                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "method": self.method, "scheme": "http", "path": self.path, "raw_path": self.path.encode(),
+                 "query_string": self.query.encode(), "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
                  "headers": [(b"content-type", b"application/json"),
                              *((k.encode(), v.encode()) for k, v in self.headers.items())]}
         await app(scope, self.receive, self.send)

@@ -10,6 +10,7 @@ router that took the call re-reads its key table at once, the others on their ne
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import re
 import time
@@ -112,7 +113,7 @@ def install_admin(api: FastAPI, gateway) -> None:
         handle = ledger(request)
         params = request.query_params
         first, last = usage_days(params.get("period", "day"), params.get("date"))
-        by = [c for c in params.get("by", "tenant").split(",") if c]
+        by = list(dict.fromkeys(c for c in params.get("by", "tenant").split(",") if c))  # (each column once)
         unknown = set(by) - set(USAGE_COLUMNS)
         if unknown:
             raise InvalidRequest(f"by: one or more of {', '.join(USAGE_COLUMNS)}", param="by")
@@ -131,7 +132,7 @@ def install_admin(api: FastAPI, gateway) -> None:
     async def audit_tail(request: Request):
         """The latest audit records (newest last); ``?limit=`` 1 to 1,000, default 50."""
         raw = request.query_params.get("limit", "50")
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_AUDIT_TAIL:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_AUDIT_TAIL:
             raise InvalidRequest(f"limit: a whole number from 1 to {MAX_AUDIT_TAIL}", param="limit")
         return JSONResponse({"data": await ledger(request).audit_tail.remote(int(raw))})
 
@@ -202,12 +203,23 @@ def usage_days(period: str, date: str | None) -> tuple[str, str]:
     """First and last day (``YYYY-MM-DD``, UTC) of a day or a month; ``date`` defaults to now."""
     if period == "day":
         date = date or time.strftime("%Y-%m-%d", time.gmtime())
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+        if not _is_date(date, r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date):
             raise InvalidRequest("date: YYYY-MM-DD for a day", param="date")
         return date, date
     if period == "month":
         date = date or time.strftime("%Y-%m", time.gmtime())
-        if not re.fullmatch(r"\d{4}-\d{2}", date):
+        if not _is_date(date, r"[0-9]{4}-[0-9]{2}", f"{date}-01"):
             raise InvalidRequest("date: YYYY-MM for a month", param="date")
         return f"{date}-01", f"{date}-31"
     raise InvalidRequest("period: day or month", param="period")
+
+
+def _is_date(text: str, pattern: str, day: str) -> bool:
+    """ASCII digits in the pattern's shape, naming a real calendar day."""
+    if not re.fullmatch(pattern, text):
+        return False
+    try:
+        datetime.date.fromisoformat(day)
+    except ValueError:
+        return False
+    return True
