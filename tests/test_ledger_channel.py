@@ -135,8 +135,8 @@ def test_budgets_and_limits_past_what_the_ledger_can_count_are_refused_when_set(
 
     async def main():
         svc = service(tmp_path)
-        for spec in ({"budgets": [{"period": "day", "limit": 1e308}]}, {"budgets": [{"period": "day", "limit": float("nan")}]},
-                     {"rpm": 10**30}, {"tpm": 10**30}):
+        for spec in ({"budgets": [{"period": "day", "limit": 1e308}]},
+                     {"budgets": [{"period": "day", "limit": float("nan")}]}, {"rpm": 10**30}, {"tpm": 10**30}):
             with pytest.raises(pydantic.ValidationError):
                 await svc.set_tenant("acme", spec)
         await svc.set_tenant("acme", {"budgets": [{"period": "day", "limit": 1e12}]})

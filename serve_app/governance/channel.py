@@ -149,7 +149,8 @@ class LedgerPort:
             logger.exception("ledger: admission %s failed", request.id)
             if request.id:
                 self.ledger.void(request.router, request.id)  # (whatever it took before it failed)
-            answer = Denial(503, "governance_unavailable", "The governance ledger could not decide on this request.", 2.0)
+            answer = Denial(503, "governance_unavailable", "The governance ledger could not decide on this request.",
+                            2.0)
         if isinstance(answer, Admission):
             return {"i": message["i"], "ok": asdict(answer)}
         return {"i": message["i"], "no": asdict(answer)}

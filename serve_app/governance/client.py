@@ -2,8 +2,9 @@
 
 - The key table, checked locally (hash and constant-time compare in ``keys.py``); re-read when the
   ledger's version changes (seen on every sync, at least every ``heartbeat_s`` or
-  ``keys_refresh_s``, whichever is shorter). A key the table does not know yet is looked up once (at most ``LOOKUPS_PER_S`` per replica, so a flood of made-up
-  keys costs the ledger nothing), so a new key works on every replica at once.
+  ``keys_refresh_s``, whichever is shorter). A key the table does not know yet is looked up once
+  (at most ``LOOKUPS_PER_S`` per replica, so a flood of made-up keys costs the ledger nothing), so
+  a new key works on every replica at once.
 - ``admit``: one call per keyed request, over the ledger's admission port (``channel.py``; the
   Serve handle when the port cannot be reached); the ledger also re-checks that the key is still
   active, so a revocation holds from the next request on, on every replica. An admission whose
