@@ -717,3 +717,76 @@ def test_usage_is_read_after_non_ascii_text_and_with_any_spacing():
     assert usage_of(b'{"usage" :{"prompt_tokens":1}}') is None  # (not the key vLLM writes)
     assert usage_of(b'{"usage":  {"prompt_tokens": 2, "completion_tokens": 3}}') == (2, 3)
     assert usage_of(b'{"usage":null}') is None and usage_of(None) is None
+
+
+def test_a_sites_usage_that_is_not_a_count_is_not_believed():
+    """An external API's answer is not ours to trust: a negative, fractional, huge, boolean or
+    non-numeric count is no usage (the outcome sink then settles on its own estimate), never a
+    refund, an absurd bill, or an exception in the relay."""
+    from serve_app.pipeline.relay import usage_of
+
+    for bad in (-5, 1.5, 10**30, True, "12", [1], {"n": 1}, "Infinity"):
+        assert usage_of(json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": bad}}).encode()) is None, bad
+        assert usage_of(json.dumps({"usage": {"prompt_tokens": bad, "completion_tokens": 3}}).encode()) is None, bad
+    assert usage_of(b'{"usage": {"prompt_tokens": 3, "completion_tokens": Infinity}}') is None
+    assert usage_of(b'{"usage": {"prompt_tokens": 7}}') == (7, 0)  # absent is none used
+
+
+class EndlessEvent:
+    """A FAKE site's stream: ``prefix``, then an event that never ends, 64 KiB per read."""
+
+    def __init__(self, prefix: bytes = b""):
+        self.prefix, self.reads = prefix, 0
+
+    async def read(self, _n: int) -> bytes:
+        self.reads += 1
+        if self.reads == 1 and self.prefix:
+            return self.prefix
+        return b"data: " + b"x" * (65536 - 6)
+
+
+def test_an_event_that_never_ends_is_bounded_before_and_after_the_first_token(monkeypatch):
+    """A broken or hostile site (an external API is not ours) streams one event without end: before
+    the first event it is a transport failure, after it the stream ends with an error event; either
+    way after about MAX_EVENT_BYTES, not never."""
+    from serve_app.pipeline import relay as relay_module
+    from serve_app.transport import base
+
+    monkeypatch.setattr(base, "MAX_EVENT_BYTES", 1 << 20)
+    monkeypatch.setattr(relay_module, "MAX_EVENT_BYTES", 1 << 20)
+
+    async def first_never_ends():
+        stream = EngineStream(EndlessEvent(), None, "ext-1")
+        with pytest.raises(TransportError, match="first event of over"):
+            await stream.read_first()
+        return stream.reader.reads
+
+    async def later_never_ends():
+        reader = EndlessEvent(prefix=token_event(0).encode())
+        reply = EngineReply(200, "ext-1", stream=EngineStream(reader, None, "ext-1"))
+        body, ctx = await relay_all(reply)
+        return body, ctx, reader.reads
+
+    assert 16 <= run(first_never_ends()) <= 18
+    body, ctx, reads = run(later_never_ends())
+    assert 16 <= reads <= 18
+    assert body.startswith(token_event(0).encode()) and b'"engine_error"' in body and ctx.summary.failed
+
+
+def test_event_ends_split_between_two_reads_are_found():
+    class Pieces:
+        def __init__(self, pieces):
+            self.pieces = list(pieces)
+
+        async def read(self, _n):
+            return self.pieces.pop(0) if self.pieces else b""
+
+    whole = (token_event(0) + token_event(1) + DONE).encode()
+    first_end = whole.index(b"\n\n")
+    second_end = whole.index(b"\n\n", first_end + 2)
+    # cut inside the second event's "\n\n", then one byte at a time for a while
+    pieces = [whole[:second_end + 1]] + [whole[i:i + 1] for i in range(second_end + 1, second_end + 20)] + \
+        [whole[second_end + 20:]]
+    reply = EngineReply(200, "r-1", stream=EngineStream(Pieces(pieces), None, "r-1"))
+    body, ctx = run(relay_all(reply))
+    assert body == whole and not ctx.summary.failed and ctx.summary.events == 2

@@ -2,7 +2,7 @@
 
 Bytes pass through as the socket delivers them: one read may hold several events when the router
 is behind (coalescing only then, never on a timer). Only complete events are forwarded; a
-partial event waits for its end. The usage event is read for metrics and dropped when the client
+partial event waits for its end, up to ``MAX_EVENT_BYTES``. The usage event is read for metrics and dropped when the client
 did not ask for it. A stream that ends without ``[DONE]`` ends with an explicit error event, never
 a silent truncation. The engine connection goes back to its pool after a clean ``[DONE]`` and is
 closed otherwise (the engine then aborts the request); the request's context gives back the
@@ -18,6 +18,7 @@ from typing import AsyncIterator
 
 from serve_app.errors import error_body
 from serve_app.pipeline.context import OUTCOME_CANCELLED, OUTCOME_OK, STATUS_CLIENT_CLOSED, RequestContext
+from serve_app.transport.base import MAX_EVENT_BYTES  # (past it the stream ends with an error event)
 
 logger = logging.getLogger("spillway.relay")
 
@@ -25,6 +26,9 @@ READ_BYTES = 1 << 16
 DONE_EVENT = b"data: [DONE]\n\n"
 USAGE_ONLY_MARK = b'"choices":[]'
 USAGE_KEY = b'"usage":'
+# No request holds a billion tokens; a larger count (or a negative one, or a string) from a site is
+# not believed, so it can neither bill a tenant absurdly nor overflow the ledger's 64-bit sums.
+MAX_REPORTED_TOKENS = 10**9
 OUTCOME_STREAM_FAILED = "stream_failed"
 _JSON = json.JSONDecoder()
 
@@ -44,12 +48,25 @@ def usage_of(payload: bytes | None) -> tuple[int, int] | None:
         return None
     if not isinstance(usage, dict):
         return None
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None  # not counts: the outcome sink settles on its own estimate instead
+    return prompt, completion
+
+
+def _count(value) -> int | None:
+    """A token count as a site reports it (an external API is not ours to trust): a whole number
+    from 0 to ``MAX_REPORTED_TOKENS``; absent is 0; anything else None."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPORTED_TOKENS:
+        return None
+    return value
 
 
 async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
     stream, summary, lease = ctx.reply.stream, ctx.summary, ctx.lease
-    pending = b""
+    pending = bytearray()  # the start of an event whose end has not come yet
     data = stream.head or None  # read ahead by the dispatch stage
     done_seen = False
     try:
@@ -63,12 +80,28 @@ async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
             if not data:
                 break
             now = time.monotonic()
-            data, pending = pending + data, b""
-            cut = data.rfind(b"\n\n")
+            if pending:  # appended in place and searched from the join, so a long event costs linear time
+                start = len(pending) - 1  # (pending holds no event end; one may straddle the reads)
+                pending += data
+                buffer = pending
+            else:
+                start, buffer = 0, data
+            cut = buffer.rfind(b"\n\n", start)
             if cut < 0:
-                pending, data = data, None
+                if len(buffer) > MAX_EVENT_BYTES:
+                    logger.warning("request %s: an event of over %d bytes from replica %s; stream ended",
+                                   ctx.request_id, MAX_EVENT_BYTES, ctx.reply.replica)
+                    break
+                if buffer is data:
+                    pending += data
+                data = None
                 continue
-            complete, pending = data[:cut + 2], data[cut + 2:]
+            if buffer is pending:
+                complete = bytes(pending[:cut + 2])
+                del pending[:cut + 2]
+            else:
+                complete = data[:cut + 2]
+                pending += data[cut + 2:]
             done_seen = complete.endswith(DONE_EVENT)
             if ctx.captured is not None:
                 ctx.captured += complete

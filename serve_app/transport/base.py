@@ -19,6 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 EVENT_END = b"\n\n"
+# One event larger than this means a broken or hostile site (a token's chunk is a few KB; the bound
+# is the external site's default for a whole non-streamed answer, which an echoed prompt with its
+# logprobs can approach): it is not buffered further.
+MAX_EVENT_BYTES = 64 << 20
 
 
 class EngineFull(Exception):
@@ -64,14 +68,22 @@ class EngineStream:
     async def read_first(self, read_bytes: int = 1 << 16) -> None:
         """Read until the first complete event: an engine that dies before its first token is then
         a ``TransportError`` (the caller may fail over), not a broken stream for the client."""
-        while EVENT_END not in self.head:
+        if EVENT_END in self.head:
+            return
+        head = bytearray(self.head)  # (appended in place, searched from the join: linear in its size)
+        start = 0
+        while head.find(EVENT_END, start) < 0:
+            if len(head) > MAX_EVENT_BYTES:
+                raise TransportError(f"a first event of over {MAX_EVENT_BYTES} bytes", self.replica)
+            start = max(0, len(head) - 1)
             try:
                 chunk = await self.reader.read(read_bytes)
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"stream broke before its first event: {exc!r}", self.replica) from exc
             if not chunk:
                 raise TransportError("stream ended before its first event", self.replica)
-            self.head += chunk
+            head += chunk
+        self.head = bytes(head)
 
     def close(self, reusable: bool = False) -> None:
         if self.closed:
