@@ -2,11 +2,11 @@
 
 Bytes pass through as the socket delivers them: one read may hold several events when the router
 is behind (coalescing only then, never on a timer). Only complete events are forwarded; a
-partial event waits for its end, up to ``MAX_EVENT_BYTES``. The usage event is read for metrics and dropped when the client
-did not ask for it. A stream that ends without ``[DONE]`` ends with an explicit error event, never
-a silent truncation. The engine connection goes back to its pool after a clean ``[DONE]`` and is
-closed otherwise (the engine then aborts the request); the request's context gives back the
-rest (``context.py``).
+partial event waits for its end, up to ``MAX_EVENT_BYTES``. The usage event is read for metrics
+and dropped when the client did not ask for it. A stream that ends without ``[DONE]`` ends with
+an explicit error event, never a silent truncation. The engine connection goes back to its pool
+after a clean ``[DONE]`` and is closed otherwise (the engine then aborts the request); the
+request's context gives back the rest (``context.py``).
 """
 
 from __future__ import annotations
