@@ -72,6 +72,14 @@ class PayloadTooLarge(SpillwayError):
     code = "request_too_large"
 
 
+class RequestTimeout(SpillwayError):
+    """The request's body did not arrive in time (a client that trickles it holds a router slot)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RateLimited(SpillwayError):
     status = 429
     type = "rate_limit_error"

@@ -21,6 +21,8 @@ from tests.s3_server import s3_server  # noqa: F401 - a session fixture (a real 
 
 E2E_RAY_PORT = int(os.environ.get("SPILLWAY_TEST_RAY_PORT", "6390"))
 E2E_HTTP_PORT = int(os.environ.get("SPILLWAY_TEST_HTTP_PORT", "8700"))
+E2E_CLIENT_TIMEOUT_S = 8
+E2E_BODY_TIMEOUT_S = 4
 E2E_MAX_BODY_BYTES = 1_048_576
 E2E_DENSE_SLOTS = 8
 E2E_METRICS_PORT = 8710  # outside Ray worker ports (10002-19999)
@@ -88,7 +90,9 @@ def e2e_raw_config(root=None, s3: tuple[str, str] | None = None, moe_source: str
                    external_url: str | None = None) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     raw["name"] = "spillway-test"
-    raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT}
+    # Clients gone quiet are let go sooner than by default, so the test of it is short.
+    raw["http"] = {"host": "127.0.0.1", "port": E2E_HTTP_PORT, "client_timeout_s": E2E_CLIENT_TIMEOUT_S}
+    raw["router"]["body_timeout_s"] = E2E_BODY_TIMEOUT_S
     raw["local_cluster"]["ray_port"] = E2E_RAY_PORT
     raw["local_cluster"]["dashboard_port"] = E2E_RAY_PORT + 1900
     raw["local_cluster"]["metrics_export_port"] = E2E_METRICS_PORT

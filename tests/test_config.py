@@ -129,6 +129,13 @@ def test_ingress_modes_set_serve_flags_for_every_node():
     assert int(haproxy["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) >= 8100 + 2
     assert {haproxy[k] for k in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                                  "RAY_SERVE_HAPROXY_STATS_PORT")} == {"8150", "8151", "8152"}
+    # Clients that send nothing are let go after 30 s, not Serve's hour; names Serve itself reads.
+    from ray.serve._private import constants
+
+    assert (haproxy["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"], haproxy["RAY_SERVE_HAPROXY_MAXCONN"]) == ("30", "4096")
+    assert all(hasattr(constants, name) for name in haproxy if name.startswith("RAY_SERVE_HAPROXY_"))
+    tight = HttpConfig(client_timeout_s=5, max_connections=20_000).ingress_env(2)
+    assert (tight["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"], tight["RAY_SERVE_HAPROXY_MAXCONN"]) == ("5", "20000")
     assert HttpConfig(port=8000).proxy_port(2) == 8000  # HAProxy binds the clients' port
     direct = HttpConfig(port=8802, ingress="direct").ingress_env(2)
     assert direct["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8802" and "RAY_SERVE_ENABLE_HA_PROXY" not in direct

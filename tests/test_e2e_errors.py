@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import E2E_MAX_BODY_BYTES, auth
+from tests.conftest import E2E_BODY_TIMEOUT_S, E2E_CLIENT_TIMEOUT_S, E2E_MAX_BODY_BYTES, auth
 
 pytestmark = pytest.mark.e2e
 
@@ -143,6 +143,47 @@ def test_chunked_bodies_are_bounded_while_read(http):
 
     resp = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert "limit" in _assert_openai_error(resp, 413)["message"]
+
+
+def test_a_silent_connection_and_a_stalled_body_are_let_go_in_bounded_time(base_url):
+    """Before: HAProxy held a connection that sent nothing for an hour, and a router waited for a
+    body's missing bytes for ever, holding a request slot (2,100 such clients locked every client
+    out). Now the router answers a body that stops half-way with an OpenAI-format 408 after
+    ``router.body_timeout_s``, and HAProxy closes a connection that sends no request after
+    ``http.client_timeout_s``; meanwhile others are served."""
+    import json
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(base_url)
+    body = json.dumps({"model": DENSE, "messages": HELLO, "max_tokens": 2}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: {auth()['authorization']}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    started = time.monotonic()
+    silent = socket.create_connection((address.hostname, address.port))
+    stalled = socket.create_connection((address.hostname, address.port))
+    stalled.sendall(head + body[:10])
+    with httpx.Client(headers=auth(), base_url=base_url, timeout=60) as client:  # others are served meanwhile
+        assert client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+                           ).status_code == 200
+
+    def until_closed(sock: socket.socket) -> tuple[bytes, float]:
+        sock.settimeout(E2E_CLIENT_TIMEOUT_S + 30)
+        received = b""
+        while chunk := sock.recv(65536):  # (a socket.timeout here: it was never let go)
+            received += chunk
+        sock.close()
+        return received, time.monotonic() - started
+
+    answer, answered_after = until_closed(stalled)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert b" 408 " in status_line, answer[:300]
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
+    assert E2E_BODY_TIMEOUT_S - 0.5 <= answered_after < E2E_CLIENT_TIMEOUT_S + 10
+    _, closed_after = until_closed(silent)  # (HAProxy's own 408 page, or nothing)
+    assert E2E_CLIENT_TIMEOUT_S - 0.5 <= closed_after < E2E_CLIENT_TIMEOUT_S + 30
 
 
 @pytest.mark.parametrize("headers, param", [

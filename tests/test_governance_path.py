@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 from serve_app.config import SpillwayConfig
 from serve_app.governance.service import LedgerService
-from tests.test_request_path import MODEL, Cluster, Exchange, chat, config, engines, run, wait_for
+from tests.test_request_path import MODEL, Cluster, Exchange, StalledExchange, chat, config, engines, run, wait_for
 from tests.test_engine_port import FakeEngine
 
 
@@ -68,6 +68,31 @@ def test_open_without_keys_then_every_request_needs_an_active_key(tmp_path):
     for name in ("none", "made-up", "revoked"):
         error = json.loads(results[name].body)["error"]
         assert results[name].status == 401 and error["code"] == "invalid_api_key", name
+
+
+def test_a_request_without_a_valid_key_is_refused_before_its_body_is_read(tmp_path):
+    """The key is checked on the request's head: a keyless client cannot make a router read (and
+    scan) a body, nor hold a request slot by trickling one for ``body_timeout_s``."""
+    cfg, ledger = governed(tmp_path, body_timeout_s=60)
+
+    async def main():
+        async with Cluster(engines(), cfg, ledger=ledger) as cluster:
+            assert (await Exchange(chat()).run(cluster.app)).status == 200  # (open: the table is read)
+            key = await ledger.service.create_key({"tenant": "acme"})
+            assert await wait_for(lambda: not cluster.gateway.ledger.table.open, timeout_s=10)
+            answers = [await asyncio.wait_for(StalledExchange(chat(), headers=headers).run(cluster.app), 10)
+                       for headers in ({}, {"authorization": "Bearer sk-nope"})]
+            # A key it knows: the router goes on to read the body, and waits for the rest of it.
+            exchange = StalledExchange(chat(), headers=bearer(key))
+            stalled = asyncio.create_task(exchange.run(cluster.app))
+            reading = await wait_for(lambda: exchange._body_read)
+            waiting = not stalled.done() and exchange.sent == []
+            stalled.cancel()
+            return answers, [a._body_read for a in answers], reading and waiting
+
+    answers, bodies_read, waited_for_the_body = run(main())
+    assert [a.status for a in answers] == [401, 401] and bodies_read == [False, False] and waited_for_the_body
+    assert all(json.loads(a.body)["error"]["code"] == "invalid_api_key" for a in answers)
 
 
 def test_a_model_outside_the_keys_list_is_403_and_on_prem_residency_needs_an_on_prem_model(tmp_path):

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from serve_app.config import ModelConfig
-from serve_app.errors import InvalidRequest, ModelNotFound, PayloadTooLarge
+from serve_app.errors import InvalidRequest, ModelNotFound, PayloadTooLarge, RequestTimeout
 from serve_app.http.body import read_body
 from serve_app.http.headers import read_headers
 from serve_app.pipeline.classify import ClassifyStage
@@ -233,17 +233,39 @@ def test_bodies_are_bounded_while_they_are_read_chunked_ones_too():
     async def main():
         declared = FakeRequest([b"x" * 10], {"content-length": "5000"})
         with pytest.raises(PayloadTooLarge):
-            await read_body(declared, 1000)
+            await read_body(declared, 1000, 30)
         assert declared.read == 0  # refused before a byte was read
         chunked = FakeRequest([b"x" * 400] * 1000)  # no content-length: 400 KB in chunks
         with pytest.raises(PayloadTooLarge):
-            await read_body(chunked, 1000)
+            await read_body(chunked, 1000, 30)
         assert chunked.read == 3  # stopped at the chunk that passed the limit
         with pytest.raises(InvalidRequest):
-            await read_body(FakeRequest([b""], {"content-length": "-1"}), 1000)
-        assert await read_body(FakeRequest([b"ab", b"cd"]), 1000) == b"abcd"
+            await read_body(FakeRequest([b""], {"content-length": "-1"}), 1000, 30)
+        assert await read_body(FakeRequest([b"ab", b"cd"]), 1000, 30) == b"abcd"
 
     asyncio.run(main())
+
+
+class StalledRequest(FakeRequest):
+    """A body that stops after its first chunk and never goes on (a client trickling, or gone quiet)."""
+
+    async def stream(self):
+        yield b'{"model": '
+        self.read += 1
+        await asyncio.Event().wait()
+
+
+def test_a_body_that_stops_half_way_is_a_408_within_the_body_timeout():
+    async def main():
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RequestTimeout) as caught:
+            await read_body(StalledRequest([], {"content-length": "100"}), 1000, 0.05)
+        return loop.time() - started, caught.value
+
+    waited_s, error = asyncio.run(main())
+    assert 0.05 <= waited_s < 5  # (it ends at the deadline, not when the client decides)
+    assert (error.status, error.code) == (408, "request_timeout") and "10 bytes came" in error.message
 
 
 def context(body, endpoint="chat", declared=None) -> RequestContext:

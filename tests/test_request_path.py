@@ -84,14 +84,14 @@ class FakeHandle:
         return _Remote()
 
 
-def config(onprem_replicas=2, slots=4) -> SpillwayConfig:
+def config(onprem_replicas=2, slots=4, **router) -> SpillwayConfig:
     return SpillwayConfig.model_validate({
         "sites": [{"name": "onprem", "resource": "site:onprem", "kind": "onprem"},
                   {"name": "cloud", "resource": "site:cloud", "kind": "cloud", "preference": 1}],
         "models": [{"id": MODEL, "source": "builtin:dense", "replicas": {"onprem": onprem_replicas, "cloud": 1},
                     "engine": {"max_num_seqs": slots}, "spill_after_ms": 10_000, "queue": {"max_wait_ms": 30_000}}],
         "router": {"load_poll_interval_ms": 60_000, "replica_cooldown_s": 30, "first_response_timeout_s": 30,
-                   "inline_scan_max_bytes": 1 << 20},
+                   "inline_scan_max_bytes": 1 << 20, **router},
     })
 
 
@@ -359,6 +359,33 @@ def test_a_clients_bad_input_never_touches_engine_health():
         assert set(error) == {"message", "type", "param", "code"} and "Traceback" not in exchange.body.decode()
     assert ok.status == 200 and ok.response_headers["x-spillway-spill-reason"] == "none" and down == []
     assert cluster.scheduler.capacity["m@onprem"] == 8 and cluster.all_released_once()
+
+
+class StalledExchange(Exchange):
+    """A client that sends the head and the start of its body, then nothing more (and stays connected)."""
+
+    async def receive(self):
+        if not self._body_read:
+            self._body_read = True
+            return {"type": "http.request", "body": self.raw[:10], "more_body": True}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_a_body_that_never_finishes_is_a_408_and_holds_up_no_one():
+    async def main():
+        async with Cluster(engines(), config(body_timeout_s=0.5)) as cluster:
+            stalled = asyncio.create_task(StalledExchange(chat()).run(cluster.app))
+            others = [await Exchange(chat(stream=True)).run(cluster.app) for _ in range(3)]
+            still_waiting = not stalled.done()
+            return cluster, await asyncio.wait_for(stalled, 10), others, still_waiting
+
+    cluster, stalled, others, still_waiting = run(main())
+    assert still_waiting and [e.status for e in others] == [200] * 3  # served while it trickled
+    assert stalled.status == 408
+    error = json.loads(stalled.body)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
+    assert "0.5 s" in error["message"] and cluster.all_released_once() and len(cluster.releases) == 3
 
 
 def test_bad_headers_and_unknown_models_are_openai_errors_and_counted():

@@ -91,6 +91,15 @@ class HttpConfig(Strict):
         default=None, gt=0, lt=65536, description="haproxy: HAProxy's Prometheus port (default port + 151).")
     haproxy_stats_port: int | None = Field(
         default=None, gt=0, lt=65536, description="haproxy: HAProxy's stats page port (default port + 152).")
+    client_timeout_s: int = Field(
+        default=30, gt=0, le=3600,
+        description="haproxy: a client connection that sends nothing this long while a request is expected (a new "
+        "connection's first request, or its body) is closed (Serve's default is an hour). Long answers are not cut: "
+        "while the client waits for one it is expected to send nothing.")
+    max_connections: int = Field(
+        default=4096, gt=0, le=1_000_000,
+        description="haproxy: client connections HAProxy holds at once; past it new ones wait in the kernel's "
+        "accept queue. Per-source limits belong to the network in front (see the README's trust model).")
 
     def router_ports(self, router_replicas: int) -> range:
         """Where router replicas listen (direct and haproxy ingress)."""
@@ -126,6 +135,8 @@ class HttpConfig(Strict):
                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(extra["http.fallback_proxy_port"]),
                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(extra["http.haproxy_metrics_port"]),
                 "RAY_SERVE_HAPROXY_STATS_PORT": str(extra["http.haproxy_stats_port"]),
+                "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(self.client_timeout_s),
+                "RAY_SERVE_HAPROXY_MAXCONN": str(self.max_connections),
             })
         return env
 

@@ -23,6 +23,11 @@ class RouterConfig(Strict):
         "the router sees every prompt.",
     )
     max_body_bytes: int = Field(default=1_048_576, gt=0, description="Largest request body accepted (413 past it).")
+    body_timeout_s: float = Field(
+        default=20.0, gt=0, le=3600,
+        description="A request's whole body must arrive within this many seconds of its head (408 past it), so a "
+        "client that trickles its body, or stops half-way, holds a router's request slot no longer. Keep it under "
+        "http.client_timeout_s, so a client gone quiet gets this OpenAI-format 408 rather than HAProxy's page.")
     max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica holds at once.")
     serve_access_log: bool = Field(
         default=False,

@@ -58,7 +58,7 @@ def install_admin(api: FastAPI, gateway) -> None:
         return gateway.ledger.handle
 
     async def body_of(request: Request, model):
-        raw = await read_body(request, MAX_ADMIN_BODY_BYTES)
+        raw = await read_body(request, MAX_ADMIN_BODY_BYTES, gateway.config.router.body_timeout_s)
         try:
             return model.model_validate(json.loads(raw or b"{}"))
         except (ValueError, ValidationError) as exc:

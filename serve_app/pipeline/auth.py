@@ -1,6 +1,7 @@
 """Stages: who sent the request (API key -> tenant and key rules), and what the key may use.
 
-``AuthStage`` runs right after parsing. With no key ever created, the router is open (the
+``AuthStage`` runs first, on the request's head alone: a request without a valid key is refused
+before its body is read or scanned. With no key ever created, the router is open (the
 embedded demo; it says so at start-up and on ``/health``) and a request's tenant is its
 ``x-spillway-tenant`` label. Once keys exist, every request needs an active one: 401 otherwise.
 A request that presents a well-formed Spillway key to a replica that knows no key re-reads the

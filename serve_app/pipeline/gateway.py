@@ -1,14 +1,15 @@
 """The request path: the stages in order, what they share, and the answer they produce.
 
-    parse+validate -> auth (key -> tenant) -> resolve model -> access (403, residency) -> classify
-        -> govern (limits, budget: one ledger call) -> [cache] -> (pow2 baseline, benchmark mode only)
-        -> admit -> dispatch -> answer (relay for streams)
+    auth (key -> tenant, on the head alone) -> parse+validate -> classify -> (semantic route)
+        -> resolve model -> access (403, residency) -> redact -> govern (limits, budget: one ledger
+        call) -> audit -> (cache) -> (pow2 baseline, benchmark mode only) -> admit -> dispatch
+        -> answer (relay for streams)
     and, however the request ends, the outcome sink (metrics, splits, trace, usage and budget
-    settlement; later the audit record).
+    settlement, the audit record).
 
-Bracketed stages come with the governance issues; each is one module plus its place in
-``stages`` below. A stage that produces the answer itself (the baseline, later a cache hit) ends
-the walk. The ``Gateway`` holds no per-request state: any router replica serves any request.
+Stages in parentheses are there when configured; auth, access, redact, govern and audit when
+governance is. Each is one module plus its place in ``stages`` below. A stage that produces the
+answer itself (the baseline, a cache hit) ends the walk. The ``Gateway`` holds no per-request state: any router replica serves any request.
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ class Gateway:
         self.semantic = SemanticStage(config, PipelineEmbedder(admit, dispatch, models), metrics) \
             if router.semantic_routes else None
         self.stages: list[Any] = [
-            ParseStage(self.scanner, router.max_body_bytes),
+            # (the key first: a request without a valid one is refused before its body is read or scanned)
             *([AuthStage(self.ledger)] if governed else []),
+            ParseStage(self.scanner, router.max_body_bytes, router.body_timeout_s),
             # (classified before the model is resolved: semantic routing embeds the prompt, and
             # where that may happen depends on the prompt's class)
             ClassifyStage(DataClass[router.default_data_class], DataClass[router.opaque_data_class]),

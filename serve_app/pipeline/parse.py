@@ -11,12 +11,13 @@ from serve_app.pipeline.scanner import Scanner
 class ParseStage:
     name = "parse"
 
-    def __init__(self, scanner: Scanner, max_body_bytes: int):
+    def __init__(self, scanner: Scanner, max_body_bytes: int, body_timeout_s: float):
         self._scanner = scanner
         self._max_body_bytes = max_body_bytes
+        self._body_timeout_s = body_timeout_s
 
     async def run(self, ctx: RequestContext) -> None:
-        raw = await read_body(ctx.request, self._max_body_bytes)
+        raw = await read_body(ctx.request, self._max_body_bytes, self._body_timeout_s)
         result = await self._scanner.scan(raw, ctx.endpoint)
         if result.status != 200:
             raise InvalidRequest(result.message, param=result.param)
