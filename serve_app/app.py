@@ -154,6 +154,9 @@ def build_app(config: SpillwayConfig) -> Application:
         name="router",
         num_replicas=config.router.replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
+        graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s
+        or max((m.graceful_shutdown_timeout_s for m in config.models), default=60.0),
+        graceful_shutdown_wait_loop_s=1.0,
         logging_config={"enable_access_log": config.router.serve_access_log},
         ray_actor_options={
             "num_cpus": config.router.num_cpus,

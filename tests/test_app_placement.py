@@ -129,3 +129,15 @@ def test_a_new_model_version_changes_only_that_models_engine_versions(raw):
     assert changed == {"engine-spillway-dense-onprem", "engine-spillway-dense-cloud"}
     raw["models"][0]["engine"]["max_num_seqs"] = 8  # the routers' capacity changes: they restart too
     assert versions(raw)["router"] != before["router"]
+
+
+def test_a_stopping_router_lets_its_streams_finish_as_long_as_the_engines_do(raw):
+    """Serve's default (20 s) would cut a stream through a router replica being replaced."""
+    router = build_app(load_config(raw))._bound_deployment
+    assert router._deployment_config.graceful_shutdown_timeout_s == 60.0  # the models' default
+    raw["models"][0]["graceful_shutdown_timeout_s"] = 300
+    router = build_app(load_config(raw))._bound_deployment
+    assert router._deployment_config.graceful_shutdown_timeout_s == 300
+    raw.setdefault("router", {})["graceful_shutdown_timeout_s"] = 45
+    router = build_app(load_config(raw))._bound_deployment
+    assert router._deployment_config.graceful_shutdown_timeout_s == 45

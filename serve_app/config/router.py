@@ -29,6 +29,11 @@ class RouterConfig(Strict):
         "client that trickles its body, or stops half-way, holds a router's request slot no longer. Keep it under "
         "http.client_timeout_s, so a client gone quiet gets this OpenAI-format 408 rather than HAProxy's page.")
     max_ongoing_requests: int = Field(default=1024, gt=0, description="Requests one router replica holds at once.")
+    graceful_shutdown_timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="How long a stopping router replica (an update, a scale-down) lets the requests it holds "
+        "finish, streams included; it takes no new ones meanwhile. Default: the longest of the models' "
+        "graceful_shutdown_timeout_s (Serve's own default, 20 s, would cut longer streams).")
     serve_access_log: bool = Field(
         default=False,
         description="Ray Serve's own access line per request in the router replicas' logs/serve/ files. Off by "
