@@ -169,7 +169,7 @@ def test_a_silent_connection_and_a_stalled_body_are_let_go_in_bounded_time(base_
                            ).status_code == 200
 
     def until_closed(sock: socket.socket) -> tuple[bytes, float]:
-        sock.settimeout(E2E_CLIENT_TIMEOUT_S + 30)
+        sock.settimeout(60)
         received = b""
         while chunk := sock.recv(65536):  # (a socket.timeout here: it was never let go)
             received += chunk
@@ -181,9 +181,9 @@ def test_a_silent_connection_and_a_stalled_body_are_let_go_in_bounded_time(base_
     assert b" 408 " in status_line, answer[:300]
     error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
-    assert E2E_BODY_TIMEOUT_S - 0.5 <= answered_after < E2E_CLIENT_TIMEOUT_S + 10
+    assert E2E_BODY_TIMEOUT_S - 0.5 <= answered_after < 60  # (not before its deadline; and not held for ever)
     _, closed_after = until_closed(silent)  # (HAProxy's own 408 page, or nothing)
-    assert E2E_CLIENT_TIMEOUT_S - 0.5 <= closed_after < E2E_CLIENT_TIMEOUT_S + 30
+    assert E2E_CLIENT_TIMEOUT_S - 0.5 <= closed_after < 90
 
 
 @pytest.mark.parametrize("headers, param", [
