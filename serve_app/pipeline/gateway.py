@@ -9,7 +9,8 @@
 
 Stages in parentheses are there when configured; auth, access, redact, govern and audit when
 governance is. Each is one module plus its place in ``stages`` below. A stage that produces the
-answer itself (the baseline, a cache hit) ends the walk. The ``Gateway`` holds no per-request state: any router replica serves any request.
+answer itself (the baseline, a cache hit) ends the walk. The ``Gateway`` holds no per-request
+state: any router replica serves any request.
 """
 
 from __future__ import annotations
