@@ -133,6 +133,9 @@ def test_sizing_finds_the_cheapest_fleet_that_meets_the_target_and_draws_the_cur
     assert alone[1] >= alone[2] >= alone[3]
     plot(candidates, 1_000, str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # candidates simulated in worker processes: the same answers, in the same order
+    assert size(base, profiles, requests, "m", 1_000, "onprem", range(1, 4), "cloud", range(0, 2),
+                workers=3) == candidates
 
 
 def test_autoscaled_cloud_capacity_arrives_after_the_provisioning_delay_and_leaves_when_idle():

@@ -19,10 +19,11 @@ from serve_app.router.scheduler import (
     SPILL_REASON_QUEUE_FULL,
     SPILL_REASON_WAIT,
     ModelScheduler,
+    NoAllowedSite,
     NoHealthyEngine,
-    SCAN_GAP_S,
     QueueTimeout,
 )
+from serve_app.router.spill_scan import SCAN_BURST_S, SCAN_GAP_S, SCAN_ITEM_ALLOWANCE_S
 
 
 class FakeClock:
@@ -206,6 +207,71 @@ def test_a_storm_of_releases_and_load_reports_rescans_the_queue_once_per_gap_and
             held.release()
 
     run_virtual(main, start=100.0)
+
+
+def test_on_a_big_saturated_site_arrivals_share_a_bounded_scan_allowance_and_still_spill_within_budget():
+    """600 on-prem sequences busy for seconds and 400 arrivals at one instant: each arrival would
+    otherwise rescan 600 leases and the whole queue (quadratic, ~1 ms of router CPU each). Scans
+    draw on an allowance (SCAN_ITEM_ALLOWANCE_S per item, bursts of SCAN_BURST_S): the first
+    arrivals are judged at once, the rest by scans spaced by their size; every arrival still
+    spills long before its budget, and none is a budget miss."""
+
+    async def main(loop):
+        sched = make_scheduler(loop.time, onprem=600, cloud=1_000, max_len=1_000, spill_after_ms=500, itl_ms=10.0,
+                               margin_ms=50)
+        scans = []
+        scan = sched._spill_scan
+        sched._spill_scan = lambda now, views: scans.append((now, len(sched.queue))) or scan(now, views)
+        running = [await sched.acquire(req(i), max_tokens=1_000) for i in range(600)]
+        for lease in running:  # 1,000 tokens left at 10 ms each: 10 s, far past the budget
+            lease.streaming, lease.first_token_at = True, loop.time()
+        started = loop.time()
+        burst = [loop.create_task(sched.acquire(req(1_000 + i), max_tokens=64)) for i in range(400)]
+        await asyncio.sleep(0)
+        at_once = [at for at, _ in scans if at == started]
+        assert 1 <= len(at_once) < 10  # the allowance's burst, not one scan per arrival
+        leases = await asyncio.wait_for(asyncio.gather(*burst), timeout=5)
+        assert {lease.group.site for lease in leases} == {"cloud"}
+        assert {lease.spill_reason for lease in leases} == {SPILL_REASON_WAIT}
+        assert max(lease.queue_ms for lease in leases) < 200  # far inside the 500 ms budget
+        assert sched.budget_misses == 0 and not any(lease.budget_miss for lease in leases)
+        # The scans' items (leases + queued) at SCAN_ITEM_ALLOWANCE_S each fit the time they took
+        # plus one burst: at most about a tenth of the loop went to predictions.
+        items = sum(600 + queued for _, queued in scans)
+        assert items * SCAN_ITEM_ALLOWANCE_S <= (scans[-1][0] - started) + SCAN_BURST_S + 0.01
+        assert len(scans) < 60
+        for held in (*running, *leases):
+            held.release()
+
+    run_virtual(main, start=100.0)
+
+
+def test_a_request_granted_on_arrival_skips_the_queue_and_try_acquire_says_when_it_must_wait():
+    """``try_acquire`` is ``acquire``'s synchronous part (the planner calls it; ``acquire`` starts
+    with it): a lease at once while nobody is queued and on-prem has room, None when the request
+    must wait its turn, and the same refusals as ``acquire``."""
+
+    async def main():
+        clock = FakeClock()
+        sched = make_scheduler(clock, onprem=1, cloud=1)
+        first = sched.try_acquire(req(0), max_tokens=16)
+        assert (first.group.site, first.spill_reason, first.queue_ms) == ("onprem", SPILL_REASON_NONE, 0.0)
+        assert sched.in_flight["m@onprem"] == 1 and len(sched.queue) == 0
+        assert sched.try_acquire(req(1), max_tokens=16) is None  # on-prem is full: it must queue
+        waiting = asyncio.create_task(sched.acquire(req(2), max_tokens=16))
+        await settle()
+        first.release()  # the freed sequence goes to the queued request, not to a newcomer
+        await settle()
+        assert waiting.done() and waiting.result().group.site == "onprem"
+        with pytest.raises(NoAllowedSite):  # confidential, and on-prem excluded (its key's budget policy)
+            sched.try_acquire(req(3, DataClass.confidential), exclude=frozenset({"m@onprem"}))
+        sched.set_capacity("m@onprem", 0)
+        sched.set_capacity("m@cloud", 0)
+        with pytest.raises(NoHealthyEngine):
+            sched.try_acquire(req(4))
+        waiting.result().release()
+
+    asyncio.run(main())
 
 
 def test_only_waiting_past_the_budget_while_room_elsewhere_existed_is_a_budget_miss():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -127,7 +128,8 @@ def cmd_plan_size(args: argparse.Namespace) -> int:
     requests, _ = _trace(args)
     check_fleet(config, profiles, {r.model for r in requests}, args.profiles)
     candidates = size(config, profiles, requests, args.model, args.p99_ms, args.onprem_site,
-                      _counts(args.onprem), args.cloud_site or None, _counts(args.cloud), args.provisioning_delay_s)
+                      _counts(args.onprem), args.cloud_site or None, _counts(args.cloud), args.provisioning_delay_s,
+                      workers=args.workers or os.cpu_count() or 1)
     best = cheapest(candidates)
     if args.png:
         plot(candidates, args.p99_ms, args.png)
@@ -264,6 +266,9 @@ def add_parsers(sub, with_config) -> None:
     sizing.add_argument("--cloud-site", default="cloud", help="'' for none")
     sizing.add_argument("--cloud", default="0-2", help="cloud replica counts to try, e.g. 0-4")
     sizing.add_argument("--png", help="write the cost curve (cost per hour against p99 TTFT) here")
+    sizing.add_argument("--workers", type=int, default=0,
+                        help="processes simulating candidate fleets side by side (default: one per core); the "
+                             "answer is the same for any number")
     sizing.set_defaults(func=cmd_plan_size)
     profile = with_config(plan_sub.add_parser("profile", help="measure a model's engine profile on a running "
                                                               "Spillway (through the router) and write it as YAML"))

@@ -236,20 +236,35 @@ class Simulation:
 
         def arrive(position: int) -> None:
             index = order[position]
-            loop.create_task(admit(requests[index], index))
+            request = requests[index]
             result.events += 1
             if position + 1 < len(order):
                 loop.call_at(start + requests[order[position + 1]].arrival_s, arrive, position + 1)
-
-        async def admit(request: SimRequest, index: int) -> None:
+            # As the router's admit stage: ``acquire`` grants at once when it can (its synchronous
+            # part, ``try_acquire``); only a request that must wait becomes a task.
             scheduler = routers[index % len(routers)][request.model]  # (round-robin over the routers)
+            view = RequestView(f"sim-{index}", request.model, request.data_class)
             try:
-                view = RequestView(f"sim-{index}", request.model, request.data_class)
+                lease = scheduler.try_acquire(view, max_tokens=request.max_tokens)
+            except SpillwayError as exc:
+                result.rejected[exc.code or str(exc.status)] += 1
+                finished()
+                return
+            if lease is None:
+                loop.create_task(admit(request, index, scheduler, view))
+            else:
+                started(request, index, scheduler, lease)
+
+        async def admit(request: SimRequest, index: int, scheduler, view: RequestView) -> None:
+            try:
                 lease = await scheduler.acquire(view, max_tokens=request.max_tokens)
             except SpillwayError as exc:
                 result.rejected[exc.code or str(exc.status)] += 1
                 finished()
                 return
+            started(request, index, scheduler, lease)
+
+        def started(request: SimRequest, index: int, scheduler, lease) -> None:
             group_id = lease.group.group_id
             group = groups[group_id]
             result.queue_ms[index] = lease.queue_ms

@@ -11,6 +11,8 @@ sites priced per token (an API, the flat form) pay for what the simulation serve
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from serve_app.config import SpillwayConfig
@@ -59,26 +61,58 @@ def fleet_cost_per_hour(config: SpillwayConfig, model_id: str, replica_seconds: 
 
 def size(config: SpillwayConfig, profiles: dict[tuple[str, str], EngineProfile], requests: list[SimRequest],
          model_id: str, p99_target_ms: float, onprem_site: str, onprem_counts: range, cloud_site: str | None,
-         cloud_counts: range, provisioning_delay_s: float = 60.0) -> list[Candidate]:
-    """Every candidate fleet, simulated; the caller picks the cheapest that ``meets``."""
-    duration_s = max((r.arrival_s for r in requests), default=0.0) or 1.0
-    candidates = []
-    for onprem in onprem_counts:
-        for cloud in (cloud_counts if cloud_site is not None else [0]):
-            replicas = {onprem_site: onprem, **({cloud_site: cloud} if cloud_site is not None else {})}
-            fleet = fleet_config(config, model_id, replicas)
-            simulation = Simulation(fleet, profiles, provisioning_delay_s)
-            result = simulation.run(requests)
-            summary = result.summary(simulation.onprem_sites)
-            prices = CostModel(fleet)  # (once per fleet, not once per site)
-            per_token = sum(cost for site, cost in result.cost_by_site.items() if prices.hourly(site) is None)
-            rejected = sum(result.rejected.values())
-            p99 = summary["ttft_p99_ms"]
-            candidates.append(Candidate(
-                onprem, cloud, summary["ttft_p50_ms"], p99, summary["spill_share"], rejected,
-                round(fleet_cost_per_hour(fleet, model_id, result.replica_seconds, per_token, duration_s), 4),
-                meets=p99 is not None and p99 <= p99_target_ms and rejected == 0))
-    return candidates
+         cloud_counts: range, provisioning_delay_s: float = 60.0, workers: int = 1) -> list[Candidate]:
+    """Every candidate fleet, simulated; the caller picks the cheapest that ``meets``. ``workers``
+    processes simulate candidates side by side (each simulation is deterministic and on its own,
+    so the answer is the same for any number); the trace reaches them by ``fork``, not by pickling."""
+    grid = [(onprem, cloud) for onprem in onprem_counts for cloud in (cloud_counts if cloud_site is not None else [0])]
+    job = _Job(config, profiles, requests, model_id, p99_target_ms, onprem_site, cloud_site, provisioning_delay_s)
+    workers = max(1, min(workers, len(grid)))
+    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [job.candidate(fleet) for fleet in grid]
+    global _JOB
+    _JOB = job  # (inherited by the forked workers)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_candidate_in_worker, grid))
+    finally:
+        _JOB = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    config: SpillwayConfig
+    profiles: dict
+    requests: list
+    model_id: str
+    p99_target_ms: float
+    onprem_site: str
+    cloud_site: str | None
+    provisioning_delay_s: float
+
+    def candidate(self, fleet: tuple[int, int]) -> Candidate:
+        onprem, cloud = fleet
+        duration_s = max((r.arrival_s for r in self.requests), default=0.0) or 1.0
+        replicas = {self.onprem_site: onprem, **({self.cloud_site: cloud} if self.cloud_site is not None else {})}
+        config = fleet_config(self.config, self.model_id, replicas)
+        simulation = Simulation(config, self.profiles, self.provisioning_delay_s)
+        result = simulation.run(self.requests)
+        summary = result.summary(simulation.onprem_sites)
+        prices = CostModel(config)  # (once per fleet, not once per site)
+        per_token = sum(cost for site, cost in result.cost_by_site.items() if prices.hourly(site) is None)
+        rejected = sum(result.rejected.values())
+        p99 = summary["ttft_p99_ms"]
+        return Candidate(
+            onprem, cloud, summary["ttft_p50_ms"], p99, summary["spill_share"], rejected,
+            round(fleet_cost_per_hour(config, self.model_id, result.replica_seconds, per_token, duration_s), 4),
+            meets=p99 is not None and p99 <= self.p99_target_ms and rejected == 0)
+
+
+_JOB: _Job | None = None
+
+
+def _candidate_in_worker(fleet: tuple[int, int]) -> Candidate:
+    return _JOB.candidate(fleet)
 
 
 def cheapest(candidates: list[Candidate]) -> Candidate | None:

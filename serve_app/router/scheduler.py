@@ -40,6 +40,7 @@ from serve_app.router.groups import EngineGroup, Speed
 from serve_app.router.lease import Lease
 from serve_app.router.lengths import AnswerLengths
 from serve_app.router.outlook import SchedulerOutlook
+from serve_app.router.spill_scan import SCAN_BURST_S, SpillScan
 
 SPILL_REASON_NONE = "none"
 SPILL_REASON_WAIT = "onprem_wait_over_budget"
@@ -47,19 +48,12 @@ SPILL_REASON_FAILOVER = "failover"
 SPILL_REASON_QUEUE_FULL = "onprem_queue_full"
 RETRY_PRIORITY_BOOST = 1_000
 NO_HEALTHY_RETRY_AFTER_S = 5.0
-LATE_TOLERANCE_S = 0.005  # a timer that fires this late is not a budget miss
-# The spill scan (every queued request's predicted start, every lease's free time) after a release
-# or a load report runs at most this often: on a saturated site releases come every few hundred
-# microseconds, and a scan of a deep queue per release cost ~1 ms each. Deferred, it runs on a
-# timer this soon after the last one (well inside LATE_TOLERANCE_S; deadlines already spill
-# ``margin_ms`` early). An arrival is always judged at once.
-SCAN_GAP_S = 0.002
 
 
 @dataclass(eq=False)
 class Ticket:
     request: RequestView
-    future: asyncio.Future
+    future: asyncio.Future | None  # None: granted on arrival (``_grant_at_once``), never queued
     expected_tokens: int
     pinned: bool  # residency lets it run on the preferred site only
     retry: bool = False
@@ -88,7 +82,7 @@ class QueueTimeout(EngineUnavailable):
         self.budget_miss = budget_miss
 
 
-class ModelScheduler(SchedulerOutlook):
+class ModelScheduler(SchedulerOutlook, SpillScan):
     def __init__(self, model: str, groups: list[EngineGroup], pipeline: PlacementPipeline,
                  admission: AdmissionParams, spill: SpillParams, predictor: SpillPredictor | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -113,6 +107,7 @@ class ModelScheduler(SchedulerOutlook):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._scan_due = 0.0  # the spill scan's next turn (SCAN_GAP_S after the last)
+        self._scan_tat = 0.0  # when the scans' allowance is whole again (SCAN_ITEM_ALLOWANCE_S per item)
         self.spilled: Counter[str] = Counter()
         self._cold_misses: Counter[str] = Counter()  # sequences that waited past budget for a cold group
         self.spillable = 0
@@ -126,18 +121,12 @@ class ModelScheduler(SchedulerOutlook):
         """Wait for room for this request. Raises ``RateLimited`` (queue full) or ``QueueTimeout``
         (waited too long); the edge turns them into 429 / 503. ``arrived_at``: a request queued
         again (its engine was full) keeps its place and its budget."""
-        eligible = [g.group_id for g in self.groups.values()
-                    if request.data_class <= g.trusted_up_to and g.group_id not in exclude]
-        if not eligible:
-            raise NoAllowedSite(
-                f"the model '{self.model}' runs on no site allowed to process this request (data class "
-                f"{request.data_class.name}{', on-prem only' if exclude else ''}); it was not sent anywhere",
-                param="model")
-        if (eligible and not any(self.capacity[g] > 0 for g in eligible)
-                and not any(self.groups[g].autoscaled for g in eligible)):
-            raise NoHealthyEngine(
-                f"no healthy engine can take this request for model '{self.model}' now; retry later",
-                retry_after_s=NO_HEALTHY_RETRY_AFTER_S)
+        if retry:
+            self._check_sites(request, exclude)
+        else:
+            lease = self.try_acquire(request, priority, max_tokens=max_tokens, exclude=exclude, arrived_at=arrived_at)
+            if lease is not None:
+                return lease
         loop = asyncio.get_running_loop()
         ticket = Ticket(request, loop.create_future(), self.expected_tokens(max_tokens),
                         pinned=not self._may_leave_preferred(request, exclude), retry=retry, exclude=exclude)
@@ -153,7 +142,7 @@ class ModelScheduler(SchedulerOutlook):
         if ticket.pinned:
             self._pinned.add(queued)
         try:
-            self._scan_due = 0.0  # a newcomer is judged on arrival (a spill then is a spill at once)
+            self._scan_due = 0.0  # a newcomer is judged on arrival, allowance permitting (a spill then is at once)
             self.pump()
             if ticket.future.done():  # granted at once (the common case): no timer, nothing to await
                 return ticket.future.result()
@@ -179,6 +168,49 @@ class ModelScheduler(SchedulerOutlook):
         finally:
             self._retries -= retry
             self._pinned.discard(queued)
+
+    def try_acquire(self, request: RequestView, priority: int = 0, *, max_tokens: int | None = None,
+                    exclude: frozenset[str] = frozenset(), arrived_at: float | None = None) -> Lease | None:
+        """``acquire``'s synchronous part: raises as it does when no site may or can take the request,
+        and grants it on the spot when nobody is queued and the preferred site has room. None: it
+        must wait its turn (``acquire``, which starts with this)."""
+        self._check_sites(request, exclude)
+        if len(self.queue) or not self.queue.params.max_queue_len:
+            return None  # (queued requests go first; a queue of length 0 refuses everything)
+        return self._grant_at_once(request, priority, max_tokens, exclude, arrived_at)
+
+    def _check_sites(self, request: RequestView, exclude: frozenset[str]) -> None:
+        eligible = [g.group_id for g in self.groups.values()
+                    if request.data_class <= g.trusted_up_to and g.group_id not in exclude]
+        if not eligible:
+            raise NoAllowedSite(
+                f"the model '{self.model}' runs on no site allowed to process this request (data class "
+                f"{request.data_class.name}{', on-prem only' if exclude else ''}); it was not sent anywhere",
+                param="model")
+        if not any(self.capacity[g] > 0 for g in eligible) and not any(self.groups[g].autoscaled for g in eligible):
+            raise NoHealthyEngine(
+                f"no healthy engine can take this request for model '{self.model}' now; retry later",
+                retry_after_s=NO_HEALTHY_RETRY_AFTER_S)
+
+    def _grant_at_once(self, request: RequestView, priority: int, max_tokens: int | None,
+                       exclude: frozenset[str], arrived_at: float | None) -> Lease | None:
+        """With nobody queued, a request the preferred site has room for is granted on the spot:
+        what queueing it and pumping would decide (the queue's only member goes first), without a
+        future, a heap entry or a wait. None: it must queue (no room, or it may only spill)."""
+        views = self.views()
+        if not any(v.free for v in views if v.site_rank == 0 and v.healthy):
+            return None
+        ticket = Ticket(request, None, self.expected_tokens(max_tokens),
+                        pinned=not self._may_leave_preferred(request, exclude), exclude=exclude)
+        decision = self._place(ticket, views, allow_spill=False)
+        if decision is None:
+            return None
+        now = self._clock()
+        queued = QueuedRequest(request.request_id, priority, ticket, enqueued_at=now if arrived_at is None else arrived_at)
+        lease = self._grant(queued, decision, now)
+        self._disarm()  # (what a pump finds with the queue empty)
+        self._room_since = None
+        return lease
 
     def release(self, lease: Lease, engine_full: bool = False) -> None:
         """Called by ``Lease.release`` only (exactly once per lease)."""
@@ -239,9 +271,10 @@ class ModelScheduler(SchedulerOutlook):
 
     # ---- dispatch ----------------------------------------------------------------------------
 
-    def pump(self) -> None:
+    def pump(self, deadline: bool = False) -> None:
         """Grant queued requests the room there is: the preferred site first, then spill whatever
-        would miss its budget there, then arm a timer for the next deadline."""
+        would miss its budget there, then arm a timer for the next deadline. ``deadline``: the
+        timer fired (a deadline, or a deferred scan): scan now, whatever the allowance."""
         now = self._clock()
         views = self._grant_preferred(now, self.views()) if len(self.queue) else None
         if views is None:  # no one waits (or everyone got room): nothing to spill, no deadline to watch
@@ -252,7 +285,8 @@ class ModelScheduler(SchedulerOutlook):
         if room and self._room_since is None:
             self._room_since = now  # (every release and load change pumps: "now" is when it appeared)
         if len(self.queue) and room:
-            if now >= self._scan_due or not self._arm(self._scan_due):
+            due = max(self._scan_due, self._scan_tat - SCAN_BURST_S)
+            if deadline or now >= due or not self._arm(due):
                 room = self._spill_scan(now, views)
         else:
             self._disarm()
@@ -294,46 +328,6 @@ class ModelScheduler(SchedulerOutlook):
                     break  # (the entry condition again: no request can be granted here; a deep queue is not scanned)
         return views
 
-    def _spill_scan(self, now: float, views: list[GroupView]) -> bool:
-        """Spill what would miss its deadline on the preferred site; whether room elsewhere is left."""
-        self._scan_due = now + SCAN_GAP_S
-        preferred, speed = self._preferred()
-        simulation = self.predictor.simulate(now, self._free_at(now, preferred))
-        budget_s, real_budget_s = self.gate.budget_ms() / 1000, self.spill.spill_after_ms / 1000
-        pressure_s = self.spill.spill_after_ms * self.spill.close_ratio / 1000
-        spilled_on_prediction = pressure = False
-        next_deadline = float("inf")
-        for queued, ticket, sequences, service_ms in self._waiting(speed):
-            if ticket.pinned:
-                simulation.take(sequences, service_ms)
-                continue
-            start = simulation.start(sequences)
-            deadline = queued.enqueued_at + budget_s
-            pressure |= start - queued.enqueued_at > pressure_s
-            if start > deadline or now >= deadline:
-                decision = self._place(ticket, views, allow_spill=True)
-                if decision is not None and decision.group.site_rank > 0:
-                    # Late: it waited past its budget while room elsewhere was there (since then).
-                    since = max(queued.enqueued_at + real_budget_s, self._room_since or now)
-                    ticket.late = now - since > LATE_TOLERANCE_S
-                    spilled_on_prediction |= now < deadline
-                    self.queue.remove(queued)
-                    self._grant(queued, decision, now)
-                    views = self.views()
-                    if not self._room_elsewhere(views):
-                        break
-                    continue
-            else:
-                next_deadline = min(next_deadline, deadline)
-            simulation.take(sequences, service_ms)
-        self.gate.update(spilled_on_prediction, pressure)
-        room = self._room_elsewhere(views)
-        if room and next_deadline < float("inf"):
-            self._arm(next_deadline)
-        else:
-            self._disarm()
-        return room
-
     def _place(self, ticket: Ticket, views: list[GroupView], allow_spill: bool) -> Decision | None:
         candidates = [v for v in views if v.group_id not in ticket.exclude] if ticket.exclude else views
         request = ticket.request
@@ -355,7 +349,7 @@ class ModelScheduler(SchedulerOutlook):
         self._grant(queued, decision, now, SPILL_REASON_QUEUE_FULL)
         return ticket.future.result()
 
-    def _grant(self, queued: QueuedRequest, decision: Decision, now: float, spill_reason: str | None = None) -> None:
+    def _grant(self, queued: QueuedRequest, decision: Decision, now: float, spill_reason: str | None = None) -> Lease:
         ticket: Ticket = queued.payload
         group = self.groups[decision.group.group_id]
         if group.site_rank == 0:
@@ -377,31 +371,6 @@ class ModelScheduler(SchedulerOutlook):
                       ticket.expected_tokens, budget_miss=ticket.late)
         self.in_flight[group.group_id] += lease.sequences
         self._leases[group.group_id].add(lease)
-        ticket.future.set_result(lease)
-
-    def _room_elsewhere(self, views: list[GroupView]) -> bool:
-        return any(v.site_rank > 0 and v.healthy and v.free > 0 for v in views)
-
-    def _arm(self, at: float) -> bool:
-        """A pump at ``at`` at the latest; False where there is no loop to run it (synchronous
-        unit use: the caller pumps)."""
-        if self._timer is not None and self._timer_at <= at:
-            return True
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        self._disarm()
-        self._timer_at = at
-        self._timer = loop.call_later(max(0.0, at - self._clock()), self._fire)
-        return True
-
-    def _fire(self) -> None:
-        self._timer, self._timer_at = None, float("inf")
-        self._scan_due = 0.0  # a deadline or the deferred scan is due: scan now
-        self.pump()
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer, self._timer_at = None, float("inf")
+        if ticket.future is not None:  # (None: granted on arrival, never queued)
+            ticket.future.set_result(lease)
+        return lease
