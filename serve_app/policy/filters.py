@@ -30,12 +30,19 @@ class ResidencyFilter(Filter, name="residency"):
     def _keep(self, request, group) -> bool:
         return request.data_class <= group.trusted_up_to
 
+    def filter(self, request, groups):  # (``_keep`` inlined: every decision runs every filter)
+        data_class = request.data_class
+        return [g for g in groups if data_class <= g.trusted_up_to]
+
 
 class HealthFilter(Filter, name="health"):
     """Groups with at least one replica that is not cooling down after a failure."""
 
     def _keep(self, request, group) -> bool:
         return group.healthy
+
+    def filter(self, request, groups):
+        return [g for g in groups if g.healthy]
 
 
 class KvHeadroomParams(PolicyParams):
@@ -51,12 +58,19 @@ class FreeSlotFilter(Filter, name="free_slot"):
     def _keep(self, request, group) -> bool:
         return group.free >= request.sequences and group.kv_cache_usage <= self.params.max_kv_cache_usage
 
+    def filter(self, request, groups):
+        sequences, kv_limit = request.sequences, self.params.max_kv_cache_usage
+        return [g for g in groups if g.free >= sequences and g.kv_cache_usage <= kv_limit]
+
 
 class SpillFilter(Filter, name="spill"):
     """Only the preferred site, unless the scheduler lets this request spill."""
 
     def _keep(self, request, group) -> bool:
         return group.site_rank == 0 or request.allow_spill
+
+    def filter(self, request, groups):
+        return list(groups) if request.allow_spill else [g for g in groups if g.site_rank == 0]
 
 
 DEFAULT_FILTERS = ("residency", "health", "free_slot", "spill")

@@ -107,11 +107,14 @@ class PlacementPipeline:
             candidates = flt.filter(request, candidates)
             if not candidates:
                 return Decision(None, f"no group passed {flt.name}", considered)
-        totals = [0.0] * len(candidates)
-        for scorer, weight in self.scorers:
-            for i, score in enumerate(scorer.score(request, candidates)):
-                totals[i] += weight * score
-        chosen = self.picker.pick(candidates, totals)
+        if len(candidates) == 1 and type(self.picker) is MaxScorePicker:
+            chosen = candidates[0]  # (the highest score of one: scoring cannot change the answer)
+        else:
+            totals = [0.0] * len(candidates)
+            for scorer, weight in self.scorers:
+                for i, score in enumerate(scorer.score(request, candidates)):
+                    totals[i] += weight * score
+            chosen = self.picker.pick(candidates, totals)
         if chosen is None:
             return Decision(None, "picker chose nothing", considered)
         affinity = self.scorer("affinity")
