@@ -100,6 +100,29 @@ def test_affinity_keeps_a_session_on_its_group(pipeline):
     assert pipeline.place(RequestView("r4", "m", affinity_key="sess-1"), two_onprem(0, 4)).group.group_id == "onprem-a"
 
 
+def test_a_lone_candidate_is_chosen_without_scoring_yet_a_custom_picker_still_decides(pipeline):
+    """The pipeline skips the scorers when one group is left and the picker is the default
+    ``max_score`` (the highest score of one); the session is still remembered, and a picker of
+    another kind is still asked, even about one group."""
+    from serve_app.policy.placement import Picker
+
+    one = [GroupView("onprem-a", "m", "onprem", 0, DataClass.restricted, 4, 1)]
+    decision = pipeline.place(RequestView("r1", "m", affinity_key="sess-9"), one)
+    assert decision.group.group_id == "onprem-a" and decision.reason == "preferred"
+    assert pipeline.scorer("affinity").last.get("sess-9") == "onprem-a"
+
+    class NothingBelowHalfFree(Picker):  # (unregistered: built directly, as a plugin would be)
+        name = "nothing_below_half_free_test"
+
+        def pick(self, groups, scores):
+            return next((g for g in groups if g.free * 2 >= g.capacity), None)
+
+    choosy = PlacementPipeline(pipeline.filters, pipeline.scorers, NothingBelowHalfFree())
+    busy = [GroupView("onprem-a", "m", "onprem", 0, DataClass.restricted, 4, 3)]
+    assert choosy.place(RequestView("r2", "m"), busy).group is None
+    assert choosy.place(RequestView("r3", "m"), one).group.group_id == "onprem-a"
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
