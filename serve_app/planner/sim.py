@@ -40,7 +40,7 @@ from serve_app.router.placement import build_schedulers, build_targets
 from serve_app.router.scheduler import SPILL_REASON_NONE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SimRequest:
     arrival_s: float
     model: str
