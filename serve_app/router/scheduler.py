@@ -10,7 +10,8 @@ one (model, site) deployment; its capacity is the sequences its healthy replicas
   waits in an engine that is full, nothing waits in the router while room is free).
 - The preferred (on-prem) site comes first. A request that residency lets run elsewhere spills
   when its predicted start on the preferred site would miss its TTFT budget
-  (``policy/spill.py``), and at the latest when the budget runs out.
+  (``policy/spill.py``), and at the latest when the budget runs out (the scan that decides it,
+  and its rate limits: ``spill_scan.py``).
 - A request that may run nowhere else (residency) gets freed preferred sequences before older
   ones that may go elsewhere, while a group elsewhere is up: those can also take the other
   site's sequences as they free, it cannot (the most constrained first).
