@@ -92,7 +92,6 @@ class _Job:
 
     def candidate(self, fleet: tuple[int, int]) -> Candidate:
         onprem, cloud = fleet
-        duration_s = max((r.arrival_s for r in self.requests), default=0.0) or 1.0
         replicas = {self.onprem_site: onprem, **({self.cloud_site: cloud} if self.cloud_site is not None else {})}
         config = fleet_config(self.config, self.model_id, replicas)
         simulation = Simulation(config, self.profiles, self.provisioning_delay_s)
@@ -104,7 +103,7 @@ class _Job:
         p99 = summary["ttft_p99_ms"]
         return Candidate(
             onprem, cloud, summary["ttft_p50_ms"], p99, summary["spill_share"], rejected,
-            round(fleet_cost_per_hour(config, self.model_id, result.replica_seconds, per_token, duration_s), 4),
+            round(fleet_cost_per_hour(config, self.model_id, result.replica_seconds, per_token, result.duration_s), 4),
             meets=p99 is not None and p99 <= self.p99_target_ms and rejected == 0)
 
 

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 
 class Filter(Policy, kind="filter"):
+    """Override ``_keep`` (one group at a time), or ``filter`` itself as the built-ins do: every
+    decision runs every filter over every group, so they test inline."""
+
     def filter(self, request: "RequestView", groups: Sequence["GroupView"]) -> list["GroupView"]:
         return [g for g in groups if self._keep(request, g)]
 
@@ -27,19 +30,13 @@ class Filter(Policy, kind="filter"):
 class ResidencyFilter(Filter, name="residency"):
     """A request runs only where its data class is trusted."""
 
-    def _keep(self, request, group) -> bool:
-        return request.data_class <= group.trusted_up_to
-
-    def filter(self, request, groups):  # (``_keep`` inlined: every decision runs every filter)
+    def filter(self, request, groups):
         data_class = request.data_class
         return [g for g in groups if data_class <= g.trusted_up_to]
 
 
 class HealthFilter(Filter, name="health"):
     """Groups with at least one replica that is not cooling down after a failure."""
-
-    def _keep(self, request, group) -> bool:
-        return group.healthy
 
     def filter(self, request, groups):
         return [g for g in groups if g.healthy]
@@ -55,9 +52,6 @@ class FreeSlotFilter(Filter, name="free_slot"):
 
     Params: ClassVar[type[PolicyParams]] = KvHeadroomParams
 
-    def _keep(self, request, group) -> bool:
-        return group.free >= request.sequences and group.kv_cache_usage <= self.params.max_kv_cache_usage
-
     def filter(self, request, groups):
         sequences, kv_limit = request.sequences, self.params.max_kv_cache_usage
         return [g for g in groups if g.free >= sequences and g.kv_cache_usage <= kv_limit]
@@ -65,9 +59,6 @@ class FreeSlotFilter(Filter, name="free_slot"):
 
 class SpillFilter(Filter, name="spill"):
     """Only the preferred site, unless the scheduler lets this request spill."""
-
-    def _keep(self, request, group) -> bool:
-        return group.site_rank == 0 or request.allow_spill
 
     def filter(self, request, groups):
         return list(groups) if request.allow_spill else [g for g in groups if g.site_rank == 0]
