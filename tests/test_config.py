@@ -123,7 +123,12 @@ def test_ingress_modes_set_serve_flags_for_every_node():
 
     assert HttpConfig(ingress="proxy").ingress_env(2) == {}
     assert HttpConfig(ingress="proxy").proxy_port(2) == 8000
-    haproxy = HttpConfig(port=8000).ingress_env(2)  # the default
+    # The default: the routers share the clients' port themselves; no Serve flag on any node, and
+    # Serve's own proxy steps aside.
+    assert HttpConfig().ingress == "shared" and HttpConfig(port=8000).ingress_env(2) == {}
+    assert HttpConfig(port=8000).proxy_port(2) == 8150
+    assert HttpConfig(port=8000, fallback_proxy_port=9000).extra_ports(2) == {"http.fallback_proxy_port": 9000}
+    haproxy = HttpConfig(port=8000, ingress="haproxy").ingress_env(2)
     assert haproxy["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and haproxy["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     assert haproxy["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8100"  # routers behind HAProxy, which takes 8000
     assert int(haproxy["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) >= 8100 + 2
@@ -134,9 +139,9 @@ def test_ingress_modes_set_serve_flags_for_every_node():
 
     assert (haproxy["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"], haproxy["RAY_SERVE_HAPROXY_MAXCONN"]) == ("30", "4096")
     assert all(hasattr(constants, name) for name in haproxy if name.startswith("RAY_SERVE_HAPROXY_"))
-    tight = HttpConfig(client_timeout_s=5, max_connections=20_000).ingress_env(2)
+    tight = HttpConfig(client_timeout_s=5, max_connections=20_000, ingress="haproxy").ingress_env(2)
     assert (tight["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"], tight["RAY_SERVE_HAPROXY_MAXCONN"]) == ("5", "20000")
-    assert HttpConfig(port=8000).proxy_port(2) == 8000  # HAProxy binds the clients' port
+    assert HttpConfig(port=8000, ingress="haproxy").proxy_port(2) == 8000  # HAProxy binds the clients' port
     direct = HttpConfig(port=8802, ingress="direct").ingress_env(2)
     assert direct["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8802" and "RAY_SERVE_ENABLE_HA_PROXY" not in direct
     # Serve's proxy (still started on the head) stays out of the routers' port range.
@@ -144,7 +149,8 @@ def test_ingress_modes_set_serve_flags_for_every_node():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["http"].update(router_port_base=8000), "ports must differ"),
+    (lambda c: c["http"].update(fallback_proxy_port=c["http"]["port"]), "ports must differ"),
+    (lambda c: c["http"].update(ingress="haproxy", router_port_base=8000), "ports must differ"),
     (lambda c: c["http"].update(port=10500), "worker port range"),
     (lambda c: c.update(engine_port={"max_frame_bytes": 1000}), "max_frame_bytes"),
     (lambda c: c["router"].update(policy_params={"affinity": {"max_keys": -1}}), "affinity"),

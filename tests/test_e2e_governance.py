@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from serve_app.governance.cost import CostModel
-from tests.conftest import E2E_DENSE_SLOTS, E2E_STATE, admin_headers, router_dispatch_views
+from tests.conftest import E2E_DENSE_SLOTS, E2E_STATE, admin_headers, clients_per_router, router_dispatch_views
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +97,13 @@ def test_a_model_the_key_may_not_use_is_403(base_url, admin):
 def test_request_limit_headers_count_down_and_429_comes_at_the_sum_over_both_replicas(base_url, admin):
     limit = 6
     key = new_key(admin, new_tenant(admin, rpm=limit))
-    answers = [chat(base_url, key["key"]) for _ in range(limit)]
+    clients = clients_per_router(base_url, headers={"authorization": f"Bearer {key['key']}"})
+    try:  # the requests alternate between the two router replicas
+        answers = [clients[i % 2].post("/v1/chat/completions", json={"model": DENSE, "messages": HELLO,
+                                                                     "max_tokens": 2}) for i in range(limit)]
+    finally:
+        for client in clients:
+            client.close()
     assert [a.status_code for a in answers] == [200] * limit
     assert len({a.headers["x-spillway-router"] for a in answers}) == 2  # both replicas admitted some
     assert [int(a.headers["x-ratelimit-remaining-requests"]) for a in answers] == list(range(limit - 1, -1, -1))

@@ -14,7 +14,8 @@
 #   8076         object manager (fixed here, so a firewall rule can name it)
 #   10002-19999  Ray's worker ports (--min-worker-port / --max-worker-port below)
 #   8265         dashboard (head; operators only)
-#   8000, 8100+  Spillway's ingress and router ports (on-prem nodes; clients only)
+#   8000         Spillway's routers (on-prem nodes; clients only); with http.ingress haproxy
+#                or direct also 8100+, the routers' own ports
 #   engine ports from spillway's engine_port settings (router to engine replicas)
 #
 # SPILLWAY_CONFIG (default cluster_configs/hybrid-gpu.yaml): the Spillway config the cluster serves;
@@ -24,7 +25,8 @@ head="${1:?usage: join.sh <head-ip> [ray start args]}"
 shift
 cd "$(dirname "$0")/../.."
 config="${SPILLWAY_CONFIG:-cluster_configs/hybrid-gpu.yaml}"
-export $(spillway ingress-env --config "$config")
+ingress_env="$(spillway ingress-env --config "$config")"  # (empty for the default, shared ingress)
+if [ -n "$ingress_env" ]; then export $ingress_env; fi
 gpus=0
 accelerator=""
 if command -v nvidia-smi >/dev/null 2>&1; then

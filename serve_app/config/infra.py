@@ -65,19 +65,21 @@ class TracingConfig(Strict):
         return "http/protobuf" if self.exporter == "otlp-http" else "grpc"
 
 
-IngressKind = Literal["haproxy", "direct", "proxy"]
+IngressKind = Literal["shared", "haproxy", "direct", "proxy"]
 
 
 class HttpConfig(Strict):
     host: str = Field(default="127.0.0.1", description="Address clients connect to.")
     port: int = Field(default=8000, gt=0, lt=65536, description="Port clients connect to.")
     ingress: IngressKind = Field(
-        default="haproxy",
-        description="haproxy: Ray Serve's HAProxy listens on `port` and balances over the router replicas, which "
-        "serve HTTP themselves (direct ingress): no Python proxy touches a token, and any number of routers share "
-        "one port. direct: router replicas listen themselves, the first on `port` (one port per replica; put a "
-        "balancer in front of several). proxy: Ray Serve's Python proxy (one more process on every token). Every "
-        "Ray node needs the environment `ingress_env` gives; `spillway up --local` sets it.",
+        default="shared",
+        description="shared: every router replica listens on `port` itself (SO_REUSEPORT: the kernel spreads new "
+        "connections over the replicas on a node) and serves its clients directly: no proxy process and no extra hop "
+        "per token. Serve's own proxy moves to `fallback_proxy_port`. haproxy: Ray Serve's HAProxy listens on `port` "
+        "and balances each request over the router replicas, which serve HTTP themselves (direct ingress). direct: "
+        "router replicas listen themselves, the first on `port` (one port per replica; put a balancer in front of "
+        "several). proxy: Ray Serve's Python proxy (one more process on every token). haproxy and direct need the "
+        "environment `ingress_env` gives on every Ray node; `spillway up --local` sets it.",
     )
     router_port_base: int | None = Field(
         default=None, gt=0, lt=65536,
@@ -85,7 +87,8 @@ class HttpConfig(Strict):
     )
     fallback_proxy_port: int | None = Field(
         default=None, gt=0, lt=65536,
-        description="haproxy: Serve's head-node proxy, HAProxy's backup when no router is up (default port + 150).",
+        description="shared: Serve's head-node proxy (the slow path, for Serve's own tools). haproxy: the same "
+        "proxy as HAProxy's backup when no router is up. Default port + 150.",
     )
     haproxy_metrics_port: int | None = Field(
         default=None, gt=0, lt=65536, description="haproxy: HAProxy's Prometheus port (default port + 151).")
@@ -93,13 +96,15 @@ class HttpConfig(Strict):
         default=None, gt=0, lt=65536, description="haproxy: HAProxy's stats page port (default port + 152).")
     client_timeout_s: int = Field(
         default=30, gt=0, le=3600,
-        description="haproxy: a client connection that sends nothing this long while a request is expected (a new "
-        "connection's first request, or its body) is closed (Serve's default is an hour). Long answers are not cut: "
-        "while the client waits for one it is expected to send nothing.")
+        description="shared, haproxy: a client connection that sends nothing this long while a request is expected "
+        "(a new connection's first request, the next one on a kept-alive connection, or with haproxy a body) is "
+        "closed (Serve's default is an hour). Long answers are not cut: while the client waits for one it is "
+        "expected to send nothing. (A body that stalls is router.body_timeout_s's.)")
     max_connections: int = Field(
         default=4096, gt=0, le=1_000_000,
-        description="haproxy: client connections HAProxy holds at once; past it new ones wait in the kernel's "
-        "accept queue. Per-source limits belong to the network in front (see the README's trust model).")
+        description="shared: client connections one router replica holds at once; past it a new one gets a 503 and "
+        "is closed. haproxy: HAProxy's maxconn; past it new ones wait in the kernel's accept queue. Per-source "
+        "limits belong to the network in front (see the README's trust model).")
 
     def router_ports(self, router_replicas: int) -> range:
         """Where router replicas listen (direct and haproxy ingress)."""
@@ -110,6 +115,8 @@ class HttpConfig(Strict):
         """Every port the ingress takes besides `port`, by name (for clash checks)."""
         if self.ingress == "proxy":
             return {}
+        if self.ingress == "shared":
+            return {"http.fallback_proxy_port": self.proxy_port(router_replicas)}
         ports = self.router_ports(router_replicas)
         if self.ingress == "direct":  # the routers' range starts at `port` itself
             return {"http.router_ports (last)": ports[-1], "http.proxy_port": self.proxy_port(router_replicas)}
@@ -119,8 +126,8 @@ class HttpConfig(Strict):
                 "http.haproxy_stats_port": self.haproxy_stats_port or self.port + 152}
 
     def ingress_env(self, router_replicas: int) -> dict[str, str]:
-        """Environment every Ray node needs for this ingress (empty for the Python proxy)."""
-        if self.ingress == "proxy":
+        """Environment every Ray node needs for this ingress (empty for shared and the Python proxy)."""
+        if self.ingress in ("shared", "proxy"):
             return {}
         ports = self.router_ports(router_replicas)
         env = {
@@ -141,8 +148,11 @@ class HttpConfig(Strict):
         return env
 
     def proxy_port(self, router_replicas: int) -> int:
-        """The port of Serve's own proxy (HAProxy takes `port` itself in haproxy mode). With direct
-        ingress Serve still starts a head-node proxy: it gets the port after the routers' range."""
+        """The port of Serve's own proxy. HAProxy takes `port` itself in haproxy mode, and the router
+        replicas in shared mode (the proxy moves to `fallback_proxy_port`). With direct ingress Serve
+        still starts a head-node proxy: it gets the port after the routers' range."""
+        if self.ingress == "shared":
+            return self.fallback_proxy_port or self.port + 150
         if self.ingress == "direct":
             return self.router_ports(router_replicas)[-1] + 1
         return self.port

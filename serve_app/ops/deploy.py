@@ -28,8 +28,8 @@ def deploy(config: SpillwayConfig, address: str, log: Callable[[str], None] = pr
     connect(address)
     # HeadOnly: one proxy (HAProxy, or Serve's own), on the head (on-prem) node. Proxies on every
     # node would all bind the same port on a one-machine cluster, and prompts would enter the cloud.
-    # With direct ingress the router replicas listen themselves; Serve still starts a head-node
-    # proxy, which must not take that port.
+    # With shared or direct ingress the router replicas listen themselves; Serve still starts a
+    # head-node proxy, which must not take that port.
     proxy_port = config.http.proxy_port(config.router.replicas)
     serve.start(proxy_location="HeadOnly", http_options={"host": config.http.host, "port": proxy_port})
     log(f"deploying application '{config.name}' ({len(config.models)} models) ...")

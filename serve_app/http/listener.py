@@ -1,0 +1,228 @@
+"""A router replica's own listener on the clients' port (``http.ingress: shared``).
+
+Every router replica on a node binds ``http.host:http.port`` with ``SO_REUSEPORT`` and serves the
+router's ASGI app itself, so the kernel spreads new connections over the replicas: no proxy
+process and no second hop per token. A replica that dies takes its listener with it; new
+connections go to the others at once.
+
+Nothing stands in front to protect it, so the listener bounds what a client can hold:
+
+- a connection must complete each request's head (request line and headers) within
+  ``http.client_timeout_s`` of opening, or of its previous answer; otherwise it is closed (a
+  408 if it had started one). Idle keep-alive connections end the same way;
+- a request head over ``MAX_HEAD_BYTES`` is a 431, an unparsable one a 400, both in OpenAI's
+  error format, and the connection is closed;
+- past ``http.max_connections`` open connections a new one gets a 503 and is closed;
+- past ``router.max_ongoing_requests`` requests in flight a new one gets a 503 with Retry-After.
+
+A body that stalls half-way is the app's to time out (``router.body_timeout_s``, a 408). Closing
+drains: the listening socket closes first (the other replicas take new connections), idle
+connections close, and requests in flight get until the grace period ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from serve_app.errors import error_body
+
+logger = logging.getLogger("spillway.http")
+
+MAX_HEAD_BYTES = 64 << 10  # request line plus headers; OpenAI's clients send about 1 KB
+LISTEN_BACKLOG = 2048
+
+
+def error_answer(status: int, message: str, code: str, *, retry_after_s: int | None = None) -> bytes:
+    """A complete HTTP/1.1 answer with an OpenAI-format error body; the connection closes after it."""
+    body = json.dumps(error_body(message, "invalid_request_error" if status < 500 else "server_error", status,
+                                 code=code)).encode()
+    head = [f"HTTP/1.1 {status} {_REASONS[status]}", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close"]
+    if retry_after_s is not None:
+        head.append(f"retry-after: {retry_after_s}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the bounds above. A listener makes a subclass that
+    carries its limits (uvicorn builds protocols from the class alone)."""
+
+    head_timeout_s: float = 30.0
+    max_connections: int = 4096
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) >= self.max_connections:
+            self.transport = transport  # (connection_lost closes it)
+            transport.write(error_answer(503, "this router holds http.max_connections connections; retry",
+                                         "too_many_connections", retry_after_s=1))
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    # A request's head must arrive in time and within bounds.
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes:  # it began a request and never finished its head
+            self.transport.write(error_answer(408, "the request head did not arrive in time", "request_timeout"))
+        self.transport.close()
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 1
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._arm_head_timer()  # the next request's head (or the connection ends)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrades (WebSocket) here: the request is served as plain HTTP
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._reject(error_answer(431, f"request head over {MAX_HEAD_BYTES} bytes", "header_too_large"))
+            else:
+                self._reject(error_answer(400, "malformed HTTP request", "invalid_http"))
+
+    def _reject(self, answer: bytes) -> None:
+        self._cancel_head_timer()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True  # (a body that turned malformed mid-request: the app sees a disconnect)
+            self.cycle.message_event.set()
+        else:
+            self.transport.write(answer)
+        self.transport.close()
+
+
+class OngoingCap:
+    """ASGI wrapper: past ``limit`` requests in flight on this replica, a 503 with Retry-After."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.ongoing = app, limit, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.ongoing >= self.limit:
+            body = json.dumps(error_body("this router replica holds router.max_ongoing_requests requests; retry",
+                                         "server_error", 503, code="overloaded")).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.ongoing += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.ongoing -= 1
+
+
+class SharedListener:
+    """Serves ``app`` on ``host:port`` beside every other replica that binds it the same way."""
+
+    def __init__(self, app, host: str, port: int, *, head_timeout_s: float, max_connections: int,
+                 max_ongoing_requests: int, grace_s: float):
+        protocol = type("BoundEdgeProtocol", (EdgeProtocol,),
+                        {"head_timeout_s": head_timeout_s, "max_connections": max_connections})
+        self.app = OngoingCap(app, max_ongoing_requests)
+        self.address = (host, port)
+        self._server = uvicorn.Server(uvicorn.Config(
+            self.app, http=protocol, ws="none", lifespan="off", interface="asgi3", loop="none",
+            proxy_headers=False, server_header=False, access_log=False, log_config=None,
+            timeout_keep_alive=max(1, int(head_timeout_s)), timeout_graceful_shutdown=grace_s,
+            backlog=LISTEN_BACKLOG))
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Bind now (a port held by something else fails here, at start-up) and serve."""
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(self.address)
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"cannot listen on {self.address[0]}:{self.address[1]} beside the other "
+                               f"router replicas (SO_REUSEPORT): {exc}") from exc
+        sock.setblocking(False)
+        server = self._server
+        server.config.load()
+        server.lifespan = server.config.lifespan_class(server.config)
+        await server.startup(sockets=[sock])
+        self._task = asyncio.get_running_loop().create_task(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        await self._server.main_loop()
+        await self._server.shutdown(sockets=[sock])
+
+    @property
+    def serving(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def close(self) -> None:
+        """Stop taking connections, close idle ones, let requests in flight finish within the grace."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._task), self._server.config.timeout_graceful_shutdown + 1)
+        if not self._task.done():
+            self._task.cancel()
