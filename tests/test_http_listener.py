@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 class App:
-    """Answers ``who`` (the listener's name); ``/slow`` waits until released; ``/echo`` reads the body."""
+    """Answers ``who`` (the listener's name); ``/slow`` waits until released; ``/echo`` reads the
+    body and answers its length; ``/id`` answers the request's x-request-id."""
 
     def __init__(self, who: str):
         self.who = who
@@ -36,6 +37,8 @@ class App:
         if scope["path"] == "/slow":
             self.slow_started.set()
             await self.release.wait()
+        if scope["path"] == "/id":  # the request id the app saw
+            body = b",".join(value for name, value in scope["headers"] if name == b"x-request-id")
         if scope["path"] == "/echo":
             received = b""
             while True:
@@ -244,3 +247,20 @@ def test_close_lets_requests_in_flight_finish_and_the_other_listener_takes_new_c
     assert slow.endswith(b"draining")
     assert all(answer.endswith(b"staying") for answer in after)
     assert not still_serving
+
+
+def test_every_answer_carries_a_request_id_the_app_sees_too():
+    def answer_id(answer: bytes) -> bytes:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        (value,) = [line.split(b": ", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+        return value, body
+
+    async def main():
+        async with serving(App("ok")) as port:
+            return [await exchange(port, get("/id", extra), until_close=False)
+                    for extra in (b"", b"x-request-id: trace-7\r\n", b"x-request-id: not valid\r\n")]
+
+    fresh, kept, invalid = (answer_id(answer) for answer in asyncio.run(main()))
+    assert len(fresh[0]) == 32 and fresh[1] == fresh[0]  # a new one, and the request carried it
+    assert kept == (b"trace-7", b"trace-7")
+    assert invalid[1] == b"not valid" and len(invalid[0]) == 32  # (the edge refuses the request with a 400)

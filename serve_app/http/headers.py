@@ -29,11 +29,15 @@ _TENANT = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")
 
 
+def valid_request_id(value: str) -> bool:
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
 def read_headers(headers: Mapping[str, str], benchmark_modes: bool = False) -> RequestHeaders:
     request_id = headers.get(HEADER_REQUEST_ID)
     if request_id is None or request_id == "":
         request_id = uuid.uuid4().hex
-    elif not _REQUEST_ID.fullmatch(request_id):
+    elif not valid_request_id(request_id):
         raise InvalidRequest(f"{HEADER_REQUEST_ID} must be 1 to 128 characters of letters, digits and . _ : -",
                              param=HEADER_REQUEST_ID)
     session = headers.get(HEADER_SESSION) or None

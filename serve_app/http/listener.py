@@ -15,6 +15,8 @@ Nothing stands in front to protect it, so the listener bounds what a client can 
 - past ``http.max_connections`` open connections a new one gets a 503 and is closed;
 - past ``router.max_ongoing_requests`` requests in flight a new one gets a 503 with Retry-After.
 
+Every answer carries ``x-request-id``, as Serve's ingress gave it: the client's, or a new one.
+
 A body that stalls half-way is the app's to time out (``router.body_timeout_s``, a 408). Closing
 drains: the listening socket closes first (the other replicas take new connections), idle
 connections close, and requests in flight get until the grace period ends.
@@ -27,12 +29,14 @@ import contextlib
 import json
 import logging
 import socket
+import uuid
 
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serve_app.errors import error_body
+from serve_app.http.headers import valid_request_id
 
 logger = logging.getLogger("spillway.http")
 
@@ -149,8 +153,10 @@ class EdgeProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class OngoingCap:
-    """ASGI wrapper: past ``limit`` requests in flight on this replica, a 503 with Retry-After."""
+class ListenerApp:
+    """ASGI wrapper for what Serve's ingress did around the router's app: past ``limit`` requests
+    in flight on this replica a 503 with Retry-After; every answer carries ``x-request-id`` (the
+    client's when it is valid, else a new one, which the request then carries too)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit, self.ongoing = app, limit, 0
@@ -159,17 +165,29 @@ class OngoingCap:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+        if not request_id:
+            request_id = uuid.uuid4().hex.encode()
+            scope["headers"].append((b"x-request-id", request_id))
+        elif not valid_request_id(request_id.decode("latin-1")):
+            request_id = uuid.uuid4().hex.encode()  # (the request keeps the client's, which the edge refuses)
         if self.ongoing >= self.limit:
             body = json.dumps(error_body("this router replica holds router.max_ongoing_requests requests; retry",
                                          "server_error", 503, code="overloaded")).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1")]})
+                (b"retry-after", b"1"), (b"x-request-id", request_id)]})
             await send({"type": "http.response.body", "body": body})
             return
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
         self.ongoing += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_with_id)
         finally:
             self.ongoing -= 1
 
@@ -181,7 +199,7 @@ class SharedListener:
                  max_ongoing_requests: int, grace_s: float):
         protocol = type("BoundEdgeProtocol", (EdgeProtocol,),
                         {"head_timeout_s": head_timeout_s, "max_connections": max_connections})
-        self.app = OngoingCap(app, max_ongoing_requests)
+        self.app = ListenerApp(app, max_ongoing_requests)
         self.address = (host, port)
         self._server = uvicorn.Server(uvicorn.Config(
             self.app, http=protocol, ws="none", lifespan="off", interface="asgi3", loop="none",
