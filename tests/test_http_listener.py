@@ -233,7 +233,7 @@ def test_close_lets_requests_in_flight_finish_and_the_other_listener_takes_new_c
                 else:
                     attempt.cancel()
             closing = asyncio.create_task(draining.close())
-            while draining.serving and draining._server.servers[0].is_serving():
+            while draining.accepting:
                 await asyncio.sleep(0.01)
             after = [await exchange(port, get(), until_close=False) for _ in range(10)]
             assert not closing.done()  # still waiting for the slow request

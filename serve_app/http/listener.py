@@ -233,7 +233,13 @@ class SharedListener:
 
     @property
     def serving(self) -> bool:
+        """Started and not yet stopped (it may be draining)."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def accepting(self) -> bool:
+        """Its listening socket takes new connections (false once a drain has begun)."""
+        return self.serving and any(server.is_serving() for server in self._server.servers)
 
     async def close(self) -> None:
         """Stop taking connections, close idle ones, let requests in flight finish within the grace."""
