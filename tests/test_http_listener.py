@@ -264,3 +264,18 @@ def test_every_answer_carries_a_request_id_the_app_sees_too():
     assert len(fresh[0]) == 32 and fresh[1] == fresh[0]  # a new one, and the request carried it
     assert kept == (b"trace-7", b"trace-7")
     assert invalid[1] == b"not valid" and len(invalid[0]) == 32  # (the edge refuses the request with a 400)
+
+
+def test_the_open_file_limit_is_raised_to_hold_the_connection_cap():
+    import subprocess
+    import sys
+
+    script = ("import resource\n"
+              "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+              "from serve_app.http.listener import SPARE_FILES, _room_for_connections\n"
+              "_room_for_connections(2000)\n"
+              "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard, SPARE_FILES)\n")
+    raised, hard, spare = (int(x) for x in subprocess.run([sys.executable, "-c", script], check=True, text=True,
+                                                          capture_output=True, timeout=120).stdout.split())
+    assert raised == (2000 + spare if hard < 0 else min(2000 + spare, hard))

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
 import socket
 import uuid
 
@@ -42,6 +43,22 @@ logger = logging.getLogger("spillway.http")
 
 MAX_HEAD_BYTES = 64 << 10  # request line plus headers; OpenAI's clients send about 1 KB
 LISTEN_BACKLOG = 2048
+SPARE_FILES = 1024  # descriptors beyond the clients' connections: engine connections, logs, Ray's own
+
+
+def _room_for_connections(max_connections: int) -> None:
+    """Raise this process's open-file limit (soft, up to the hard one) so ``max_connections``
+    client connections fit; say so where the hard limit is lower (the cap then never binds: accept
+    fails first, and asyncio retries it, so new clients wait in the kernel's queue)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + SPARE_FILES
+    if soft >= wanted or soft == resource.RLIM_INFINITY:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logger.warning("open-file limit %d is below http.max_connections %d + %d: raise the hard limit "
+                       "(ulimit -Hn) on this node", target, max_connections, SPARE_FILES)
 
 
 def error_answer(status: int, message: str, code: str, *, retry_after_s: int | None = None) -> bytes:
@@ -200,6 +217,7 @@ class SharedListener:
         protocol = type("BoundEdgeProtocol", (EdgeProtocol,),
                         {"head_timeout_s": head_timeout_s, "max_connections": max_connections})
         self.app = ListenerApp(app, max_ongoing_requests)
+        self._max_connections = max_connections
         self.address = (host, port)
         self._server = uvicorn.Server(uvicorn.Config(
             self.app, http=protocol, ws="none", lifespan="off", interface="asgi3", loop="none",
@@ -210,6 +228,7 @@ class SharedListener:
 
     async def start(self) -> None:
         """Bind now (a port held by something else fails here, at start-up) and serve."""
+        _room_for_connections(self._max_connections)
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
