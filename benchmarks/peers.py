@@ -421,11 +421,12 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
 
 
-async def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+async def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
+                     headers: dict[str, str] | None = None) -> None:
     import aiohttp
 
     deadline = time.monotonic() + timeout_s
-    async with _session(1) as session:
+    async with _session(1, headers) as session:  # (a governed target answers 401 without its key)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{url}: server exited with {proc.returncode}")
@@ -593,7 +594,7 @@ def main() -> None:
                 started.append(target)  # stopped in any case, also when its start fails half-way
                 target.start(model_path)
                 # One at a time: engines loading side by side on 2 cores would slow each other down.
-                asyncio.run(wait_ready(target.url, START_TIMEOUT_S, getattr(target, "proc", None)))
+                asyncio.run(wait_ready(target.url, START_TIMEOUT_S, getattr(target, "proc", None), target.headers))
                 print(f"  {target.name} ready", flush=True)
         asyncio.run(benchmark(args, targets))
     finally:

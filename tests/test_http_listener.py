@@ -31,11 +31,13 @@ class App:
         self.who = who
         self.release = asyncio.Event()
         self.slow_started = asyncio.Event()
+        self.ongoing = 0  # /slow requests that arrived
 
     async def __call__(self, scope, receive, send):
         body = self.who.encode()
         if scope["path"] == "/slow":
             self.slow_started.set()
+            self.ongoing += 1
             await self.release.wait()
         if scope["path"] == "/id":  # the request id the app saw
             body = b",".join(value for name, value in scope["headers"] if name == b"x-request-id")
@@ -176,6 +178,16 @@ def test_a_huge_head_is_431_and_garbage_is_400_in_openai_format():
     assert (status, error["type"], error["code"]) == (400, "invalid_request_error", "invalid_http")
 
 
+def test_a_malformed_chunked_body_is_a_400_while_the_app_reads_it():
+    async def main():
+        async with serving(App("ok")) as port:
+            return await exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                        b"3\r\nabc\r\nZZ\r\nxyz\r\n0\r\n\r\n")
+
+    status, error = status_and_error(asyncio.run(main()))
+    assert (status, error["code"]) == (400, "invalid_http")
+
+
 def test_a_large_body_sent_with_its_head_is_not_taken_for_a_huge_head():
     async def main():
         async with serving(App("ok")) as port:
@@ -186,17 +198,39 @@ def test_a_large_body_sent_with_its_head_is_not_taken_for_a_huge_head():
     assert asyncio.run(main()).endswith(b"\r\n\r\n" + str(1 << 20).encode())
 
 
-def test_connections_past_the_cap_get_503():
+def test_at_the_connection_cap_the_longest_silent_connection_makes_room():
     async def main():
         async with serving(App("ok"), max_connections=2) as port:
-            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
-            refused = await exchange(port, get())
-            for _, writer in held:
+            oldest = await asyncio.open_connection("127.0.0.1", port)
+            newer = await asyncio.open_connection("127.0.0.1", port)
+            served = await exchange(port, get(), until_close=False)  # a third client, at the cap
+            oldest_end = await asyncio.wait_for(oldest[0].read(-1), 5)
+            newer[1].write(get())  # the newer silent one is still there
+            newer_answer = await _read(newer[0], until_close=False)
+            for _, writer in (oldest, newer):
                 writer.close()
-            return refused
+            return served, oldest_end, newer_answer
 
-    status, error = status_and_error(asyncio.run(main()))
-    assert (status, error["code"]) == (503, "too_many_connections")
+    served, oldest_end, newer_answer = asyncio.run(main())
+    assert served.endswith(b"ok") and newer_answer.endswith(b"ok")
+    assert oldest_end == b""  # closed without a word: it never began a request
+
+
+def test_at_the_connection_cap_with_every_connection_busy_a_new_one_gets_a_readable_503():
+    async def main():
+        app = App("ok")
+        async with serving(app, max_connections=2) as port:
+            busy = [asyncio.create_task(exchange(port, get("/slow"), until_close=False)) for _ in range(2)]
+            while app.ongoing < 2:
+                await asyncio.sleep(0.01)
+            refused = await exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            app.release.set()
+            return refused, await asyncio.gather(*busy)
+
+    refused, busy = asyncio.run(main())
+    status, error = status_and_error(refused)
+    assert (status, error["code"]) == (503, "too_many_connections") and b"retry-after: 1" in refused
+    assert all(answer.endswith(b"ok") for answer in busy)
 
 
 def test_requests_past_the_ongoing_cap_get_503_with_retry_after():

@@ -12,7 +12,9 @@ Nothing stands in front to protect it, so the listener bounds what a client can 
   408 if it had started one). Idle keep-alive connections end the same way;
 - a request head over ``MAX_HEAD_BYTES`` is a 431, an unparsable one a 400, both in OpenAI's
   error format, and the connection is closed;
-- past ``http.max_connections`` open connections a new one gets a 503 and is closed;
+- at ``http.max_connections`` open connections, the one that has waited longest without sending a
+  request is closed to make room for a new one; only when every connection has a request in
+  progress does a new one get a 503;
 - past ``router.max_ongoing_requests`` requests in flight a new one gets a 503 with Retry-After.
 
 Every answer carries ``x-request-id``, as Serve's ingress gave it: the client's, or a new one.
@@ -44,6 +46,7 @@ logger = logging.getLogger("spillway.http")
 MAX_HEAD_BYTES = 64 << 10  # request line plus headers; OpenAI's clients send about 1 KB
 LISTEN_BACKLOG = 2048
 SPARE_FILES = 1024  # descriptors beyond the clients' connections: engine connections, logs, Ray's own
+REFUSED_LINGER_S = 1.0  # a refused connection is read (and dropped) this long before it is closed
 
 
 def _room_for_connections(max_connections: int) -> None:
@@ -82,39 +85,63 @@ class _HeadTooLarge(Exception):
 
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds above. A listener makes a subclass that
-    carries its limits (uvicorn builds protocols from the class alone)."""
+    carries its limits and the connections waiting for a head (uvicorn builds protocols from the
+    class alone)."""
 
     head_timeout_s: float = 30.0
     max_connections: int = 4096
+    waiting: dict  # {protocol: None}, oldest first: connections with no request in progress
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
-        if len(self.connections) >= self.max_connections:
-            self.transport = transport  # (connection_lost closes it)
-            transport.write(error_answer(503, "this router holds http.max_connections connections; retry",
-                                         "too_many_connections", retry_after_s=1))
-            transport.close()
+        self._refused = False
+        if len(self.connections) >= self.max_connections and not self._evict_oldest_waiting():
+            self._refuse(transport)
             return
         super().connection_made(transport)
         self._arm_head_timer()
 
+    def _evict_oldest_waiting(self) -> bool:
+        """At the cap, the connection that has waited longest without sending a request makes
+        room: a flood of silent connections cannot lock out clients that send theirs at once."""
+        for victim in self.waiting:
+            victim._head_timed_out()
+            return True
+        return False
+
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        """Every connection has a request in progress: a 503, then our side closes. Reading goes
+        on until the client closes (or a second passes), so its request bytes are read, not
+        answered with a reset that could overtake the 503."""
+        self._refused = True
+        self.transport = transport  # (connection_lost closes it)
+        transport.write(error_answer(503, "this router holds http.max_connections connections; retry",
+                                     "too_many_connections", retry_after_s=1))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(REFUSED_LINGER_S, transport.close)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._refused:
+            return  # (never counted, never parsed)
         super().connection_lost(exc)
 
     # A request's head must arrive in time and within bounds.
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self.waiting[self] = None
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        self.waiting.pop(self, None)
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
+        self._cancel_head_timer()
         if self.transport.is_closing():
             return
         if self._head_bytes:  # it began a request and never finished its head
@@ -149,6 +176,8 @@ class EdgeProtocol(HttpToolsProtocol):
             self._arm_head_timer()  # the next request's head (or the connection ends)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # (read and dropped: the 503 is on its way)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -162,9 +191,15 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _reject(self, answer: bytes) -> None:
         self._cancel_head_timer()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True  # (a body that turned malformed mid-request: the app sees a disconnect)
-            self.cycle.message_event.set()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A body that turned malformed mid-request: the app sees the client gone (what it
+            # would still send is dropped), and the client gets the error if no answer began.
+            answered = cycle.response_started
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if not answered:
+                self.transport.write(answer)
         else:
             self.transport.write(answer)
         self.transport.close()
@@ -215,7 +250,7 @@ class SharedListener:
     def __init__(self, app, host: str, port: int, *, head_timeout_s: float, max_connections: int,
                  max_ongoing_requests: int, grace_s: float):
         protocol = type("BoundEdgeProtocol", (EdgeProtocol,),
-                        {"head_timeout_s": head_timeout_s, "max_connections": max_connections})
+                        {"head_timeout_s": head_timeout_s, "max_connections": max_connections, "waiting": {}})
         self.app = ListenerApp(app, max_ongoing_requests)
         self._max_connections = max_connections
         self.address = (host, port)
