@@ -163,6 +163,24 @@ def test_a_kept_alive_connection_is_served_again_then_closed_when_idle():
     assert rest == b"" and HEAD_TIMEOUT_S - 0.05 <= idle_s < 4
 
 
+def test_a_pipelined_request_is_not_cut_by_the_head_deadline_while_it_runs():
+    async def main():
+        app = App("ok")
+        async with serving(app) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(get() + get("/slow"))  # two requests in one write
+            first = await _read(reader, until_close=False)
+            await asyncio.wait_for(app.slow_started.wait(), 5)
+            await asyncio.sleep(HEAD_TIMEOUT_S * 2)  # the slow one runs past the head deadline
+            app.release.set()
+            second = await asyncio.wait_for(_read(reader, until_close=False), 5)
+            writer.close()
+            return first, second
+
+    first, second = asyncio.run(main())
+    assert first.endswith(b"ok") and second.endswith(b"ok")
+
+
 def test_a_huge_head_is_431_and_garbage_is_400_in_openai_format():
     async def main():
         async with serving(App("ok")) as port:

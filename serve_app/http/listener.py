@@ -171,8 +171,9 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
+        super().on_response_complete()  # (starts a pipelined request, if one is queued)
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.pipeline and not self.transport.is_closing():
             self._arm_head_timer()  # the next request's head (or the connection ends)
 
     def data_received(self, data: bytes) -> None:
