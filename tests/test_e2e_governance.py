@@ -27,7 +27,11 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture(scope="module")
 def admin(base_url):
-    with httpx.Client(base_url=f"{base_url}/v1/spillway/admin", headers=admin_headers(), timeout=60) as client:
+    """A new connection per call (no keep-alive): the routers share the port per connection, so
+    admin calls spread over both, and a test here kills one (a kept-alive connection to it would
+    be reset on its next use, as any client's is; OpenAI's SDKs retry that)."""
+    with httpx.Client(base_url=f"{base_url}/v1/spillway/admin", headers=admin_headers(), timeout=60,
+                      limits=httpx.Limits(max_keepalive_connections=0)) as client:
         yield client
 
 
