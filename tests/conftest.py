@@ -278,18 +278,29 @@ def base_url(e2e_cluster):
     return e2e_cluster[2]
 
 
+# The session's SDK clients open a connection per request. The routers share the port per
+# connection (`http.ingress: shared`): this spreads the tests' requests over both routers, and a
+# connection kept alive to the router that a governance test kills cannot fail a later test (the
+# clients do not retry, so that what a test sees is what the router answered).
+NO_KEEP_ALIVE = {"max_keepalive_connections": 0}
+
+
 @pytest.fixture(scope="session")
 def client(base_url):
+    import httpx
     import openai
 
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=e2e_api_key(), max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=e2e_api_key(), max_retries=0, timeout=120,
+                         http_client=openai.DefaultHttpxClient(limits=httpx.Limits(**NO_KEEP_ALIVE)))
 
 
 @pytest.fixture(scope="session")
 def aclient(base_url):
+    import httpx
     import openai
 
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=e2e_api_key(), max_retries=0, timeout=300)
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=e2e_api_key(), max_retries=0, timeout=300,
+                              http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(**NO_KEEP_ALIVE)))
 
 
 @pytest.fixture(scope="session")
