@@ -63,7 +63,10 @@ class Router:
 
     async def __del__(self):
         # Serve counts no request that came through the listener, so its drain ends at once:
-        # the listener's own drain is the one that lets the clients' requests finish.
-        if self._listener is not None:
-            await self._listener.close()
-        await self._gateway.close()
+        # the listener's own drain is the one that lets the clients' requests finish. (Serve also
+        # calls this after a constructor that failed half-way: only what exists is closed.)
+        listener, gateway = getattr(self, "_listener", None), getattr(self, "_gateway", None)
+        if listener is not None:
+            await listener.close()
+        if gateway is not None:
+            await gateway.close()
