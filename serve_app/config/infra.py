@@ -102,9 +102,10 @@ class HttpConfig(Strict):
         "expected to send nothing. (A body that stalls is router.body_timeout_s's.)")
     max_connections: int = Field(
         default=4096, gt=0, le=1_000_000,
-        description="shared: client connections one router replica holds at once; past it a new one gets a 503 and "
-        "is closed. haproxy: HAProxy's maxconn; past it new ones wait in the kernel's accept queue. Per-source "
-        "limits belong to the network in front (see the README's trust model).")
+        description="shared: client connections one router replica holds at once; at it, the connection that has "
+        "waited longest without sending a request is closed for a new one, and only when all have a request in "
+        "progress does a new one get a 503. haproxy: HAProxy's maxconn; past it new ones wait in the kernel's "
+        "accept queue. Per-source limits belong to the network in front (see the README's trust model).")
 
     def router_ports(self, router_replicas: int) -> range:
         """Where router replicas listen (direct and haproxy ingress)."""
