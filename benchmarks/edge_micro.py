@@ -44,9 +44,9 @@ class StubGateway:
         await request.body()
         if self.plain:
             return JSONResponse({"ok": True})
-        return self.streaming_class(self._events(), {"x-spillway-site": "onprem"})
+        return self.streaming_class(self._events, {"x-spillway-site": "onprem"})
 
-    async def _events(self):
+    async def _events(self, edge=None):
         for _ in range(self.chunks):
             yield CHUNK
 
@@ -64,7 +64,7 @@ def fastapi_edge(gateway: StubGateway):
 
 
 def streaming_response(events, headers):
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 async def one_request(app) -> int:

@@ -48,8 +48,21 @@ def new_key(admin, tenant: str, **spec) -> dict:
 
 
 def budget_row(admin, scope: str, period: str = "day") -> dict:
-    return next(r for r in admin.get("/budgets").json()["data"]
+    return next(r for r in admin_get(admin, "/budgets").json()["data"]
                 if r["scope"] == scope and r["period"].startswith(period))
+
+
+def admin_get(admin, path: str, attempts: int = 5):
+    """A GET, tried again on a broken connection: a test here kills a router replica, and Linux
+    resets the connections still queued on its listener as the process dies (a client retries;
+    the README's "router replicas themselves are replaced")."""
+    for attempt in range(attempts):
+        try:
+            return admin.get(path)
+        except httpx.TransportError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def wait_for(check, timeout_s: float = 60, what: str = "condition"):

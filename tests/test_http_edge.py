@@ -74,7 +74,7 @@ def app_for(gateway):
 
 def test_each_token_route_reaches_the_gateway_with_its_endpoint_and_body():
     async def stream(gw):
-        return SSEResponse(gw.events(3), {"x-spillway-site": "cloud"})
+        return SSEResponse(lambda edge: gw.events(3), {"x-spillway-site": "cloud"})
 
     gateway = StubGateway(stream)
 
@@ -117,7 +117,7 @@ def test_errors_are_openai_bodies_and_an_unexpected_one_shows_no_trace():
 
 def test_a_client_that_leaves_mid_stream_ends_the_response_and_closes_the_generator():
     async def stream(gw):
-        return SSEResponse(gw.events(10_000), {})
+        return SSEResponse(lambda edge: gw.events(10_000), {})
 
     gateway = StubGateway(stream)
 
@@ -142,7 +142,7 @@ def test_the_done_event_ends_the_chunked_body_in_the_same_message_and_the_source
         messages = {True: [], False: []}
         for done in (True, False):
             async def stream(gw, done=done):
-                return SSEResponse(events(done), {})
+                return SSEResponse(lambda edge: events(done), {})
 
             await call(app_for(StubGateway(stream)), sent=messages[done])
         return messages

@@ -13,13 +13,14 @@ Everything else (models, health, reports, admin, console) stays on FastAPI.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from serve_app.http.errors import error_response
+from serve_app.http.listener import StreamEdge
 from serve_app.http.owner import OWNER_KEY
 from serve_app.pipeline.relay import DONE_EVENT
 from serve_app.pipeline.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETIONS, ENDPOINT_EMBEDDINGS
@@ -55,19 +56,22 @@ class Edge:
 
 
 class SSEResponse(Response):
-    """A stream of SSE bytes: each chunk is sent as it comes. A client that goes away cancels the
-    stream (one small task listens for the disconnect; Serve's own ingress also cancels the
-    request), and the chunks' generator is closed on every exit, so its ``finally`` always runs.
-    The chunk ending with ``data: [DONE]`` goes out with the end of the chunked body."""
+    """A stream of SSE bytes: each chunk is sent as it comes (or written past ASGI by a splice,
+    ``pipeline/splice.py``, when our own listener serves the client). A client that goes away
+    cancels the stream (one small task listens for the disconnect; Serve's own ingress also
+    cancels the request), and the chunks' generator is closed on every exit, so its ``finally``
+    always runs. The chunk ending with ``data: [DONE]`` goes out with the end of the chunked body."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], headers: dict[str, str], status_code: int = 200):
-        self.chunks = chunks
+    def __init__(self, chunks: Callable[[StreamEdge | None], AsyncIterator[bytes]], headers: dict[str, str],
+                 status_code: int = 200):
+        self.make_chunks = chunks  # given the client's edge when our own listener serves it (a splice)
         self.status_code = status_code
         self.background = None
         self.raw_headers = [(b"content-type", SSE_CONTENT_TYPE),
                             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
 
     async def __call__(self, scope, receive, send) -> None:
+        chunks = self.make_chunks(StreamEdge.of(scope))
         task, finished = asyncio.current_task(), False
 
         def client_gone(watch: asyncio.Task) -> None:
@@ -78,7 +82,7 @@ class SSEResponse(Response):
         watch.add_done_callback(client_gone)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.chunks:
+            async for chunk in chunks:
                 if finished:
                     continue  # (nothing follows [DONE]; the source runs to its own end)
                 # The chunk that ends with [DONE] also ends the response: one write, not two. From
@@ -96,7 +100,7 @@ class SSEResponse(Response):
         finally:
             finished = True
             watch.cancel()
-            await self.chunks.aclose()  # the generator's finally runs now, not when it is collected
+            await chunks.aclose()  # the generator's finally runs now, not when it is collected
 
 
 def _route_path(scope) -> str:

@@ -47,6 +47,7 @@ MAX_HEAD_BYTES = 64 << 10  # request line plus headers; OpenAI's clients send ab
 LISTEN_BACKLOG = 2048
 SPARE_FILES = 1024  # descriptors beyond the clients' connections: engine connections, logs, Ray's own
 REFUSED_LINGER_S = 1.0  # a refused connection is read (and dropped) this long before it is closed
+EDGE_KEY = "spillway.edge"  # in a request's scope: its connection's protocol (``StreamEdge``)
 
 
 def _room_for_connections(max_connections: int) -> None:
@@ -94,6 +95,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
+        self._splice_source: asyncio.Transport | None = None
+        self._splice_held = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         if len(self.connections) >= self.max_connections and not self._evict_oldest_waiting():
@@ -168,7 +171,47 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
         self._head_bytes = 0
+        scope = self.scope
         super().on_headers_complete()
+        scope[EDGE_KEY] = self  # (a streamed answer may be spliced into this connection: ``StreamEdge``)
+
+    # A streamed answer spliced from an engine connection (``pipeline/splice.py``).
+    def splice_begin(self, scope: dict, source: asyncio.Transport) -> bool:
+        """Take chunks of ``scope``'s answer past ASGI: only while it is this connection's
+        current response, started with chunked framing and not finished. While the client's
+        socket is backed up, ``source`` (the engine connection) is not read."""
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not scope or not cycle.response_started or cycle.response_complete \
+                or cycle.disconnected or not cycle.chunked_encoding or self.transport.is_closing():
+            return False
+        self._splice_source = source
+        if self.flow.write_paused:
+            self._splice_hold(True)
+        return True
+
+    def splice_write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def splice_end(self) -> None:
+        self._splice_hold(False)
+        self._splice_source = None
+
+    def _splice_hold(self, hold: bool) -> None:
+        source = self._splice_source
+        if source is None or hold == self._splice_held:
+            return
+        self._splice_held = hold
+        if not source.is_closing():
+            source.pause_reading() if hold else source.resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._splice_hold(True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._splice_hold(False)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # (starts a pipelined request, if one is queued)
@@ -204,6 +247,30 @@ class EdgeProtocol(HttpToolsProtocol):
         else:
             self.transport.write(answer)
         self.transport.close()
+
+
+class StreamEdge:
+    """One streamed answer's way to its client's socket past ASGI (``pipeline/splice.ClientEdge``)."""
+
+    __slots__ = ("protocol", "scope")
+
+    def __init__(self, protocol: EdgeProtocol, scope: dict):
+        self.protocol, self.scope = protocol, scope
+
+    @classmethod
+    def of(cls, scope: dict) -> StreamEdge | None:
+        """The edge of a request this listener serves; None under any other server."""
+        protocol = scope.get(EDGE_KEY)
+        return cls(protocol, scope) if isinstance(protocol, EdgeProtocol) else None
+
+    def begin(self, source: asyncio.Transport) -> bool:
+        return self.protocol.splice_begin(self.scope, source)
+
+    def write(self, data: bytes) -> None:
+        self.protocol.splice_write(data)
+
+    def end(self) -> None:
+        self.protocol.splice_end()
 
 
 class ListenerApp:

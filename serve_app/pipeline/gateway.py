@@ -241,7 +241,7 @@ class Gateway:
             ctx.engine_done()
             ctx.finish(reply.status, OUTCOME_OK if reply.status == 200 else f"http_{reply.status}")
             return Response(body, status_code=reply.status, media_type="application/json", headers=headers)
-        return SSEResponse(relay(ctx), headers)
+        return SSEResponse(lambda edge: relay(ctx, edge), headers)
 
     def scale_demand(self) -> dict[str, int]:
         """Sequences that want each autoscaled engine deployment, by deployment name."""

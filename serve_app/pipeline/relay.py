@@ -6,7 +6,9 @@ partial event waits for its end, up to ``MAX_EVENT_BYTES``. The usage event is r
 and dropped when the client did not ask for it. A stream that ends without ``[DONE]`` ends with
 an explicit error event, never a silent truncation. The engine connection goes back to its pool
 after a clean ``[DONE]`` and is closed otherwise (the engine then aborts the request); the
-request's context gives back the rest (``context.py``).
+request's context gives back the rest (``context.py``). When the router's own listener serves the
+client, the chunks are spliced from the engine's socket to the client's (``splice.py``) with the
+same bookkeeping (``EventCutter``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import AsyncIterator
 
 from serve_app.errors import error_body
 from serve_app.pipeline.context import OUTCOME_CANCELLED, OUTCOME_OK, STATUS_CLIENT_CLOSED, RequestContext
+from serve_app.pipeline.splice import splice, spliceable
 from serve_app.transport.base import MAX_EVENT_BYTES  # (past it the stream ends with an error event)
 
 logger = logging.getLogger("spillway.relay")
@@ -64,58 +67,87 @@ def _count(value) -> int | None:
     return value
 
 
-async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
-    stream, summary, lease = ctx.reply.stream, ctx.summary, ctx.lease
-    pending = bytearray()  # the start of an event whose end has not come yet
-    data = stream.head or None  # read ahead by the dispatch stage
-    done_seen = False
-    try:
-        while True:
-            if data is None:
-                try:
-                    data = await stream.reader.read(READ_BYTES)
-                except (ConnectionError, OSError) as exc:
-                    logger.warning("request %s: engine stream broke: %r", ctx.request_id, exc)
-                    data = b""
-            if not data:
-                break
-            now = time.monotonic()
-            if pending:  # appended in place and searched from the join, so a long event costs linear time
-                start = len(pending) - 1  # (pending holds no event end; one may straddle the reads)
+class EventCutter:
+    """Cuts an engine's bytes into complete SSE events and does the relay's bookkeeping on them:
+    the content events counted, the usage event read (and dropped when the client did not ask for
+    it), the answer captured, redacted values restored. ``feed`` answers what to forward (possibly
+    nothing); it stops at ``[DONE]`` or at an event over ``MAX_EVENT_BYTES``."""
+
+    def __init__(self, ctx: RequestContext):
+        self.ctx = ctx
+        self.pending = bytearray()  # the start of an event whose end has not come yet
+        self.done_seen = False
+        self.overflow = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.done_seen or self.overflow
+
+    def feed(self, data: bytes, now: float) -> bytes:
+        ctx, pending = self.ctx, self.pending
+        if pending:  # appended in place and searched from the join, so a long event costs linear time
+            start = len(pending) - 1  # (pending holds no event end; one may straddle the reads)
+            pending += data
+            buffer = pending
+        else:
+            start, buffer = 0, data
+        cut = buffer.rfind(b"\n\n", start)
+        if cut < 0:
+            if len(buffer) > MAX_EVENT_BYTES:
+                logger.warning("request %s: an event of over %d bytes from replica %s; stream ended",
+                               ctx.request_id, MAX_EVENT_BYTES, ctx.reply.replica)
+                self.overflow = True
+            elif buffer is data:
                 pending += data
-                buffer = pending
-            else:
-                start, buffer = 0, data
-            cut = buffer.rfind(b"\n\n", start)
-            if cut < 0:
-                if len(buffer) > MAX_EVENT_BYTES:
-                    logger.warning("request %s: an event of over %d bytes from replica %s; stream ended",
-                                   ctx.request_id, MAX_EVENT_BYTES, ctx.reply.replica)
-                    break
-                if buffer is data:
-                    pending += data
-                data = None
-                continue
-            if buffer is pending:
-                complete = bytes(pending[:cut + 2])
-                del pending[:cut + 2]
-            else:
-                complete = data[:cut + 2]
-                pending += data[cut + 2:]
-            done_seen = complete.endswith(DONE_EVENT)
-            if ctx.captured is not None:
-                ctx.captured += complete
-            complete = _take_usage(complete, summary, ctx.strip_usage, now)
-            if ctx.restorer is not None and complete:
-                complete = ctx.restorer.feed(complete)
-            if lease is not None:
-                lease.tokens_out = summary.events
+            return b""
+        if buffer is pending:
+            complete = bytes(pending[:cut + 2])
+            del pending[:cut + 2]
+        else:
+            complete = data[:cut + 2]
+            pending += data[cut + 2:]
+        self.done_seen = complete.endswith(DONE_EVENT)
+        if ctx.captured is not None:
+            ctx.captured += complete
+        complete = _take_usage(complete, ctx.summary, ctx.strip_usage, now)
+        if ctx.restorer is not None and complete:
+            complete = ctx.restorer.feed(complete)
+        if ctx.lease is not None:
+            ctx.lease.tokens_out = ctx.summary.events
+        return complete
+
+
+async def relay(ctx: RequestContext, edge=None) -> AsyncIterator[bytes]:
+    """The client's chunks of ``ctx``'s engine stream. With ``edge`` (the client's connection, when
+    the router's own listener serves it) and a direct engine stream, the chunks go straight from
+    the engine's socket to the client's (``splice.py``) and only the last one, with ``[DONE]``, is
+    yielded."""
+    stream, summary = ctx.reply.stream, ctx.summary
+    cutter = EventCutter(ctx)
+    try:
+        if stream.head:  # read ahead by the dispatch stage
+            complete = cutter.feed(stream.head, time.monotonic())
             if complete:
                 yield complete
-            if done_seen:
-                break  # a direct connection stays open for the next request
-            data = None
-        if not done_seen:
+        while not cutter.stopped:
+            if edge is not None and spliceable(stream):
+                complete = await splice(stream, cutter, edge, ctx.request_id)
+                if complete is not None:
+                    if complete:
+                        yield complete
+                    break
+                edge = None  # the client's connection cannot take it: read as usual
+            try:
+                data = await stream.reader.read(READ_BYTES)
+            except (ConnectionError, OSError) as exc:
+                logger.warning("request %s: engine stream broke: %r", ctx.request_id, exc)
+                data = b""
+            if not data:
+                break
+            complete = cutter.feed(data, time.monotonic())
+            if complete:
+                yield complete
+        if not cutter.done_seen:
             logger.warning("request %s: engine stream ended without [DONE]", ctx.request_id)
             summary.failed = True
             body = error_body("the engine failed while streaming; the response is incomplete", "engine_error", 502)
@@ -125,7 +157,8 @@ async def relay(ctx: RequestContext) -> AsyncIterator[bytes]:
         ctx.finish(STATUS_CLIENT_CLOSED, OUTCOME_CANCELLED)  # the client went away mid-stream
         raise
     finally:
-        stream.close(reusable=done_seen and not pending and not summary.failed)
+        # A direct connection stays open for the next request after a clean [DONE].
+        stream.close(reusable=cutter.done_seen and not cutter.pending and not summary.failed)
         ctx.engine_done()
         ctx.finish(200, OUTCOME_STREAM_FAILED if summary.failed else OUTCOME_OK)
 

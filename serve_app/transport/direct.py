@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from deployments import wire
 from serve_app.transport.base import EngineReply, EngineRequest, EngineStream, TransportError
+from serve_app.transport.streams import open_stream, open_unix_stream
 
 logger = logging.getLogger("spillway.transport.direct")
 
@@ -167,11 +168,11 @@ class Gate:
     async def _connect(self):
         if self.local_socket is not None:
             try:
-                return await asyncio.open_unix_connection(self.local_socket)
+                return await open_unix_stream(self.local_socket)
             except OSError as exc:
                 logger.info("replica %s: its local socket refused (%r); TCP from now on", self.replica, exc)
                 self.local_socket = None
-        return await asyncio.open_connection(self.host, self.port)
+        return await open_stream(self.host, self.port)
 
     def _take_idle(self):
         now = self.clock()
