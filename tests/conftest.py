@@ -136,7 +136,7 @@ def e2e_raw_config(root=None, s3: tuple[str, str] | None = None, moe_source: str
 
 def router_dispatch_views(base_url: str, routers: int = 2, timeout_s: float = 60,
                           ready: Callable[[dict], bool] = lambda view: all(view["replicas"].values())) -> dict:
-    """{router replica: its direct-dispatch report}, polling until every router replica answered
+    """{router replica: its direct-dispatch report and its streams by path}, polling until every router replica answered
     and each is ``ready`` (by default: it knows a replica of every engine deployment)."""
     import httpx
 
@@ -144,7 +144,7 @@ def router_dispatch_views(base_url: str, routers: int = 2, timeout_s: float = 60
     while time.monotonic() < deadline:
         report = httpx.get(f"{base_url}/v1/spillway/scheduler", timeout=30).json()
         if ready(report["direct_dispatch"]):
-            views[report["router_replica"]] = report["direct_dispatch"]
+            views[report["router_replica"]] = {**report["direct_dispatch"], "streams": report["streams"]}
         if len(views) >= routers:
             return views
         time.sleep(0.1)

@@ -194,6 +194,10 @@ def test_requests_go_straight_to_engine_replicas_not_through_ray_calls(base_url,
     direct = sum(after[r]["direct_requests"] - before[r]["direct_requests"] for r in after)
     fallback = sum(after[r]["serve_call_requests"] - before[r]["serve_call_requests"] for r in after)
     assert (direct, fallback) == (6, 0)
+    # The default listener splices every stream from the engine's socket to the client's.
+    spliced = sum(after[r]["streams"]["spliced"] - before[r]["streams"]["spliced"] for r in after)
+    relayed = sum(after[r]["streams"]["relayed"] - before[r]["streams"]["relayed"] for r in after)
+    assert (spliced, relayed) == (3, 0)
 
 
 def _engine_stats(base_url, model, site="onprem"):

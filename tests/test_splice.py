@@ -133,7 +133,7 @@ def test_a_spliced_stream_is_the_relays_bytes_and_both_connections_serve_again(m
     assert all(edge is not None for edge in app.edges) and spliced.writes >= 40  # past ASGI, chunk by chunk
     assert len(pooled) == 1 and pooled_after == pooled and gate.in_flight == 0
     for ctx in app.contexts:
-        assert ctx.summary.usage == (7, 3) and ctx.summary.events == 40 and ctx.outcome == "ok"
+        assert ctx.summary.usage == (7, 3) and ctx.summary.events == 40 and ctx.outcome == "ok" and ctx.summary.spliced
         assert not ctx.summary.failed
 
 

@@ -52,6 +52,7 @@ class StreamSummary:
     events: int = 0
     usage: tuple[int, int] | None = None
     failed: bool = False
+    spliced: bool = False  # engine socket -> client socket (``splice.py``), not through ASGI
 
     def itl_ms(self) -> float | None:
         tokens = self.usage[1] if self.usage else self.events

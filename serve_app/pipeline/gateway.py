@@ -328,7 +328,7 @@ class Gateway:
             models[model_id] = {**scheduler.report(),
                                 "predicted_preferred_wait_ms": round(wait, 1) if wait != float("inf") else None}
         return {"router_replica": self.replica_tag, "models": models, "direct_dispatch": self.fleet.report(),
-                "scan": {"offloaded": self.scanner.offloaded}}
+                "streams": self.sink.streams, "scan": {"offloaded": self.scanner.offloaded}}
 
     def split_report(self) -> dict:
         return {"router_replica": self.replica_tag, "splits": {

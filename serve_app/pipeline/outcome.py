@@ -31,6 +31,7 @@ class OutcomeSink:
         self._metrics = metrics
         self._schedulers = schedulers
         self._ledger = ledger  # LedgerClient
+        self.streams = {"spliced": 0, "relayed": 0}  # streamed answers, by how they reached the client
 
     def __call__(self, ctx: RequestContext) -> None:
         model = ctx.model or "none"
@@ -41,6 +42,8 @@ class OutcomeSink:
         reply = ctx.reply
         if reply is not None and reply.stream is None:
             summary.usage = usage_of(reply.body) if reply.status == 200 else None
+        elif reply is not None:
+            self.streams["spliced" if summary.spliced else "relayed"] += 1
         ttft_ms = None if summary.first_at is None or not ok else (summary.first_at - ctx.started_at) * 1000
         itl_ms = summary.itl_ms() if ok and ctx.stream else None
         if lease is not None:

@@ -133,6 +133,7 @@ async def relay(ctx: RequestContext, edge=None) -> AsyncIterator[bytes]:
             if edge is not None and spliceable(stream):
                 complete = await splice(stream, cutter, edge, ctx.request_id)
                 if complete is not None:
+                    summary.spliced = True
                     if complete:
                         yield complete
                     break
